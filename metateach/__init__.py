@@ -1,0 +1,32 @@
+"""metateach: learning to teach as one bilevel problem.
+
+Importing the package fills the registries, so that every data set, noise
+model, student, optimizer, schedule and teacher can be named in a config.
+"""
+
+from metateach import data, models, optim, teachers  # noqa: F401 - registration
+from metateach.config import ExperimentConfig, load_config
+from metateach.errors import CheckpointError, ConfigError, DataError, MetateachError
+from metateach.models import create_model
+from metateach.registry import DATASETS, MODELS, NOISES, OPTIMIZERS, SCHEDULES, TEACHERS
+from metateach.student import Student, StudentStates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DATASETS",
+    "DataError",
+    "ExperimentConfig",
+    "MODELS",
+    "MetateachError",
+    "NOISES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "Student",
+    "StudentStates",
+    "TEACHERS",
+    "create_model",
+    "load_config",
+]

@@ -1,0 +1,57 @@
+"""``tools/train.py CONFIG [key=value ...]``: train the experiment a YAML file describes.
+
+Mistakes in the input (a missing file, an unknown key, a wrong type, an
+unknown name, missing data, a bad checkpoint) end with one line on stderr
+and exit status 2; see :mod:`metateach.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a student (and its teacher) as a YAML experiment describes.",
+        epilog="Example: python tools/train.py configs/quickstart.yaml train.epochs=5 noise.rate=0.4",
+    )
+    parser.add_argument("config", help="the experiment's YAML file, e.g. configs/quickstart.yaml")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override any setting, e.g. optim.lr=0.05"
+    )
+    args = parser.parse_args(argv)
+
+    # Imported here so that --help answers at once.
+    from metateach.config import load_config
+    from metateach.errors import MetateachError
+    from metateach.trainer import Trainer
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg)
+        metrics = trainer.fit()
+    except MetateachError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; continue with train.resume=<run folder>", file=sys.stderr)
+        return 130
+    print(
+        f"test accuracy: {100 * metrics['test/acc']:.2f}% after {cfg.train.epochs} epochs; "
+        f"{100 * trainer.state.test_acc_at_best:.2f}% at the best validation epoch ({trainer.state.best_epoch})"
+    )
+    print(f"run folder: {trainer.run_dir}")
+    if trainer.logger.wandb_dir and cfg.logging.wandb == "offline":
+        print(f"W&B offline run: upload it with `wandb sync {trainer.logger.wandb_dir}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

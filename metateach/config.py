@@ -1,0 +1,348 @@
+"""The typed configuration of an experiment.
+
+A run is described by one :class:`ExperimentConfig`: nested dataclasses,
+one per concern. YAML files fill them, ``key=value`` overrides adjust them,
+and anything unknown or of the wrong type is an error naming the key.
+
+A YAML file may build on others with a ``base:`` entry (a path, or a list of
+paths, relative to the file); the file's own values win::
+
+    base: base/cifar10_resnet32.yaml
+    noise: {type: flip2, rate: 0.4}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from metateach.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "NoiseConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "TeacherConfig",
+    "LoggingConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_to_dict",
+    "WANDB_MODES",
+]
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives, and how it is split."""
+
+    name: str = "digits"
+    #: Folder holding the data set; unset means $METATEACH_DATA, then ./data.
+    #: For ``imagefolder`` it is the tree holding ``train/`` and ``test/``.
+    root: str | None = None
+    #: Let torchvision download a missing data set (never done unless asked).
+    download: bool = False
+    #: Clean validation samples taken from the training set, class-balanced;
+    #: unset means the data set's usual size (5,000 on CIFAR and MNIST).
+    val_size: int | None = None
+    #: Keep only this many training samples (after the validation split).
+    train_subset: int | None = None
+    #: Keep only this many test samples.
+    test_subset: int | None = None
+    #: Apply the data set's standard augmentation to training batches.
+    augment: bool = True
+    #: ``imagefolder`` only: resize every image to this square size.
+    image_size: int | None = None
+    #: Seed of the split and the subsets; fixed apart from the training seed
+    #: so that runs with different seeds see the same data.
+    seed: int = 0
+
+
+@dataclass
+class NoiseConfig:
+    """How the training split is corrupted. Validation and test stay clean."""
+
+    type: str = "none"
+    rate: float = 0.0
+    #: Long-tailed class imbalance: largest class / smallest class (1 = none).
+    imbalance_factor: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The student network."""
+
+    name: str = "mlp"
+    #: Extra constructor arguments of the chosen model, e.g. ``{hidden: [256]}``.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """The student's optimizer. Weight decay is coupled (PyTorch's convention)."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate as a function of the (fractional) epoch."""
+
+    name: str = "step"
+    #: ``step``: epochs at which the rate is multiplied by ``gamma``.
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    #: ``cosine``: the rate it decays to.
+    min_lr: float = 0.0
+    #: Linear warm-up from 0 over this many epochs (any schedule).
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big, where, and how to recover."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    seed: int = 0
+    #: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+    device: str = "auto"
+    #: Deterministic kernels (bit-exact on the CPU; slower on CUDA).
+    deterministic: bool = True
+    #: CPU threads for PyTorch; unset keeps PyTorch's default.
+    threads: int | None = None
+    #: Run folders are created under this directory.
+    out_dir: str = "runs"
+    #: The run folder's name; unset means ``<config>-<timestamp>``.
+    run_name: str | None = None
+    #: A checkpoint (or a run folder) to continue from.
+    resume: str | None = None
+    #: Also checkpoint every this many steps (the end of an epoch always is).
+    checkpoint_every_steps: int | None = None
+    #: tqdm progress bars.
+    progress: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    """Who guides the student. ``none`` trains the student alone."""
+
+    name: str = "none"
+
+
+@dataclass
+class LoggingConfig:
+    """Weights & Biases and the local metrics file."""
+
+    #: ``offline`` (default; upload later with ``wandb sync``), ``online`` or ``disabled``.
+    wandb: str = "offline"
+    project: str = "metateach"
+    entity: str | None = None
+    #: W&B run name; unset means the run folder's name.
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    #: Log the running training loss every this many steps.
+    every_steps: int = 50
+    #: Draw the noise matrix and the training curves as PNGs.
+    plots: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: The file this configuration was read from (set by :func:`load_config`).
+    source: str | None = None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
+    """Read a YAML experiment (with its bases), apply ``key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: a missing file, an unknown key, a value of the wrong type
+            or out of range, or an unknown registry name.
+    """
+    merged = OmegaConf.structured(ExperimentConfig)
+    if path is not None:
+        merged = _merge(merged, _read_with_bases(Path(path), ()), f"config file {path}")
+        merged.source = str(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=5")
+    merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "overrides")
+    cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain nested dicts, ready for YAML, JSON, W&B or a checkpoint."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
+    """The file's content on top of its ``base:`` files, recursively."""
+    if not path.is_file():
+        where = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"config file {path} builds on itself through 'base:'")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, not {type(content).__name__}"
+        )
+    bases = content.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create()
+    for base in bases:
+        base_cfg = _read_with_bases(path.parent / base, (*chain, resolved))
+        merged = OmegaConf.merge(merged, base_cfg)
+    return OmegaConf.merge(merged, OmegaConf.create(content))
+
+
+def _merge(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
+    """Merge ``update`` into the typed ``schema``, turning OmegaConf's errors into one line."""
+    try:
+        return OmegaConf.merge(schema, update)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(e, origin)) from None
+    except ValidationError as e:
+        raise ConfigError(
+            f"{origin}: wrong type for {e.full_key or '?'}: {_first_line(e.msg)}"
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{origin}: {_first_line(e.msg or str(e))}") from None
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+
+
+def _unknown_key_message(e: ConfigKeyError, origin: str) -> str:
+    key = str(e.full_key)
+    parent, _, _ = key.rpartition(".")
+    section: Any = ExperimentConfig()
+    for part in parent.split(".") if parent else []:
+        section = getattr(section, part, None)
+    valid = (
+        ", ".join(vars(section))
+        if section is not None and hasattr(section, "__dataclass_fields__")
+        else ""
+    )
+    where = f"'{parent}'" if parent else "the top level"
+    return f"{origin}: unknown key {key!r}; valid keys in {where}: {valid}"
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check names against the registries and values against their ranges."""
+    from metateach.registry import (
+        DATASETS,
+        MODELS,
+        NOISES,
+        OPTIMIZERS,
+        SCHEDULES,
+        TEACHERS,
+        check_options,
+    )
+
+    DATASETS.get(cfg.data.name)
+    NOISES.get(cfg.noise.type)
+    OPTIMIZERS.get(cfg.optim.name)
+    SCHEDULES.get(cfg.schedule.name)
+    TEACHERS.get(cfg.teacher.name)
+    check_options(
+        MODELS.get(cfg.model.name),
+        cfg.model.kwargs,
+        f"model {cfg.model.name!r}",
+        "model.kwargs",
+        exclude={"num_classes": None, "in_shape": None},
+    )
+
+    def need(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+    need(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0", cfg.optim.weight_decay)
+    need(0 <= cfg.optim.momentum < 1, "optim.momentum", "in [0, 1)", cfg.optim.momentum)
+    need(len(cfg.optim.betas) == 2, "optim.betas", "a pair [beta1, beta2]", cfg.optim.betas)
+    need(0 <= cfg.noise.rate < 1, "noise.rate", "in [0, 1)", cfg.noise.rate)
+    need(
+        cfg.noise.imbalance_factor >= 1,
+        "noise.imbalance_factor",
+        ">= 1",
+        cfg.noise.imbalance_factor,
+    )
+    need(cfg.train.epochs >= 1, "train.epochs", ">= 1", cfg.train.epochs)
+    need(cfg.train.batch_size >= 1, "train.batch_size", ">= 1", cfg.train.batch_size)
+    need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", cfg.train.eval_batch_size)
+    need(cfg.schedule.gamma > 0, "schedule.gamma", "> 0", cfg.schedule.gamma)
+    need(
+        cfg.schedule.warmup_epochs >= 0,
+        "schedule.warmup_epochs",
+        ">= 0",
+        cfg.schedule.warmup_epochs,
+    )
+    need(cfg.logging.every_steps >= 1, "logging.every_steps", ">= 1", cfg.logging.every_steps)
+    need(
+        cfg.logging.wandb in WANDB_MODES,
+        "logging.wandb",
+        f"one of {', '.join(WANDB_MODES)}",
+        cfg.logging.wandb,
+    )
+    need(
+        cfg.data.val_size is None or cfg.data.val_size >= 0,
+        "data.val_size",
+        ">= 0",
+        cfg.data.val_size,
+    )
+    for key in ("train_subset", "test_subset", "image_size"):
+        value = getattr(cfg.data, key)
+        need(value is None or value >= 1, f"data.{key}", ">= 1", value)
+    for key in ("checkpoint_every_steps", "threads"):
+        value = getattr(cfg.train, key)
+        need(value is None or value >= 1, f"train.{key}", ">= 1", value)
+    device = cfg.train.device
+    need(
+        device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", device) is not None,
+        "train.device",
+        "auto, cpu, cuda, cuda:N or mps",
+        device,
+    )

@@ -1,0 +1,162 @@
+"""All of a run's logging: Weights & Biases and a local JSON-lines file.
+
+The local file (``metrics.jsonl`` in the run folder, one record per line
+with its ``step``) is the record of truth: a run can be read without W&B,
+and a resumed run drops the records past its checkpoint so that nothing is
+counted twice. W&B is offline by default; ``wandb sync <run>/wandb/offline-*``
+uploads a run later. If W&B fails, the run warns once and goes on with the
+local file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from metateach.config import LoggingConfig
+
+__all__ = ["RunLogger", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``, in order (a torn last line is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class RunLogger:
+    """Sends metrics, images and the summary to the local file and to W&B.
+
+    Args:
+        run_dir: the run folder; W&B writes under ``run_dir/wandb``.
+        config: the resolved configuration, stored with the W&B run.
+        settings: the ``logging`` section.
+        run_name: the default W&B name.
+        resume_step: when resuming, the checkpoint's step; later records are dropped.
+        wandb_id: when resuming, the W&B run to continue.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Mapping[str, Any],
+        settings: LoggingConfig,
+        run_name: str,
+        resume_step: int | None = None,
+        wandb_id: str | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / METRICS_FILE
+        if resume_step is not None:
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close()
+        self._wandb: Any = None
+        self._warned = False
+        #: The W&B run's folder, what ``wandb sync`` takes (None without W&B).
+        self.wandb_dir: str | None = None
+        if settings.wandb != "disabled":
+            self._start_wandb(config, settings, run_name, wandb_id)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return None if self._wandb is None else self._wandb.id
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record scalar ``metrics`` at ``step`` locally and in W&B."""
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self._to_wandb(lambda run: run.log(dict(metrics), step=step))
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Attach a PNG already saved in the run folder to W&B."""
+
+        def send(run: Any) -> None:
+            import wandb
+
+            run.log({key: wandb.Image(str(path))}, step=step)
+
+        self._to_wandb(send)
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        """Final numbers: ``summary.json`` in the run folder and the W&B summary."""
+        (self.run_dir / "summary.json").write_text(
+            json.dumps({k: _jsonable(v) for k, v in metrics.items()}, indent=2) + "\n"
+        )
+        self._to_wandb(lambda run: run.summary.update(dict(metrics)))
+
+    def close(self) -> None:
+        self._file.close()
+        self._to_wandb(lambda run: run.finish())
+        self._wandb = None
+
+    def _start_wandb(
+        self,
+        config: Mapping[str, Any],
+        settings: LoggingConfig,
+        run_name: str,
+        wandb_id: str | None,
+    ) -> None:
+        try:
+            import wandb
+
+            self._wandb = wandb.init(
+                mode=settings.wandb,
+                dir=str(self.run_dir),
+                project=settings.project,
+                entity=settings.entity,
+                name=settings.name or run_name,
+                group=settings.group,
+                tags=list(settings.tags),
+                config=dict(config),
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
+                reinit="finish_previous",
+                settings=wandb.Settings(console="off", silent=True),
+            )
+            self.wandb_dir = str(Path(self._wandb.dir).parent)
+        except Exception as e:  # noqa: BLE001 - W&B must never take the run down
+            self._warn(f"W&B could not start ({type(e).__name__}: {_first_line(e)})")
+
+    def _to_wandb(self, action: Any) -> None:
+        if self._wandb is None:
+            return
+        try:
+            action(self._wandb)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"W&B failed ({type(e).__name__}: {_first_line(e)})")
+            self._wandb = None
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            print(f"warning: {message}; metrics go to {self.metrics_path} only", file=sys.stderr)
+            self._warned = True
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

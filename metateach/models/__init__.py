@@ -1,0 +1,42 @@
+"""Students, registered by name: CIFAR ResNets, Wide ResNets, an MLP, a LeNet-style CNN.
+
+``create_model("resnet32", num_classes=10, in_shape=(3, 32, 32))`` builds
+one; a config names it as ``model.name`` with extra arguments in
+``model.kwargs``. Register your own with ``@MODELS.register("name")`` on a
+function taking ``num_classes`` and ``in_shape`` and returning a
+:class:`~metateach.student.Student`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from metateach.errors import ConfigError
+from metateach.models.cifar_resnet import CifarResNet
+from metateach.models.lenet import LeNet
+from metateach.models.mlp import MLP
+from metateach.models.wide_resnet import WideResNet
+from metateach.registry import MODELS
+from metateach.student import Student
+
+__all__ = ["CifarResNet", "LeNet", "MLP", "WideResNet", "create_model"]
+
+
+def create_model(
+    name: str, num_classes: int, in_shape: tuple[int, ...], kwargs: Mapping[str, Any] | None = None
+) -> Student:
+    """The student registered as ``name``; ``kwargs`` are checked against its arguments."""
+    try:
+        model = MODELS.build(
+            name, kwargs or {}, "model.kwargs", num_classes=num_classes, in_shape=tuple(in_shape)
+        )
+    except ValueError as e:  # an architecture that cannot take this input or these options
+        raise ConfigError(
+            f"model {name!r} (model.name) with input {tuple(in_shape)}: {e}"
+        ) from None
+    if not isinstance(model, Student):
+        raise TypeError(
+            f"model {name!r} must build a metateach.Student, got {type(model).__name__}"
+        )
+    return model

@@ -1,0 +1,60 @@
+"""Learning-rate schedules as pure functions of the fractional epoch.
+
+A schedule is a function ``(epoch: float) -> factor`` that multiplies the
+base rate; the trainer evaluates it before every step. Having no state,
+schedules need no checkpointing and a resumed run gets the same rate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Sequence
+
+from metateach.registry import SCHEDULES
+
+__all__ = ["build_schedule", "step_decay", "cosine", "constant"]
+
+Schedule = Callable[[float], float]
+
+
+@SCHEDULES.register("constant")
+def constant(total_epochs: int, **_: object) -> Schedule:
+    """The base rate throughout."""
+    return lambda epoch: 1.0
+
+
+@SCHEDULES.register("step")
+def step_decay(
+    total_epochs: int, milestones: Sequence[int] = (), gamma: float = 0.1, **_: object
+) -> Schedule:
+    """Multiply by ``gamma`` at each milestone epoch (He et al.: x0.1 at epochs 80 and 120)."""
+    points = sorted(milestones)
+    return lambda epoch: gamma ** bisect.bisect_right(points, epoch)
+
+
+@SCHEDULES.register("cosine")
+def cosine(total_epochs: int, min_factor: float = 0.0, **_: object) -> Schedule:
+    """Half a cosine from 1 to ``min_factor`` over the run (Loshchilov and Hutter, 2017)."""
+    return lambda epoch: (
+        min_factor
+        + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(epoch / total_epochs, 1.0)))
+    )
+
+
+def build_schedule(
+    name: str,
+    total_epochs: int,
+    *,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    min_factor: float = 0.0,
+    warmup_epochs: float = 0.0,
+) -> Schedule:
+    """The schedule registered as ``name``, with an optional linear warm-up from 0 in front."""
+    inner = SCHEDULES.get(name)(
+        total_epochs, milestones=milestones, gamma=gamma, min_factor=min_factor
+    )
+    if warmup_epochs <= 0:
+        return inner
+    return lambda epoch: inner(epoch) * min(1.0, epoch / warmup_epochs)

@@ -1,0 +1,122 @@
+"""Registries let a YAML file name a data set, a noise model, a student, an
+optimizer, a schedule or a teacher.
+
+Each registry maps a name to a builder (a function or a class). Builders
+register themselves where they are defined::
+
+    @MODELS.register("resnet32")
+    def resnet32(num_classes: int, in_shape: tuple[int, int, int]) -> Student: ...
+
+and the configuration looks them up by name. An unknown name is a
+:class:`~metateach.errors.ConfigError` that names the config key and lists
+what is available.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from metateach.errors import ConfigError
+
+__all__ = [
+    "Registry",
+    "DATASETS",
+    "NOISES",
+    "MODELS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TEACHERS",
+]
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+class Registry(Generic[T]):
+    """A name -> builder table for one kind of thing.
+
+    Args:
+        kind: what is registered, for messages ("model").
+        key: the config key that names an entry ("model.name").
+    """
+
+    def __init__(self, kind: str, key: str) -> None:
+        self.kind = kind
+        self.key = key
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        """Decorator: register the builder under ``name`` (default: its ``__name__``)."""
+
+        def add(builder: T) -> T:
+            entry = name or builder.__name__
+            if entry in self._entries:
+                raise ValueError(f"{self.kind} {entry!r} is registered twice")
+            self._entries[entry] = builder
+            return builder
+
+        return add
+
+    def get(self, name: str) -> T:
+        """The builder registered as ``name``; a ConfigError naming the choices otherwise."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r} ({self.key}); available: {', '.join(self.names())}"
+            ) from None
+
+    def build(
+        self, name: str, options: Mapping[str, Any], options_key: str, **required: Any
+    ) -> Any:
+        """Call the builder ``name`` with ``required`` arguments and user ``options``.
+
+        ``options`` come from YAML (``model.kwargs``); a name the builder does
+        not take is reported against ``options_key`` with the valid names.
+        """
+        builder = self.get(name)
+        check_options(builder, options, f"{self.kind} {name!r}", options_key, exclude=required)
+        return builder(**required, **options)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def check_options(
+    builder: Callable[..., Any],
+    options: Mapping[str, Any],
+    what: str,
+    key: str,
+    exclude: Mapping[str, Any] = {},  # noqa: B006 - read only
+) -> None:
+    """Reject option names that ``builder`` does not accept."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [
+        n
+        for n, p in params.items()
+        if n not in exclude and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    for option in options:
+        if option not in valid:
+            choices = ", ".join(valid) if valid else "none"
+            raise ConfigError(f"unknown option {option!r} for {what} ({key}); valid: {choices}")
+
+
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "data.name")
+NOISES: Registry[Callable[..., Any]] = Registry("noise", "noise.type")
+MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
+OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", "optim.name")
+SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule", "schedule.name")
+TEACHERS: Registry[Callable[..., Any]] = Registry("teacher", "teacher.name")

@@ -1,0 +1,169 @@
+"""The typed configuration: YAML, bases, overrides, and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metateach.config import ExperimentConfig, config_to_dict, load_config
+from metateach.errors import ConfigError
+
+from .conftest import CONFIGS
+
+
+def write(path: Path, content: dict) -> Path:
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_yaml_fills_typed_sections() -> None:
+    cfg = load_config(CONFIGS / "quickstart.yaml")
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.data.name == "digits"
+    assert cfg.noise.type == "symmetric" and cfg.noise.rate == pytest.approx(0.2)
+    assert cfg.model.kwargs == {"hidden": [256, 256]}
+    assert isinstance(cfg.optim.lr, float) and isinstance(cfg.train.epochs, int)
+    assert cfg.source == str(CONFIGS / "quickstart.yaml")
+
+
+def test_overrides_change_any_field_with_its_type() -> None:
+    cfg = load_config(
+        CONFIGS / "quickstart.yaml",
+        [
+            "train.epochs=3",
+            "optim.lr=1",
+            "schedule.milestones=[2,4]",
+            "model.kwargs.hidden=[8]",
+            "data.root=null",
+        ],
+    )
+    assert cfg.train.epochs == 3
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.schedule.milestones == [2, 4]
+    assert cfg.model.kwargs["hidden"] == [8]
+    assert cfg.data.root is None
+
+
+def test_base_files_merge_in_order_and_the_file_wins(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    write(
+        tmp_path / "base" / "a.yaml",
+        {"optim": {"lr": 0.5, "momentum": 0.5}, "train": {"epochs": 7}},
+    )
+    write(tmp_path / "base" / "b.yaml", {"base": "a.yaml", "optim": {"lr": 0.25}})
+    child = write(tmp_path / "exp.yaml", {"base": ["base/b.yaml"], "optim": {"momentum": 0.8}})
+    cfg = load_config(child)
+    assert cfg.optim.lr == 0.25  # b overrides a
+    assert cfg.optim.momentum == 0.8  # the file overrides its bases
+    assert cfg.train.epochs == 7  # inherited from a through b
+
+
+def test_paper_base_config_holds_the_deep_interaction_settings() -> None:
+    cfg = load_config(CONFIGS / "cifar10_resnet32.yaml")
+    assert (cfg.data.name, cfg.data.val_size, cfg.model.name) == ("cifar10", 5000, "resnet32")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum) == ("sgd", 0.1, 0.9)
+    assert (cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == (
+        "step",
+        [80, 120],
+        0.1,
+    )
+    assert (cfg.train.epochs, cfg.train.batch_size) == (300, 128)
+    assert load_config(CONFIGS / "cifar100_resnet32.yaml").data.name == "cifar100"
+
+
+def test_every_shipped_config_loads() -> None:
+    files = sorted(CONFIGS.rglob("*.yaml"))
+    assert len(files) >= 8
+    for file in files:
+        load_config(file)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=3"], "unknown key 'train.epoch'; valid keys in 'train': epochs, batch_size"),
+        (["trian.epochs=3"], "unknown key 'trian'; valid keys in the top level: data, noise"),
+        (
+            ["train.epochs=three"],
+            "wrong type for train.epochs: Value 'three' of type 'str' could not be converted to Integer",
+        ),
+        (["optim.lr=fast"], "wrong type for optim.lr"),
+        (["train.progress=maybe"], "wrong type for train.progress"),
+        (
+            ["data.name=imagenet"],
+            "unknown dataset 'imagenet' (data.name); available: cifar10, cifar100, digits, fashion_mnist, imagefolder, mnist, svhn",
+        ),
+        (["model.name=resnet33"], "unknown model 'resnet33' (model.name); available:"),
+        (
+            ["noise.type=gaussian"],
+            "unknown noise 'gaussian' (noise.type); available: flip2, instance, none, pairflip, symmetric, tridiagonal, uniform",
+        ),
+        (["teacher.name=oracle"], "unknown teacher 'oracle' (teacher.name); available: none"),
+        (["optim.name=lbfgs"], "unknown optimizer 'lbfgs' (optim.name); available: adam, sgd"),
+        (
+            ["schedule.name=linear"],
+            "unknown schedule 'linear' (schedule.name); available: constant, cosine, step",
+        ),
+        (
+            ["model.kwargs.depth=3"],
+            "unknown option 'depth' for model 'mlp' (model.kwargs); valid: hidden, dropout",
+        ),
+        (["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
+        (["noise.rate=1.0"], "noise.rate must be in [0, 1), got 1.0"),
+        (["noise.imbalance_factor=0.5"], "noise.imbalance_factor must be >= 1"),
+        (
+            ["logging.wandb=cloud"],
+            "logging.wandb must be one of offline, online, disabled, got 'cloud'",
+        ),
+        (["train.device=gpu"], "train.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        (["train.epochs"], "override 'train.epochs' must look like key=value"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "quickstart.yaml", overrides)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
+    bad = write(tmp_path / "bad.yaml", {"optim": {"learning_rate": 0.1}})
+    with pytest.raises(
+        ConfigError,
+        match=r"config file .*bad.yaml: unknown key 'optim.learning_rate'; valid keys in 'optim': name, lr",
+    ):
+        load_config(bad)
+
+
+def test_missing_files_and_bases_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml$"):
+        load_config(tmp_path / "nope.yaml")
+    child = write(tmp_path / "child.yaml", {"base": "missing_base.yaml"})
+    with pytest.raises(
+        ConfigError, match=r"config file not found: .*missing_base.yaml \(base of .*child.yaml\)"
+    ):
+        load_config(child)
+
+
+def test_cyclic_bases_and_broken_yaml_are_errors(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="builds on itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "broken.yaml").write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML at line \d+"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, not list"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_config_round_trips_through_a_plain_dict(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "quickstart.yaml", ["train.epochs=4"])
+    plain = config_to_dict(cfg)
+    assert plain["train"]["epochs"] == 4 and plain["model"]["kwargs"] == {"hidden": [256, 256]}
+    saved = write(tmp_path / "resolved.yaml", {k: v for k, v in plain.items() if k != "source"})
+    assert config_to_dict(load_config(saved)) == {**plain, "source": str(saved)}

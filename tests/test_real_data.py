@@ -1,0 +1,76 @@
+"""The real data sets in ../shared/data (or $METATEACH_DATA): read exactly, and learnable.
+
+Marked ``real_data``: the default ``pytest`` run leaves them out (a fresh
+machine has no such folder); ``.ci/run`` runs them with the data present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metateach.config import DataConfig, NoiseConfig
+from metateach.data import build_data, load_dataset
+from metateach.trainer import Trainer
+
+from .conftest import CONFIGS
+
+pytestmark = pytest.mark.real_data
+
+
+def test_mnist_is_read_whole_and_split_55k_5k(real_data_root: Path) -> None:
+    mnist = load_dataset("mnist", str(real_data_root))
+    assert (len(mnist.train), len(mnist.test)) == (60_000, 10_000)
+    # Facts of the official files: the first training digit is a 5, the first test digit a 7.
+    assert int(mnist.train.targets[0]) == 5 and int(mnist.test.targets[0]) == 7
+    bundle = build_data(
+        DataConfig(name="mnist", root=str(real_data_root)), NoiseConfig(type="symmetric", rate=0.4)
+    )
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (55_000, 5_000, 10_000)
+    assert bundle.noise.realized_rate == pytest.approx(0.4, abs=0.01)
+
+
+def test_lenet_learns_real_mnist_in_two_epochs_of_a_subset(
+    make_config, real_data_root: Path
+) -> None:
+    cfg = make_config(
+        f"data.root={real_data_root}",
+        "train.epochs=2",
+        "data.train_subset=10000",
+        path=CONFIGS / "mnist_lenet.yaml",
+    )
+    metrics = Trainer(cfg).fit()
+    assert metrics["test/acc"] > 0.95
+
+
+def test_cifar10_jpeg_folder_reads_in_cifar_order(real_data_root: Path) -> None:
+    bundle = build_data(
+        DataConfig(
+            name="imagefolder",
+            root=str(real_data_root / "cifar10-jpeg"),
+            val_size=500,
+            train_subset=1000,
+            test_subset=500,
+        ),
+        NoiseConfig(),
+    )
+    assert bundle.info.classes == (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    )
+    assert bundle.input_shape == (3, 32, 32)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (1000, 500, 500)
+    assert bundle.info.crop_padding == 4 and bundle.info.flip
+    # Measured statistics land near CIFAR-10's published ones.
+    assert bundle.normalize.mean.flatten().tolist() == pytest.approx(
+        [0.4914, 0.4822, 0.4465], abs=0.02
+    )

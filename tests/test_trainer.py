@@ -1,0 +1,186 @@
+"""The training loop: it learns, it logs, it checkpoints, and it resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metateach.checkpoint import load_checkpoint, save_checkpoint
+from metateach.errors import CheckpointError, ConfigError, MetateachError
+from metateach.logging import read_metrics
+from metateach.trainer import Trainer
+
+
+def epoch_records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "epoch" in r]
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("throughput")}
+
+
+def test_a_student_learns_the_digits_and_the_run_folder_holds_everything(make_config) -> None:
+    cfg = make_config(
+        "train.epochs=4",
+        "noise.type=symmetric",
+        "noise.rate=0.2",
+        "logging.plots=true",
+        "train.run_name=learn",
+    )
+    trainer = Trainer(cfg)
+    metrics = trainer.fit()
+    assert metrics["test/acc"] > 0.85  # chance is 0.10
+    assert metrics["val/acc"] > 0.85
+    run = trainer.run_dir
+    assert run.name == "learn"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["noise"] == {"type": "symmetric", "rate": 0.2, "imbalance_factor": 1.0, "seed": 0}
+    records = epoch_records(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["test/acc"] == metrics["test/acc"]
+    assert records[-1]["best/val_acc"] == max(r["val/acc"] for r in records)
+    first = read_metrics(run)[0]
+    assert first["step"] == 0 and first["noise/realized_rate"] == pytest.approx(
+        trainer.data.noise.realized_rate
+    )
+    assert first["noise/realized_rate"] == pytest.approx(0.2, abs=0.04)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best/test_acc"] == trainer.state.test_acc_at_best
+    assert (run / "checkpoints" / "last.pt").is_file() and (
+        run / "checkpoints" / "best.pt"
+    ).is_file()
+    assert (run / "curves.png").stat().st_size > 10_000 and (
+        run / "noise_transition.png"
+    ).stat().st_size > 10_000
+    # train/clean_acc scores the student against the true labels of its noisy training set.
+    assert records[-1]["train/clean_acc"] > records[-1]["train/acc"]
+
+
+def test_a_run_resumed_mid_epoch_ends_exactly_like_an_uninterrupted_one(make_config) -> None:
+    # Dropout draws from the global RNG, so this also checks that the RNG state is carried over.
+    common = ("train.epochs=3", "model.kwargs.dropout=0.2", "noise.type=pairflip", "noise.rate=0.3")
+    straight = Trainer(make_config(*common, "train.run_name=straight"))
+    expected = straight.fit()
+
+    first = Trainer(make_config(*common, "train.run_name=cut", "train.checkpoint_every_steps=7"))
+    steps_per_epoch = len(first.train_loader)
+    first.fit(max_steps=steps_per_epoch + 5)  # stop in the middle of epoch 2
+    assert first.state.epoch == 1 and first.state.batch == 5
+    first.logger.close()
+
+    resumed = Trainer(make_config(*common, f"train.resume={first.run_dir}"))
+    assert resumed.run_dir == first.run_dir and resumed.state.step == steps_per_epoch + 5
+    final = resumed.fit()
+
+    assert without_timing(final) == without_timing(expected)
+    for a, b in zip(
+        straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert [without_timing(r) for r in epoch_records(first.run_dir)] == [
+        without_timing(r) for r in epoch_records(straight.run_dir)
+    ]
+    steps = [r["step"] for r in read_metrics(first.run_dir)]
+    assert steps == sorted(steps)  # nothing logged twice
+
+
+def test_resuming_with_a_different_experiment_is_refused(make_config) -> None:
+    trainer = Trainer(make_config("train.epochs=1", "train.run_name=a"))
+    trainer.fit()
+    with pytest.raises(
+        CheckpointError,
+        match=r"belongs to a different experiment: model.kwargs.hidden was \[32\], the config now says \[64\]",
+    ):
+        Trainer(
+            make_config(
+                "train.epochs=2", "model.kwargs.hidden=[64]", f"train.resume={trainer.run_dir}"
+            )
+        )
+    # More epochs is the same experiment, continued.
+    longer = Trainer(make_config("train.epochs=2", f"train.resume={trainer.run_dir}"))
+    assert longer.state.epoch == 1
+    assert longer.fit()["epoch"] == 2
+
+
+def test_bad_checkpoints_give_one_line_errors(make_config, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nowhere.pt"):
+        Trainer(make_config(f"train.resume={tmp_path / 'nowhere.pt'}"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02 this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*corrupt.pt: ") as info:
+        Trainer(make_config(f"train.resume={corrupt}"))
+    assert "\n" not in str(info.value)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="is not a metateach checkpoint"):
+        Trainer(make_config(f"train.resume={foreign}"))
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "progress": {"step": 1}})
+
+    def dies_half_way(obj: object, f: object) -> None:
+        f.write(b"partial bytes")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "progress": {"step": 2}})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["progress"]["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_diverging_run_stops_with_a_clear_error(make_config) -> None:
+    trainer = Trainer(make_config("optim.lr=1e12", "logging.every_steps=2"))
+    with pytest.raises(
+        MetateachError,
+        match=r"the training loss became non-finite by step \d+ \(epoch 1\); lower optim.lr",
+    ):
+        trainer.fit()
+
+
+def test_an_existing_named_run_folder_is_not_overwritten(make_config) -> None:
+    Trainer(make_config("train.epochs=1", "train.run_name=taken")).fit()
+    with pytest.raises(
+        ConfigError, match=r"run folder .*taken already exists; continue it with train.resume="
+    ):
+        Trainer(make_config("train.run_name=taken"))
+
+
+def test_wandb_offline_run_receives_config_and_metrics(make_config) -> None:
+    trainer = Trainer(
+        make_config(
+            "train.epochs=1", "logging.wandb=offline", "noise.type=tridiagonal", "noise.rate=0.1"
+        )
+    )
+    trainer.fit()
+    runs = list((trainer.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    assert trainer.logger.wandb_dir == str(runs[0].parent)
+    content = runs[0].read_bytes()
+    assert b"tridiagonal" in content  # the resolved config
+    assert b"test/acc" in content and b"noise/realized_rate" in content  # the metrics
+
+
+def test_a_failing_wandb_warns_once_and_training_goes_on(
+    make_config, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import wandb
+
+    def broken_init(**kwargs: object) -> None:
+        raise PermissionError("cannot write")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    trainer = Trainer(make_config("train.epochs=2", "logging.wandb=offline"))
+    metrics = trainer.fit()
+    err = capsys.readouterr().err
+    assert err.count("warning: W&B could not start (PermissionError: cannot write)") == 1
+    assert metrics["epoch"] == 2 and len(epoch_records(trainer.run_dir)) == 2

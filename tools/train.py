@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Train an experiment: ``python tools/train.py configs/<experiment>.yaml [key=value ...]``."""
+
+import sys
+
+from metateach.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
