@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,44 @@ def _unknown_key_message(e: ConfigKeyError, origin: str) -> str:
     return f"{origin}: unknown key {key!r}; valid keys in {where}: {valid}"
 
 
+def _at_least(bound: float, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: (optional and v is None) or (v is not None and v >= bound)), f">= {bound:g}"
+
+
+#: Every range check: the key, a test of its value, and what a valid value is.
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.weight_decay", *_at_least(0)),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (
+        "optim.betas",
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+        "a pair [beta1, beta2] in [0, 1)",
+    ),
+    ("noise.rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("noise.imbalance_factor", *_at_least(1)),
+    ("data.val_size", *_at_least(0, optional=True)),
+    ("data.train_subset", *_at_least(1, optional=True)),
+    ("data.test_subset", *_at_least(1, optional=True)),
+    ("data.image_size", *_at_least(1, optional=True)),
+    ("schedule.gamma", lambda v: v > 0, "> 0"),
+    ("schedule.min_lr", *_at_least(0)),
+    ("schedule.warmup_epochs", *_at_least(0)),
+    ("train.epochs", *_at_least(1)),
+    ("train.batch_size", *_at_least(1)),
+    ("train.eval_batch_size", *_at_least(1)),
+    ("train.checkpoint_every_steps", *_at_least(1, optional=True)),
+    ("train.threads", *_at_least(1, optional=True)),
+    (
+        "train.device",
+        lambda v: v in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", v) is not None,
+        "auto, cpu, cuda, cuda:N or mps",
+    ),
+    ("logging.wandb", lambda v: v in WANDB_MODES, f"one of {', '.join(WANDB_MODES)}"),
+    ("logging.every_steps", *_at_least(1)),
+]
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Check names against the registries and values against their ranges."""
     from metateach.registry import (
@@ -282,11 +320,14 @@ def validate(cfg: ExperimentConfig) -> None:
         check_options,
     )
 
-    DATASETS.get(cfg.data.name)
-    NOISES.get(cfg.noise.type)
-    OPTIMIZERS.get(cfg.optim.name)
-    SCHEDULES.get(cfg.schedule.name)
-    TEACHERS.get(cfg.teacher.name)
+    for registry, name in [
+        (DATASETS, cfg.data.name),
+        (NOISES, cfg.noise.type),
+        (OPTIMIZERS, cfg.optim.name),
+        (SCHEDULES, cfg.schedule.name),
+        (TEACHERS, cfg.teacher.name),
+    ]:
+        registry.get(name)
     check_options(
         MODELS.get(cfg.model.name),
         cfg.model.kwargs,
@@ -294,55 +335,12 @@ def validate(cfg: ExperimentConfig) -> None:
         "model.kwargs",
         exclude={"num_classes": None, "in_shape": None},
     )
-
-    def need(ok: bool, key: str, what: str, value: Any) -> None:
-        if not ok:
+    for key, ok, what in _RANGES:
+        section, field_name = key.split(".")
+        value = getattr(getattr(cfg, section), field_name)
+        if not ok(value):
             raise ConfigError(f"{key} must be {what}, got {value!r}")
-
-    need(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0", cfg.optim.weight_decay)
-    need(0 <= cfg.optim.momentum < 1, "optim.momentum", "in [0, 1)", cfg.optim.momentum)
-    need(len(cfg.optim.betas) == 2, "optim.betas", "a pair [beta1, beta2]", cfg.optim.betas)
-    need(0 <= cfg.noise.rate < 1, "noise.rate", "in [0, 1)", cfg.noise.rate)
-    need(
-        cfg.noise.imbalance_factor >= 1,
-        "noise.imbalance_factor",
-        ">= 1",
-        cfg.noise.imbalance_factor,
-    )
-    need(cfg.train.epochs >= 1, "train.epochs", ">= 1", cfg.train.epochs)
-    need(cfg.train.batch_size >= 1, "train.batch_size", ">= 1", cfg.train.batch_size)
-    need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", cfg.train.eval_batch_size)
-    need(cfg.schedule.gamma > 0, "schedule.gamma", "> 0", cfg.schedule.gamma)
-    need(
-        cfg.schedule.warmup_epochs >= 0,
-        "schedule.warmup_epochs",
-        ">= 0",
-        cfg.schedule.warmup_epochs,
-    )
-    need(cfg.logging.every_steps >= 1, "logging.every_steps", ">= 1", cfg.logging.every_steps)
-    need(
-        cfg.logging.wandb in WANDB_MODES,
-        "logging.wandb",
-        f"one of {', '.join(WANDB_MODES)}",
-        cfg.logging.wandb,
-    )
-    need(
-        cfg.data.val_size is None or cfg.data.val_size >= 0,
-        "data.val_size",
-        ">= 0",
-        cfg.data.val_size,
-    )
-    for key in ("train_subset", "test_subset", "image_size"):
-        value = getattr(cfg.data, key)
-        need(value is None or value >= 1, f"data.{key}", ">= 1", value)
-    for key in ("checkpoint_every_steps", "threads"):
-        value = getattr(cfg.train, key)
-        need(value is None or value >= 1, f"train.{key}", ">= 1", value)
-    device = cfg.train.device
-    need(
-        device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", device) is not None,
-        "train.device",
-        "auto, cpu, cuda, cuda:N or mps",
-        device,
-    )
+    if cfg.noise.type == "none" and cfg.noise.rate != 0:
+        raise ConfigError(
+            f"noise.rate={cfg.noise.rate} needs a noise.type to corrupt labels (it is 'none')"
+        )

@@ -9,15 +9,14 @@ for that batch will enter.
 
 Everything a run needs to continue is in its checkpoint: weights, optimizer
 state, the position in the epoch, the epoch's running totals, the best
-validation result and the RNG state. Data order and augmentation are
-derived from (seed, epoch, batch), so a resumed run is the same run.
+validation result and the RNG state. Data order and augmentation derive
+from (seed, epoch, batch), so a resumed run is the same run.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,47 +29,44 @@ from tqdm.auto import tqdm
 from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.data import Batch, BatchLoader, DataBundle, build_data
-from metateach.errors import CheckpointError, ConfigError, MetateachError
+from metateach.errors import CheckpointError, MetateachError
 from metateach.logging import RunLogger
 from metateach.models import create_model
 from metateach.optim import build_optimizer, build_schedule
 from metateach.plots import plot_training_curves, plot_transition_matrix
-from metateach.registry import TEACHERS
+from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
 
-__all__ = ["Trainer", "TrainState", "train"]
+__all__ = ["Trainer", "TrainState", "EpochTotals", "train"]
 
-#: Settings that define the experiment: a checkpoint only resumes a run that agrees on them.
-_MUST_MATCH = (
-    "data.",
-    "noise.",
-    "model.",
-    "optim.",
-    "schedule.",
-    "teacher.",
-    "train.seed",
-    "train.batch_size",
-)
+
+@dataclass
+class EpochTotals:
+    """Running sums over the epoch in progress."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    clean_correct: int = 0  # predictions that match the true label of a (noisy) sample
+    seen: int = 0
+    seconds: float = 0.0  # time spent in student steps
 
 
 @dataclass
 class TrainState:
-    """Where the run is, and what it has seen so far. Plain numbers: it goes into checkpoints."""
+    """Where the run is and what it has seen. Plain numbers, so it goes into checkpoints."""
 
-    epoch: int = 0  # the epoch in progress
+    epoch: int = 0  # the epoch in progress, from 0
     batch: int = 0  # batches of that epoch already done
     step: int = 0  # student steps since the start of the run
-    # Running totals of the epoch in progress.
-    loss_sum: float = 0.0
-    correct: int = 0
-    clean_correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-    # The best validation accuracy so far, when it happened, and the test accuracy then.
+    totals: EpochTotals = field(default_factory=EpochTotals)
     best_val_acc: float = -1.0
-    best_epoch: int = -1
+    best_epoch: int = 0
     test_acc_at_best: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per finished epoch
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(**{**saved, "totals": EpochTotals(**saved["totals"])})
 
 
 class Trainer:
@@ -78,7 +74,7 @@ class Trainer:
 
     Args:
         cfg: the experiment.
-        data: the data, if already built (tests share one bundle between runs).
+        data: the data, if already built (to share one bundle between runs).
     """
 
     def __init__(self, cfg: ExperimentConfig, data: DataBundle | None = None) -> None:
@@ -88,39 +84,25 @@ class Trainer:
             torch.set_num_threads(run.threads)
         self.device = resolve_device(run.device)
         seed_everything(run.seed, run.deterministic)
+        resolved = config_to_dict(cfg)
         resumed = load_checkpoint(run.resume) if run.resume else None
         if resumed is not None:
-            _check_same_experiment(
-                resumed["config"], config_to_dict(cfg), checkpoint_path(run.resume)
-            )
-        self.run_dir = _resume_dir(run.resume) if resumed is not None else _new_run_dir(cfg)
+            check_same_experiment(resumed["config"], resolved, checkpoint_path(run.resume))
+        self.run_dir = resumed_run_dir(run.resume) if resumed is not None else new_run_dir(cfg)
 
         self.data = data if data is not None else build_data(cfg.data, cfg.noise)
         self.model = create_model(
             cfg.model.name, self.data.num_classes, self.data.input_shape, cfg.model.kwargs
-        )
-        self.model.to(self.device)
-        o = cfg.optim
+        ).to(self.device)
+        o, s = cfg.optim, cfg.schedule
         self.optimizer = build_optimizer(
-            o.name,
-            self.model.parameters(),
-            lr=o.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-            nesterov=o.nesterov,
-            betas=o.betas,
-            eps=o.eps,
-        )
-        s = cfg.schedule
+            o.name, self.model.parameters(), lr=o.lr, momentum=o.momentum,
+            weight_decay=o.weight_decay, nesterov=o.nesterov, betas=o.betas, eps=o.eps,
+        )  # fmt: skip
         self.schedule = build_schedule(
-            s.name,
-            run.epochs,
-            milestones=s.milestones,
-            gamma=s.gamma,
-            min_factor=s.min_lr / o.lr,
-            warmup_epochs=s.warmup_epochs,
-        )
-        self.teacher = TEACHERS.get(cfg.teacher.name)()
+            s.name, run.epochs, milestones=s.milestones, gamma=s.gamma,
+            min_factor=s.min_lr / o.lr, warmup_epochs=s.warmup_epochs,
+        )  # fmt: skip
         self.train_loader = self.data.train_loader(run.batch_size, run.seed, self.device)
         self.val_loader = self.data.eval_loader("val", run.eval_batch_size, self.device)
         self.test_loader = self.data.eval_loader("test", run.eval_batch_size, self.device)
@@ -130,13 +112,16 @@ class Trainer:
         self.state = TrainState()
         if resumed is not None:
             self._restore(resumed)
+        # Step results pile up on the device and are read only at log points:
+        # reading them every step would force a CPU-GPU sync per step.
+        self._pending = torch.zeros(3, device=self.device, dtype=torch.float64)
+        self._pending_since = time.perf_counter()
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        )
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         self.logger = RunLogger(
             self.run_dir,
-            config_to_dict(cfg),
+            resolved,
             cfg.logging,
             self.run_dir.name,
             resume_step=self.state.step if resumed is not None else None,
@@ -148,13 +133,13 @@ class Trainer:
     # ------------------------------------------------------------------ #
 
     def fit(self, max_steps: int | None = None) -> dict[str, float]:
-        """Train until ``train.epochs`` are done and return the final metrics.
+        """Train until ``train.epochs`` are done; return the last epoch's metrics.
 
         With ``max_steps``, stop (with a checkpoint) after that many steps in
         this call; a later ``train.resume`` continues exactly from there.
         """
         cfg, state = self.cfg, self.state
-        if state.step == 0 and state.batch == 0:
+        if state.step == 0:
             self._report_data()
         steps_per_epoch = len(self.train_loader)
         stop_at = None if max_steps is None else state.step + max_steps
@@ -162,62 +147,48 @@ class Trainer:
             while state.epoch < cfg.train.epochs:
                 self.model.train()
                 bar = tqdm(
-                    total=steps_per_epoch,
-                    initial=state.batch,
-                    desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
-                    unit="batch",
-                    leave=False,
-                    disable=None if cfg.train.progress else True,
-                    dynamic_ncols=True,
-                )
-                totals = self._device_totals()
-                started = time.perf_counter()
+                    total=steps_per_epoch, initial=state.batch, unit="batch", leave=False,
+                    desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
+                    disable=None if cfg.train.progress else True,  # None: only on a terminal
+                )  # fmt: skip
+                self._pending_since = time.perf_counter()
                 for batch in self.train_loader.epoch(state.epoch, start=state.batch):
-                    lr = self._set_lr(state.epoch + state.batch / steps_per_epoch)
-                    loss_sum, correct, clean_correct = self.train_step(batch)
-                    totals += torch.stack([loss_sum, correct, clean_correct])
+                    self._set_lr(state.epoch + state.batch / steps_per_epoch)
+                    self._pending += self.train_step(batch)
                     state.batch += 1
                     state.step += 1
-                    state.seen += len(batch.y)
-                    bar.update(1)
+                    state.totals.seen += len(batch.y)
+                    bar.update()
                     if state.step % cfg.logging.every_steps == 0:
-                        self._fold(totals, started)
-                        totals, started = self._device_totals(), time.perf_counter()
-                        loss = state.loss_sum / max(state.seen, 1)
-                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
-                        self.logger.log({"train/running_loss": loss, "lr": lr}, state.step)
-                    if (
-                        cfg.train.checkpoint_every_steps
-                        and state.step % cfg.train.checkpoint_every_steps == 0
-                    ):
-                        self._fold(totals, started)
-                        totals, started = self._device_totals(), time.perf_counter()
+                        self._log_running_loss(bar)
+                    every = cfg.train.checkpoint_every_steps
+                    if every and state.step % every == 0:
                         self.save(LAST)
                     if stop_at is not None and state.step >= stop_at:
-                        self._fold(totals, started)
                         bar.close()
                         self.save(LAST)
                         return self._latest_metrics()
-                self._fold(totals, started)
                 bar.close()
-                self._end_epoch(lr)
+                self._end_epoch()
             return self._finish()
-        except BaseException:
-            self.logger.close()
-            raise
+        finally:
+            if state.epoch < cfg.train.epochs:  # stopped early or failed: release W&B and the file
+                self.logger.close()
 
-    def train_step(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """One student step. Returns (sum of losses, correct, correct on clean labels), on the device."""
+    def train_step(self, batch: Batch) -> Tensor:
+        """One student step; returns [sum of losses, correct, correct on clean labels] on the device."""
         logits = self.model(batch.x)
         losses = self.student_loss(logits, batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         self.optimizer.step()
         predicted = logits.detach().argmax(dim=1)
-        return (
-            losses.detach().sum(),
-            (predicted == batch.y).sum(),
-            (predicted == self._clean_targets[batch.index]).sum(),
+        return torch.stack(
+            [
+                losses.detach().sum().double(),
+                (predicted == batch.y).sum().double(),
+                (predicted == self._clean_targets[batch.index]).sum().double(),
+            ]
         )
 
     def student_loss(self, logits: Tensor, batch: Batch) -> Tensor:
@@ -229,7 +200,7 @@ class Trainer:
         """Mean cross-entropy and accuracy over a split, in eval mode."""
         was_training = self.model.training
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for batch in loader:
             logits = self.model(batch.x)
@@ -243,8 +214,9 @@ class Trainer:
     # Epoch ends, checkpoints, the end of the run
     # ------------------------------------------------------------------ #
 
-    def _end_epoch(self, lr: float) -> None:
+    def _end_epoch(self) -> None:
         state = self.state
+        totals = self._collect()
         val_loss, val_acc = self.evaluate(self.val_loader)
         test_loss, test_acc = self.evaluate(self.test_loader)
         if val_acc > state.best_val_acc:
@@ -254,56 +226,51 @@ class Trainer:
                 test_acc,
             )
             self.save(BEST, weights_only=True)
-        seen = max(state.seen, 1)
+        seen = max(totals.seen, 1)
         metrics = {
             "epoch": state.epoch + 1,
-            "train/loss": state.loss_sum / seen,
-            "train/acc": state.correct / seen,
-            "train/clean_acc": state.clean_correct / seen,
+            "train/loss": totals.loss_sum / seen,
+            "train/acc": totals.correct / seen,
+            "train/clean_acc": totals.clean_correct / seen,
             "val/loss": val_loss,
             "val/acc": val_acc,
             "test/loss": test_loss,
             "test/acc": test_acc,
             "best/val_acc": state.best_val_acc,
             "best/test_acc": state.test_acc_at_best,
-            "lr": lr,
-            "throughput/samples_per_s": state.seen / max(state.seconds, 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
         }
         state.history.append(metrics)
         self.logger.log(metrics, state.step)
         tqdm.write(
-            f"epoch {state.epoch + 1:>3}/{self.cfg.train.epochs}  train loss {metrics['train/loss']:.4f} "
-            f"acc {100 * metrics['train/acc']:.2f}%  val acc {100 * val_acc:.2f}%  "
-            f"test acc {100 * test_acc:.2f}%  lr {lr:.4g}  {metrics['throughput/samples_per_s']:.0f} samples/s"
+            f"epoch {metrics['epoch']:>3}/{self.cfg.train.epochs}  "
+            f"train loss {metrics['train/loss']:.4f} acc {100 * metrics['train/acc']:.2f}%  "
+            f"val acc {100 * val_acc:.2f}%  test acc {100 * test_acc:.2f}%  "
+            f"lr {metrics['lr']:.4g}  {metrics['throughput/samples_per_s']:.0f} samples/s"
         )
-        state.epoch += 1
-        state.batch = 0
-        state.loss_sum, state.correct, state.clean_correct, state.seen, state.seconds = (
-            0.0,
-            0,
-            0,
-            0,
-            0.0,
-        )
+        state.epoch, state.batch, state.totals = state.epoch + 1, 0, EpochTotals()
         self.save(LAST)
 
     def _finish(self) -> dict[str, float]:
+        state = self.state
         metrics = self._latest_metrics()
-        summary = {
-            "test/acc": metrics["test/acc"],
-            "val/acc": metrics["val/acc"],
-            "best/val_acc": self.state.best_val_acc,
-            "best/epoch": self.state.best_epoch,
-            "best/test_acc": self.state.test_acc_at_best,
-            "noise/realized_rate": self.data.noise.realized_rate,
-            "steps": self.state.step,
-        }
-        self.logger.summary(summary)
-        if self.cfg.logging.plots and self.state.history:
+        self.logger.summary(
+            {
+                "test/acc": metrics["test/acc"],
+                "val/acc": metrics["val/acc"],
+                "best/val_acc": state.best_val_acc,
+                "best/epoch": state.best_epoch,
+                "best/test_acc": state.test_acc_at_best,
+                "noise/realized_rate": self.data.noise.realized_rate,
+                "steps": state.step,
+            }
+        )
+        if self.cfg.logging.plots:
             path = plot_training_curves(
-                self.state.history, self.run_dir.name, self.run_dir / "curves.png"
+                state.history, self.run_dir.name, self.run_dir / "curves.png"
             )
-            self.logger.log_image("plots/curves", path, self.state.step)
+            self.logger.log_image("plots/curves", path, state.step)
         self.logger.close()
         return metrics
 
@@ -312,19 +279,20 @@ class Trainer:
 
     def save(self, name: str, weights_only: bool = False) -> Path:
         """Checkpoint the run to ``<run>/checkpoints/<name>``."""
-        state: dict[str, Any] = {
+        self._collect()
+        checkpoint: dict[str, Any] = {
             "format": 1,
             "config": config_to_dict(self.cfg),
             "model": self.model.state_dict(),
+            "progress": asdict(self.state),
         }
-        state["progress"] = asdict(self.state)
         if not weights_only:
-            state["optimizer"] = self.optimizer.state_dict()
-            state["rng"] = {"torch": torch.get_rng_state()}
+            checkpoint["optimizer"] = self.optimizer.state_dict()
+            checkpoint["rng"] = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
-                state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-            state["wandb_id"] = self.logger.wandb_id
-        return save_checkpoint(self.run_dir / "checkpoints" / name, state)
+                checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+            checkpoint["wandb_id"] = self.logger.wandb_id
+        return save_checkpoint(self.run_dir / "checkpoints" / name, checkpoint)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         if "optimizer" not in checkpoint:
@@ -338,7 +306,7 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint does not fit this model: {str(e).splitlines()[0]}"
             ) from None
-        self.state = TrainState(**checkpoint["progress"])
+        self.state = TrainState.from_dict(checkpoint["progress"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
@@ -347,42 +315,49 @@ class Trainer:
     # Small helpers
     # ------------------------------------------------------------------ #
 
-    def _device_totals(self) -> Tensor:
-        # Totals stay on the device between log points: reading them each step
-        # would force a CPU-GPU sync per step.
-        return torch.zeros(3, device=self.device, dtype=torch.float64)
-
-    def _fold(self, totals: Tensor, started: float) -> None:
-        """Move device totals into the state (a sync point) and check the loss is finite."""
-        loss_sum, correct, clean_correct = totals.tolist()
-        state = self.state
-        state.loss_sum += loss_sum
-        state.correct += int(correct)
-        state.clean_correct += int(clean_correct)
-        state.seconds += time.perf_counter() - started
+    def _collect(self) -> EpochTotals:
+        """Add the device-side step results to the epoch totals (a sync point); stop on a non-finite loss."""
+        loss_sum, correct, clean_correct = self._pending.tolist()
+        self._pending.zero_()
+        now = time.perf_counter()
+        totals = self.state.totals
+        totals.loss_sum += loss_sum
+        totals.correct += int(correct)
+        totals.clean_correct += int(clean_correct)
+        totals.seconds += now - self._pending_since
+        self._pending_since = now
         if not torch.isfinite(torch.tensor(loss_sum)):
             raise MetateachError(
-                f"the training loss became non-finite by step {state.step} (epoch {state.epoch + 1}); "
-                "lower optim.lr or check the data"
+                f"the training loss became non-finite by step {self.state.step} "
+                f"(epoch {self.state.epoch + 1}); lower optim.lr or check the data"
             )
+        return totals
 
-    def _set_lr(self, epoch: float) -> float:
+    def _log_running_loss(self, bar: tqdm) -> None:
+        totals = self._collect()
+        loss = totals.loss_sum / max(totals.seen, 1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
+        self.logger.log({"train/running_loss": loss, "lr": lr}, self.state.step)
+
+    def _set_lr(self, epoch: float) -> None:
         lr = self.cfg.optim.lr * self.schedule(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return lr
 
     def _report_data(self) -> None:
         data, cfg = self.data, self.cfg
         params = sum(p.numel() for p in self.model.parameters())
         noise = (
-            f"{cfg.noise.type} noise at {cfg.noise.rate:.0%}: {data.noise.realized_rate:.2%} of labels changed"
+            f"{cfg.noise.type} noise at {cfg.noise.rate:.0%}: "
+            f"{data.noise.realized_rate:.2%} of labels changed"
             if cfg.noise.type != "none"
             else "clean labels"
         )
         tqdm.write(
-            f"{cfg.data.name}: {len(data.train)} train ({noise}), {len(data.val)} val, {len(data.test)} test | "
-            f"{cfg.model.name}: {params / 1e6:.3f}M parameters on {self.device} | run folder {self.run_dir}"
+            f"{cfg.data.name}: {len(data.train)} train ({noise}), {len(data.val)} val, "
+            f"{len(data.test)} test | {cfg.model.name}: {params / 1e6:.3f}M parameters "
+            f"on {self.device} | run folder {self.run_dir}"
         )
         self.logger.log(data.summary(), 0)
         if cfg.logging.plots and cfg.noise.type != "none":
@@ -399,46 +374,3 @@ class Trainer:
 def train(cfg: ExperimentConfig) -> dict[str, float]:
     """Build a :class:`Trainer` for ``cfg`` and run it to the end."""
     return Trainer(cfg).fit()
-
-
-def _new_run_dir(cfg: ExperimentConfig) -> Path:
-    out = Path(cfg.train.out_dir)
-    if cfg.train.run_name:
-        path = out / cfg.train.run_name
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError(
-                f"run folder {path} already exists; continue it with train.resume={path} "
-                "or choose another train.run_name"
-            )
-        return path
-    stem = Path(cfg.source).stem if cfg.source else "run"
-    base = out / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
-
-
-def _resume_dir(resume: str) -> Path:
-    file = checkpoint_path(resume)
-    return file.parent.parent if file.parent.name == "checkpoints" else file.parent
-
-
-def _check_same_experiment(saved: dict[str, Any], current: dict[str, Any], file: Path) -> None:
-    before, now = _flatten(saved), _flatten(current)
-    for key in sorted(before.keys() | now.keys()):
-        if key.startswith(_MUST_MATCH) and before.get(key) != now.get(key):
-            raise CheckpointError(
-                f"checkpoint {file} belongs to a different experiment: {key} was {before.get(key)!r}, "
-                f"the config now says {now.get(key)!r}"
-            )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -112,7 +112,13 @@ def test_every_shipped_config_loads() -> None:
         ),
         (["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
         (["noise.rate=1.0"], "noise.rate must be in [0, 1), got 1.0"),
-        (["noise.imbalance_factor=0.5"], "noise.imbalance_factor must be >= 1"),
+        (["noise.imbalance_factor=0.5"], "noise.imbalance_factor must be >= 1, got 0.5"),
+        (["data.train_subset=0"], "data.train_subset must be >= 1, got 0"),
+        (["optim.betas=[0.9]"], "optim.betas must be a pair [beta1, beta2] in [0, 1), got [0.9]"),
+        (
+            ["noise.type=none", "noise.rate=0.3"],
+            "noise.rate=0.3 needs a noise.type to corrupt labels (it is 'none')",
+        ),
         (
             ["logging.wandb=cloud"],
             "logging.wandb must be one of offline, online, disabled, got 'cloud'",

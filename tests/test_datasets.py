@@ -20,6 +20,8 @@ from metateach.config import DataConfig, NoiseConfig
 from metateach.data import build_data, load_dataset
 from metateach.errors import ConfigError, DataError
 
+from .conftest import CIFAR10_CLASSES
+
 RNG = np.random.default_rng(0)
 
 
@@ -91,18 +93,7 @@ def test_cifar10_reads_pickled_batches(tmp_path: Path, skip_cifar_checksums: Non
     for i, batch in enumerate(batches, 1):
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
     (folder / "test_batch").write_bytes(pickle.dumps(cifar_batch(30, "labels", 10)))
-    names = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    names = list(CIFAR10_CLASSES)
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
     data = load_dataset("cifar10", str(tmp_path))
     first = torch.from_numpy(batches[0]["data"][0].reshape(3, 32, 32))

@@ -14,7 +14,7 @@ from metateach.config import DataConfig, NoiseConfig
 from metateach.data import build_data, load_dataset
 from metateach.trainer import Trainer
 
-from .conftest import CONFIGS
+from .conftest import CIFAR10_CLASSES, CONFIGS
 
 pytestmark = pytest.mark.real_data
 
@@ -55,18 +55,7 @@ def test_cifar10_jpeg_folder_reads_in_cifar_order(real_data_root: Path) -> None:
         ),
         NoiseConfig(),
     )
-    assert bundle.info.classes == (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    )
+    assert bundle.info.classes == CIFAR10_CLASSES
     assert bundle.input_shape == (3, 32, 32)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (1000, 500, 500)
     assert bundle.info.crop_padding == 4 and bundle.info.flip

@@ -60,7 +60,10 @@ def test_a_student_learns_the_digits_and_the_run_folder_holds_everything(make_co
     assert records[-1]["train/clean_acc"] > records[-1]["train/acc"]
 
 
-def test_a_run_resumed_mid_epoch_ends_exactly_like_an_uninterrupted_one(make_config) -> None:
+@pytest.mark.parametrize("into_epoch_2", [5, 20], ids=["mid-epoch", "at-the-epoch-end"])
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(
+    make_config, into_epoch_2: int
+) -> None:
     # Dropout draws from the global RNG, so this also checks that the RNG state is carried over.
     common = ("train.epochs=3", "model.kwargs.dropout=0.2", "noise.type=pairflip", "noise.rate=0.3")
     straight = Trainer(make_config(*common, "train.run_name=straight"))
@@ -68,12 +71,12 @@ def test_a_run_resumed_mid_epoch_ends_exactly_like_an_uninterrupted_one(make_con
 
     first = Trainer(make_config(*common, "train.run_name=cut", "train.checkpoint_every_steps=7"))
     steps_per_epoch = len(first.train_loader)
-    first.fit(max_steps=steps_per_epoch + 5)  # stop in the middle of epoch 2
-    assert first.state.epoch == 1 and first.state.batch == 5
-    first.logger.close()
+    assert steps_per_epoch == 20  # 1,257 digits in batches of 64
+    first.fit(max_steps=steps_per_epoch + into_epoch_2)
+    assert first.state.epoch == 1 and first.state.batch == into_epoch_2
 
     resumed = Trainer(make_config(*common, f"train.resume={first.run_dir}"))
-    assert resumed.run_dir == first.run_dir and resumed.state.step == steps_per_epoch + 5
+    assert resumed.run_dir == first.run_dir and resumed.state.step == steps_per_epoch + into_epoch_2
     final = resumed.fit()
 
     assert without_timing(final) == without_timing(expected)

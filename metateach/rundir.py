@@ -1,0 +1,75 @@
+"""Where a run lives, and whether a checkpoint belongs to the run being started."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from metateach.checkpoint import checkpoint_path
+from metateach.config import ExperimentConfig
+from metateach.errors import CheckpointError, ConfigError
+
+__all__ = ["new_run_dir", "resumed_run_dir", "check_same_experiment"]
+
+#: Settings that define the experiment: a checkpoint only resumes a run that agrees on them.
+#: Everything else (epochs, device, logging, ...) may change between the two.
+MUST_MATCH = (
+    "data.",
+    "noise.",
+    "model.",
+    "optim.",
+    "schedule.",
+    "teacher.",
+    "train.seed",
+    "train.batch_size",
+)
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    """``<train.out_dir>/<train.run_name>``, or ``<config>-<time>`` made unique.
+
+    A named folder that already holds a run is an error, never overwritten.
+    """
+    out = Path(cfg.train.out_dir)
+    if cfg.train.run_name:
+        path = out / cfg.train.run_name
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(
+                f"run folder {path} already exists; continue it with train.resume={path} "
+                "or choose another train.run_name"
+            )
+        return path
+    stem = Path(cfg.source).stem if cfg.source else "run"
+    base = out / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def resumed_run_dir(resume: str) -> Path:
+    """The run folder a ``train.resume`` path (a run folder or a checkpoint in it) belongs to."""
+    file = checkpoint_path(resume)
+    return file.parent.parent if file.parent.name == "checkpoints" else file.parent
+
+
+def check_same_experiment(saved: dict[str, Any], current: dict[str, Any], file: Path) -> None:
+    """Refuse a checkpoint whose experiment differs from the config in a :data:`MUST_MATCH` setting."""
+    before, now = _flatten(saved), _flatten(current)
+    for key in sorted(before.keys() | now.keys()):
+        if key.startswith(MUST_MATCH) and before.get(key) != now.get(key):
+            raise CheckpointError(
+                f"checkpoint {file} belongs to a different experiment: {key} was {before.get(key)!r}, "
+                f"the config now says {now.get(key)!r}"
+            )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
