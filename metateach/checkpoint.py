@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from metateach.errors import CheckpointError
+from metateach.errors import CheckpointError, first_line
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_path", "LAST", "BEST"]
 
@@ -64,8 +64,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {file}: {reason}") from None
+        raise CheckpointError(f"cannot read checkpoint {file}: {first_line(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise CheckpointError(f"{file} is not a metateach checkpoint")
     return state

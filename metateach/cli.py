@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Imported here so that --help answers at once.
     from metateach.config import load_config
-    from metateach.errors import MetateachError
+    from metateach.errors import MetateachError, first_line
     from metateach.trainer import Trainer
 
     try:
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = Trainer(cfg)
         metrics = trainer.fit()
     except MetateachError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; continue with train.resume=<run folder>", file=sys.stderr)

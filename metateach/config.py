@@ -24,7 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from metateach.errors import ConfigError
+from metateach.errors import ConfigError, first_line
 
 __all__ = [
     "DataConfig",
@@ -245,14 +245,10 @@ def _merge(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(_unknown_key_message(e, origin)) from None
     except ValidationError as e:
         raise ConfigError(
-            f"{origin}: wrong type for {e.full_key or '?'}: {_first_line(e.msg)}"
+            f"{origin}: wrong type for {e.full_key or '?'}: {first_line(e.msg)}"
         ) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{origin}: {_first_line(e.msg or str(e))}") from None
-
-
-def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+        raise ConfigError(f"{origin}: {first_line(e.msg or e)}") from None
 
 
 def _unknown_key_message(e: ConfigKeyError, origin: str) -> str:

@@ -7,7 +7,7 @@ Anything else that escapes is a bug in metateach and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["MetateachError", "ConfigError", "DataError", "CheckpointError"]
+__all__ = ["MetateachError", "ConfigError", "DataError", "CheckpointError", "first_line"]
 
 
 class MetateachError(Exception):
@@ -24,3 +24,14 @@ class DataError(MetateachError):
 
 class CheckpointError(MetateachError):
     """A checkpoint cannot be read or does not fit the run."""
+
+
+def first_line(problem: BaseException | str | None) -> str:
+    """The first line of an exception's message (or of a text): what fits a one-line error.
+
+    An exception with no message gives its type's name.
+    """
+    text = str(problem or "").strip()
+    if not text and isinstance(problem, BaseException):
+        return type(problem).__name__
+    return text.splitlines()[0] if text else ""

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from metateach.errors import first_line
+
 if TYPE_CHECKING:
     from metateach.config import LoggingConfig
 
@@ -132,7 +134,7 @@ class RunLogger:
             )
             self.wandb_dir = str(Path(self._wandb.dir).parent)
         except Exception as e:  # noqa: BLE001 - W&B must never take the run down
-            self._warn(f"W&B could not start ({type(e).__name__}: {_first_line(e)})")
+            self._warn(f"W&B could not start ({type(e).__name__}: {first_line(e)})")
 
     def _to_wandb(self, action: Any) -> None:
         if self._wandb is None:
@@ -140,7 +142,7 @@ class RunLogger:
         try:
             action(self._wandb)
         except Exception as e:  # noqa: BLE001
-            self._warn(f"W&B failed ({type(e).__name__}: {_first_line(e)})")
+            self._warn(f"W&B failed ({type(e).__name__}: {first_line(e)})")
             self._wandb = None
 
     def _warn(self, message: str) -> None:
@@ -155,8 +157,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""

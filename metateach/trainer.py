@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.data import Batch, BatchLoader, DataBundle, build_data
-from metateach.errors import CheckpointError, MetateachError
+from metateach.errors import CheckpointError, MetateachError, first_line
 from metateach.logging import RunLogger
 from metateach.models import create_model
 from metateach.optim import build_optimizer, build_schedule
@@ -303,9 +303,7 @@ class Trainer:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(
-                f"checkpoint does not fit this model: {str(e).splitlines()[0]}"
-            ) from None
+            raise CheckpointError(f"checkpoint does not fit this model: {first_line(e)}") from None
         self.state = TrainState.from_dict(checkpoint["progress"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if "cuda" in checkpoint["rng"] and torch.cuda.is_available():

@@ -110,10 +110,14 @@ def build_data(data: DataConfig, noise: NoiseConfig) -> DataBundle:
     val_size = info.default_val_size if data.val_size is None else data.val_size
     val_index, train_index = stratified_split(pool_targets, val_size, split_rng)
     if noise.imbalance_factor > 1:
-        keep = long_tail_subsample(pool_targets[train_index], info.num_classes, noise.imbalance_factor, noise_rng)
+        keep = long_tail_subsample(
+            pool_targets[train_index], info.num_classes, noise.imbalance_factor, noise_rng
+        )
         train_index = train_index[keep]
     if data.train_subset is not None:
-        train_index = train_index[random_subset(len(train_index), data.train_subset, split_rng, "data.train_subset")]
+        train_index = train_index[
+            random_subset(len(train_index), data.train_subset, split_rng, "data.train_subset")
+        ]
     if len(train_index) == 0:
         raise DataError(
             f"no training samples left in {dataset.source} after taking data.val_size={val_size} for validation"

@@ -58,7 +58,9 @@ class ImagePool:
     @staticmethod
     def from_tensor(images: Tensor, targets: Tensor) -> ImagePool:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         return ImagePool(targets.long(), lambda idx: images[idx])
 
     def __len__(self) -> int:
@@ -81,17 +83,24 @@ def resolve_root(root: str | None) -> Path:
     return Path(root or os.environ.get("METATEACH_DATA") or "data").expanduser()
 
 
-def load_dataset(name: str, root: str | None, download: bool = False, image_size: int | None = None) -> ImageData:
+def load_dataset(
+    name: str, root: str | None, download: bool = False, image_size: int | None = None
+) -> ImageData:
     """Build the data set registered as ``name`` (see :data:`metateach.registry.DATASETS`)."""
     options = {} if image_size is None else {"image_size": image_size}
-    return DATASETS.build(name, options, "data.image_size", root=resolve_root(root), download=download)
+    return DATASETS.build(
+        name, options, "data.image_size", root=resolve_root(root), download=download
+    )
 
 
 # --------------------------------------------------------------------------- #
 # torchvision data sets
 # --------------------------------------------------------------------------- #
 
-def _torchvision(cls_name: str, root: Path, download: bool, how_to_get: str, **kwargs: object) -> object:
+
+def _torchvision(
+    cls_name: str, root: Path, download: bool, how_to_get: str, **kwargs: object
+) -> object:
     """Instantiate a torchvision data set, turning 'not found' into a DataError."""
     import torchvision
 
@@ -108,7 +117,9 @@ def _torchvision(cls_name: str, root: Path, download: bool, how_to_get: str, **k
         ) from None
 
 
-def _mnist_like(cls_name: str, mean: float, std: float, classes: tuple[str, ...]) -> Callable[[Path, bool], ImageData]:
+def _mnist_like(
+    cls_name: str, mean: float, std: float, classes: tuple[str, ...]
+) -> Callable[[Path, bool], ImageData]:
     def build(root: Path, download: bool) -> ImageData:
         how = f"expected {root / cls_name / 'raw'}/train-images-idx3-ubyte and its three siblings"
         train = _torchvision(cls_name, root, download, how, train=True)
@@ -129,25 +140,42 @@ DATASETS.register("fashion_mnist")(
         "FashionMNIST",
         0.2860,
         0.3530,
-        ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"),
+        (
+            "t-shirt",
+            "trouser",
+            "pullover",
+            "dress",
+            "coat",
+            "sandal",
+            "shirt",
+            "sneaker",
+            "bag",
+            "boot",
+        ),
     )
 )
 
 
-def _cifar(cls_name: str, folder: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Path, bool], ImageData]:
+def _cifar(
+    cls_name: str, folder: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Path, bool], ImageData]:
     def build(root: Path, download: bool) -> ImageData:
         how = f"expected the python version in {root / folder}"
         train = _torchvision(cls_name, root, download, how, train=True)
         test = _torchvision(cls_name, root, download, how, train=False)
 
         def pool(ds: object) -> ImagePool:
-            images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+            images = (
+                torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+            )
             return ImagePool.from_tensor(images, torch.as_tensor(ds.targets))
 
         return ImageData(
             train=pool(train),
             test=pool(test),
-            info=DatasetInfo(num_classes, mean, std, crop_padding=4, flip=True, classes=tuple(train.classes)),
+            info=DatasetInfo(
+                num_classes, mean, std, crop_padding=4, flip=True, classes=tuple(train.classes)
+            ),
             source=str(root / folder),
         )
 
@@ -169,13 +197,19 @@ def svhn(root: Path, download: bool) -> ImageData:
 
     def pool(split: str) -> ImagePool:
         ds = _torchvision("SVHN", root / "svhn", download, how, split=split)
-        return ImagePool.from_tensor(torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels))
+        return ImagePool.from_tensor(
+            torch.from_numpy(np.ascontiguousarray(ds.data)), torch.as_tensor(ds.labels)
+        )
 
     return ImageData(
         train=pool("train"),
         test=pool("test"),
         info=DatasetInfo(
-            10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), crop_padding=4, classes=tuple(str(i) for i in range(10))
+            10,
+            (0.4377, 0.4438, 0.4728),
+            (0.1980, 0.2010, 0.1970),
+            crop_padding=4,
+            classes=tuple(str(i) for i in range(10)),
         ),
         source=str(root / "svhn"),
     )
@@ -201,7 +235,9 @@ def digits(root: Path, download: bool) -> ImageData:
     return ImageData(
         train=ImagePool.from_tensor(images[train_idx], targets[train_idx]),
         test=ImagePool.from_tensor(images[test_idx], targets[test_idx]),
-        info=DatasetInfo(10, None, None, default_val_size=180, classes=tuple(str(i) for i in range(10))),
+        info=DatasetInfo(
+            10, None, None, default_val_size=180, classes=tuple(str(i) for i in range(10))
+        ),
         source="sklearn.datasets.load_digits",
     )
 
@@ -262,8 +298,14 @@ def _folder_pool(samples: list[tuple[str, int]], image_size: int | None) -> Imag
 
         images = [
             _read_image(paths[i], image_size)
-            for i in tqdm(indices.tolist(), desc="decoding images", unit="img", leave=False, mininterval=1.0,
-                          disable=None if len(indices) >= 5000 else True)
+            for i in tqdm(
+                indices.tolist(),
+                desc="decoding images",
+                unit="img",
+                leave=False,
+                mininterval=1.0,
+                disable=None if len(indices) >= 5000 else True,
+            )
         ]
         if not images:
             return torch.empty(0, 3, image_size or 1, image_size or 1, dtype=torch.uint8)

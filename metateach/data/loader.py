@@ -53,7 +53,9 @@ class Split(NamedTuple):
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )
 
 
 class BatchLoader:
@@ -101,7 +103,9 @@ class BatchLoader:
         n = len(self.split)
         if not self.shuffle:
             return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
+        return torch.randperm(
+            n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        )
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch``, beginning with batch number ``start``."""

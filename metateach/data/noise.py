@@ -72,16 +72,26 @@ def apply_label_noise(
     """
     labels = labels.long()
     rows = NOISES.get(name)(labels, num_classes, rate, generator, images)
-    noisy = torch.multinomial(rows, 1, generator=generator).flatten() if len(labels) else labels.clone()
+    noisy = (
+        torch.multinomial(rows, 1, generator=generator).flatten() if len(labels) else labels.clone()
+    )
     promised = torch.zeros(num_classes, num_classes, dtype=rows.dtype).index_add_(0, labels, rows)
-    promised /= torch.bincount(labels, minlength=num_classes).clamp(min=1).unsqueeze(1).to(rows.dtype)
-    return NoisyLabels(noisy, labels, promised, _normalize_rows(transition_counts(labels, noisy, num_classes)))
+    promised /= (
+        torch.bincount(labels, minlength=num_classes).clamp(min=1).unsqueeze(1).to(rows.dtype)
+    )
+    return NoisyLabels(
+        noisy, labels, promised, _normalize_rows(transition_counts(labels, noisy, num_classes))
+    )
 
 
 def transition_counts(clean: Tensor, noisy: Tensor, num_classes: int) -> Tensor:
     """(C, C) counts of samples with clean label i and noisy label j."""
     flat = clean.long() * num_classes + noisy.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes).double()
+    return (
+        torch.bincount(flat, minlength=num_classes * num_classes)
+        .reshape(num_classes, num_classes)
+        .double()
+    )
 
 
 def _normalize_rows(counts: Tensor) -> Tensor:
@@ -144,7 +154,13 @@ def flip2_matrix(num_classes: int, rate: float, generator: torch.Generator) -> T
 
 
 def _class_conditional(matrix_fn):  # type: ignore[no-untyped-def]
-    def rows(labels: Tensor, num_classes: int, rate: float, generator: torch.Generator, images: Tensor | None) -> Tensor:
+    def rows(
+        labels: Tensor,
+        num_classes: int,
+        rate: float,
+        generator: torch.Generator,
+        images: Tensor | None,
+    ) -> Tensor:
         return matrix_fn(num_classes, rate)[labels]
 
     rows.__doc__ = matrix_fn.__doc__
@@ -158,13 +174,17 @@ NOISES.register("tridiagonal")(_class_conditional(tridiagonal_matrix))
 
 
 @NOISES.register("none")
-def no_noise(labels: Tensor, num_classes: int, rate: float, generator: torch.Generator, images: Tensor | None) -> Tensor:
+def no_noise(
+    labels: Tensor, num_classes: int, rate: float, generator: torch.Generator, images: Tensor | None
+) -> Tensor:
     """Clean labels."""
     return torch.eye(num_classes, dtype=torch.float64)[labels]
 
 
 @NOISES.register("flip2")
-def flip2_rows(labels: Tensor, num_classes: int, rate: float, generator: torch.Generator, images: Tensor | None) -> Tensor:
+def flip2_rows(
+    labels: Tensor, num_classes: int, rate: float, generator: torch.Generator, images: Tensor | None
+) -> Tensor:
     """MW-Net's flip noise: see :func:`flip2_matrix`."""
     return flip2_matrix(num_classes, rate, generator)[labels]
 
@@ -203,10 +223,13 @@ def instance_rows(
     scores = torch.empty(n, num_classes, dtype=torch.float64)
     for c in range(num_classes):
         # One class at a time: a standardized copy of the whole split would be large.
-        projection = torch.randn(images[0].numel(), num_classes, generator=generator, dtype=torch.float64)
+        projection = torch.randn(
+            images[0].numel(), num_classes, generator=generator, dtype=torch.float64
+        )
         members = labels == c
-        x = (images[members].double() / 255.0 - mean.double().view(shape)) / std.double().view(shape)
-        scores[members] = x.flatten(1) @ projection
+        pixels = images[members].double() / 255.0
+        standardized = (pixels - mean.double().view(shape)) / std.double().view(shape)
+        scores[members] = standardized.flatten(1) @ projection
     own = torch.nn.functional.one_hot(labels, num_classes).bool()
     rows = q.unsqueeze(1) * scores.masked_fill(own, float("-inf")).softmax(dim=1)
     return rows.masked_scatter(own, 1 - q)

@@ -12,7 +12,9 @@ from metateach.errors import DataError
 __all__ = ["stratified_split", "long_tail_counts", "long_tail_subsample", "random_subset"]
 
 
-def stratified_split(targets: Tensor, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def stratified_split(
+    targets: Tensor, size: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """Draw ``size`` indices with classes as equal as possible; return (drawn, rest).
 
     Each class gives ``size // C`` samples and ``size % C`` randomly chosen
@@ -59,7 +61,9 @@ def long_tail_subsample(
     largest = min(len(m) for m in members)
     kept = [
         m[torch.randperm(len(m), generator=generator)[:n]]
-        for m, n in zip(members, long_tail_counts(largest, num_classes, imbalance_factor), strict=True)
+        for m, n in zip(
+            members, long_tail_counts(largest, num_classes, imbalance_factor), strict=True
+        )
     ]
     return torch.cat(kept).sort().values
 

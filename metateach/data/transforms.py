@@ -14,7 +14,9 @@ from torch import Tensor
 __all__ = ["random_crop_flip", "Normalize", "channel_stats"]
 
 
-def random_crop_flip(images: Tensor, padding: int, flip: bool, generator: torch.Generator) -> Tensor:
+def random_crop_flip(
+    images: Tensor, padding: int, flip: bool, generator: torch.Generator
+) -> Tensor:
     """Zero-pad by ``padding``, crop back to size at a random offset, mirror half the images.
 
     The standard CIFAR augmentation (He et al., 2016) when ``padding=4, flip=True``.
