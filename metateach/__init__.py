@@ -4,12 +4,14 @@ Importing the package fills the registries, so that every data set, noise
 model, student, optimizer, schedule and teacher can be named in a config.
 """
 
-from metateach import data, models, optim, teachers  # noqa: F401 - registration
+from metateach import data, hypergrad, models, optim, teachers  # noqa: F401 - registration
 from metateach.config import ExperimentConfig, load_config
 from metateach.errors import CheckpointError, ConfigError, DataError, MetateachError
+from metateach.lesson import Lesson
 from metateach.models import create_model
-from metateach.registry import DATASETS, MODELS, NOISES, OPTIMIZERS, SCHEDULES, TEACHERS
+from metateach.registry import DATASETS, HYPERGRADS, MODELS, NOISES, OPTIMIZERS, SCHEDULES, TEACHERS
 from metateach.student import Student, StudentStates
+from metateach.teacher import FixedRule, Hypergradient, StudentView, Teacher, TeachingContext
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,10 @@ __all__ = [
     "ConfigError",
     "DATASETS",
     "DataError",
+    "FixedRule",
+    "HYPERGRADS",
+    "Hypergradient",
+    "Lesson",
     "ExperimentConfig",
     "MODELS",
     "MetateachError",
@@ -26,7 +32,10 @@ __all__ = [
     "SCHEDULES",
     "Student",
     "StudentStates",
+    "StudentView",
     "TEACHERS",
+    "Teacher",
+    "TeachingContext",
     "create_model",
     "load_config",
 ]

@@ -144,10 +144,45 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherOptimConfig(OptimConfig):
+    """The teacher's optimizer (Adam at 1e-3 unless set)."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class HypergradConfig:
+    """How a hypergradient teacher learns; unset values keep the teacher's own declaration."""
+
+    #: ``unrolled``, ``reversible``, ``lookahead``, ``finite_difference`` or ``implicit``.
+    method: str | None = None
+    #: K: student steps per teacher step.
+    inner_steps: int | None = None
+    #: B <= K: student steps the hypergradient looks back through.
+    backprop_steps: int | None = None
+    #: Let gradients flow through the lesson's dependence on the student (dw/dtheta kept).
+    keep_weight_grad: bool | None = None
+    #: Clean validation samples per teacher step.
+    val_batch_size: int = 100
+    #: The method's own settings, e.g. ``{solver: neumann, iterations: 20}`` for ``implicit``.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TeacherConfig:
     """Who guides the student. ``none`` trains the student alone."""
 
     name: str = "none"
+    #: Extra constructor arguments of the chosen teacher.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Let a learning teacher learn; false keeps it as it is (e.g. loaded from ``checkpoint``).
+    learn: bool = True
+    #: A metateach checkpoint whose teacher weights to load.
+    checkpoint: str | None = None
+    optim: TeacherOptimConfig = field(default_factory=TeacherOptimConfig)
+    hypergrad: HypergradConfig = field(default_factory=HypergradConfig)
 
 
 @dataclass
@@ -301,6 +336,12 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     ("logging.wandb", lambda v: v in WANDB_MODES, f"one of {', '.join(WANDB_MODES)}"),
     ("logging.every_steps", *_at_least(1)),
+    ("teacher.hypergrad.inner_steps", *_at_least(1, optional=True)),
+    ("teacher.hypergrad.backprop_steps", *_at_least(1, optional=True)),
+    ("teacher.hypergrad.val_batch_size", *_at_least(1)),
+    ("teacher.optim.lr", lambda v: v > 0, "> 0"),
+    ("teacher.optim.weight_decay", *_at_least(0)),
+    ("teacher.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
 
@@ -322,6 +363,7 @@ def validate(cfg: ExperimentConfig) -> None:
         (OPTIMIZERS, cfg.optim.name),
         (SCHEDULES, cfg.schedule.name),
         (TEACHERS, cfg.teacher.name),
+        (OPTIMIZERS, cfg.teacher.optim.name),
     ]:
         registry.get(name)
     check_options(
@@ -332,11 +374,68 @@ def validate(cfg: ExperimentConfig) -> None:
         exclude={"num_classes": None, "in_shape": None},
     )
     for key, ok, what in _RANGES:
-        section, field_name = key.split(".")
-        value = getattr(getattr(cfg, section), field_name)
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if not ok(value):
             raise ConfigError(f"{key} must be {what}, got {value!r}")
     if cfg.noise.type == "none" and cfg.noise.rate != 0:
         raise ConfigError(
             f"noise.rate={cfg.noise.rate} needs a noise.type to corrupt labels (it is 'none')"
         )
+    _validate_teacher(cfg)
+
+
+def _validate_teacher(cfg: ExperimentConfig) -> None:
+    """The teacher's options, and a learning setup the engine can run."""
+    from metateach.registry import HYPERGRADS, TEACHERS, check_options
+    from metateach.teacher import Hypergradient, effective_learning
+
+    teacher = cfg.teacher
+    check_options(
+        TEACHERS.get(teacher.name),
+        teacher.kwargs,
+        f"teacher {teacher.name!r}",
+        "teacher.kwargs",
+        exclude=TEACHER_CONTEXT,
+    )
+    learning = effective_learning(teacher)
+    asked = {
+        k: v
+        for k, v in vars(teacher.hypergrad).items()
+        if k in HYPERGRAD_KEYS and v not in (None, {})
+    }
+    if not isinstance(learning, Hypergradient):
+        if asked and teacher.learn:
+            raise ConfigError(
+                f"teacher.hypergrad.{next(iter(asked))} is set, but teacher {teacher.name!r} "
+                "does not learn by hypergradient"
+            )
+        return
+    method = HYPERGRADS.get(learning.method)
+    check_options(
+        method,
+        learning.options,
+        f"hypergradient method {learning.method!r}",
+        "teacher.hypergrad.options",
+        exclude={"problem": None, "inner_steps": None, "backprop_steps": None},
+    )
+    if learning.backprop_steps > learning.inner_steps:
+        raise ConfigError(
+            f"teacher.hypergrad.backprop_steps (B={learning.backprop_steps}) must not exceed "
+            f"teacher.hypergrad.inner_steps (K={learning.inner_steps})"
+        )
+    if cfg.optim.name != "sgd" or cfg.optim.nesterov:
+        raise ConfigError(
+            f"a hypergradient teacher differentiates the student's momentum SGD: set optim.name=sgd "
+            f"and optim.nesterov=false (got optim.name={cfg.optim.name}, nesterov={cfg.optim.nesterov})"
+        )
+    if learning.method == "reversible" and cfg.optim.momentum <= 0:
+        raise ConfigError(
+            "teacher.hypergrad.method=reversible needs optim.momentum > 0 to run SGD backwards"
+        )
+
+
+#: What a teacher's builder may ask for besides its options (``teacher.kwargs``).
+TEACHER_CONTEXT = {"num_classes": None, "student": None}
+HYPERGRAD_KEYS = ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options")

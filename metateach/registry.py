@@ -28,6 +28,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "TEACHERS",
+    "HYPERGRADS",
 ]
 
 T = TypeVar("T", bound=Callable[..., Any])
@@ -67,17 +68,20 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r} ({self.key}); available: {', '.join(self.names())}"
             ) from None
 
-    def build(
-        self, name: str, options: Mapping[str, Any], options_key: str, **required: Any
-    ) -> Any:
-        """Call the builder ``name`` with ``required`` arguments and user ``options``.
+    def build(self, name: str, options: Mapping[str, Any], options_key: str, **context: Any) -> Any:
+        """Call the builder ``name`` with user ``options`` and whatever of ``context`` it takes.
 
         ``options`` come from YAML (``model.kwargs``); a name the builder does
         not take is reported against ``options_key`` with the valid names.
+        ``context`` offers what the library knows (``num_classes``, the
+        student, ...); a builder receives the entries its signature names.
         """
         builder = self.get(name)
-        check_options(builder, options, f"{self.kind} {name!r}", options_key, exclude=required)
-        return builder(**required, **options)
+        check_options(builder, options, f"{self.kind} {name!r}", options_key, exclude=context)
+        params = inspect.signature(builder).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        wanted = {k: v for k, v in context.items() if takes_all or k in params}
+        return builder(**wanted, **options)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -120,3 +124,6 @@ MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", "optim.name")
 SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule", "schedule.name")
 TEACHERS: Registry[Callable[..., Any]] = Registry("teacher", "teacher.name")
+HYPERGRADS: Registry[Callable[..., Any]] = Registry(
+    "hypergradient method", "teacher.hypergrad.method"
+)

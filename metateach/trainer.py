@@ -4,8 +4,8 @@
 and :meth:`Trainer.fit` reads top to bottom: for every epoch, for every
 batch, one student step; then evaluation, logging and a checkpoint. The
 loop knows no teaching method by name. A batch's per-sample losses are
-formed in :meth:`Trainer.student_loss`, the one place a teacher's lesson
-for that batch will enter.
+taken by the run's teaching strategy (:mod:`metateach.hypergrad`): a plain
+step under the teacher's lesson, or a step in which the teacher learns too.
 
 Everything a run needs to continue is in its checkpoint: weights, optimizer
 state, the position in the epoch, the epoch's running totals, the best
@@ -36,6 +36,8 @@ from metateach.optim import build_optimizer, build_schedule
 from metateach.plots import plot_training_curves, plot_transition_matrix
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
+from metateach.teacher import TeachingContext
+from metateach.teaching import build_teaching
 
 __all__ = ["Trainer", "TrainState", "EpochTotals", "train"]
 
@@ -103,19 +105,21 @@ class Trainer:
             s.name, run.epochs, milestones=s.milestones, gamma=s.gamma,
             min_factor=s.min_lr / o.lr, warmup_epochs=s.warmup_epochs,
         )  # fmt: skip
+        self.teaching = build_teaching(cfg, self.model, self.optimizer, self.data, self.device)
         self.train_loader = self.data.train_loader(run.batch_size, run.seed, self.device)
         self.val_loader = self.data.eval_loader("val", run.eval_batch_size, self.device)
         self.test_loader = self.data.eval_loader("test", run.eval_batch_size, self.device)
-        # Clean labels on the device, to report how much of the noise the student memorizes.
-        self._clean_targets = self.data.train.clean_targets.to(self.device)
 
-        self.state = TrainState()
-        if resumed is not None:
-            self._restore(resumed)
         # Step results pile up on the device and are read only at log points:
         # reading them every step would force a CPU-GPU sync per step.
         self._pending = torch.zeros(3, device=self.device, dtype=torch.float64)
         self._pending_since = time.perf_counter()
+        # The running average of the batch losses, a teacher's view of the student's history.
+        self._loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._save_due = False  # a checkpoint waits for the teaching strategy to allow it
+        self.state = TrainState()
+        if resumed is not None:
+            self._restore(resumed)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -162,11 +166,10 @@ class Trainer:
                     if state.step % cfg.logging.every_steps == 0:
                         self._log_running_loss(bar)
                     every = cfg.train.checkpoint_every_steps
-                    if every and state.step % every == 0:
-                        self.save(LAST)
-                    if stop_at is not None and state.step >= stop_at:
+                    stopping = stop_at is not None and state.step >= stop_at
+                    self._save_due |= stopping or (bool(every) and state.step % every == 0)
+                    if self._save_if_due() and stopping:
                         bar.close()
-                        self.save(LAST)
                         return self._latest_metrics()
                 bar.close()
                 self._end_epoch()
@@ -176,24 +179,25 @@ class Trainer:
                 self.logger.close()
 
     def train_step(self, batch: Batch) -> Tensor:
-        """One student step; returns [sum of losses, correct, correct on clean labels] on the device."""
-        logits = self.model(batch.x)
-        losses = self.student_loss(logits, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
-        self.optimizer.step()
-        predicted = logits.detach().argmax(dim=1)
-        return torch.stack(
-            [
-                losses.detach().sum().double(),
-                (predicted == batch.y).sum().double(),
-                (predicted == self._clean_targets[batch.index]).sum().double(),
-            ]
-        )
+        """One student step (and the teacher's, when due) by the teaching strategy.
 
-    def student_loss(self, logits: Tensor, batch: Batch) -> Tensor:
-        """Per-sample training losses of a batch: cross-entropy on the labels the student is given."""
-        return F.cross_entropy(logits, batch.y, reduction="none")
+        Returns [sum of cross-entropy, correct, correct on clean labels] on the device.
+        """
+        state = self.state
+        context = TeachingContext(
+            step=state.step,
+            epoch=state.epoch,
+            total_steps=self.cfg.train.epochs * len(self.train_loader),
+            avg_train_loss=self._loss_average,
+            best_val_acc=max(state.best_val_acc, 0.0),
+        )
+        stats = self.teaching.strategy.step(batch, context)
+        batch_loss = stats[0] / len(batch.y)
+        if state.step == 0:
+            self._loss_average = batch_loss.clone()
+        else:
+            self._loss_average = 0.9 * self._loss_average + 0.1 * batch_loss
+        return stats
 
     @torch.inference_mode()
     def evaluate(self, loader: BatchLoader) -> tuple[float, float]:
@@ -240,6 +244,7 @@ class Trainer:
             "best/test_acc": state.test_acc_at_best,
             "lr": self.optimizer.param_groups[0]["lr"],
             "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
+            **self.teaching.strategy.pop_metrics(),
         }
         state.history.append(metrics)
         self.logger.log(metrics, state.step)
@@ -250,7 +255,21 @@ class Trainer:
             f"lr {metrics['lr']:.4g}  {metrics['throughput/samples_per_s']:.0f} samples/s"
         )
         state.epoch, state.batch, state.totals = state.epoch + 1, 0, EpochTotals()
+        self._save_due = True
+        self._save_if_due()
+
+    def _save_if_due(self) -> bool:
+        """Save ``last.pt`` if one is due and the teaching strategy allows it now; say whether it did.
+
+        A teacher in the middle of a differentiable window cannot be saved; the
+        checkpoint waits for the window's end (a resumed run replays the steps
+        since the previous one, exactly).
+        """
+        if not (self._save_due and self.teaching.strategy.can_checkpoint()):
+            return False
         self.save(LAST)
+        self._save_due = False
+        return True
 
     def _finish(self) -> dict[str, float]:
         state = self.state
@@ -286,8 +305,18 @@ class Trainer:
             "model": self.model.state_dict(),
             "progress": asdict(self.state),
         }
+        teaching = self.teaching
+        if teaching.teacher is not None:
+            checkpoint["teacher"] = teaching.teacher.state_dict()
         if not weights_only:
             checkpoint["optimizer"] = self.optimizer.state_dict()
+            checkpoint["teaching"] = {
+                "optimizer": None
+                if teaching.optimizer is None
+                else teaching.optimizer.state_dict(),
+                "strategy": teaching.strategy.state_dict(),
+                "loss_average": float(self._loss_average),
+            }
             checkpoint["rng"] = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -299,9 +328,16 @@ class Trainer:
             raise CheckpointError(
                 "this checkpoint holds weights only (best.pt); resume from checkpoints/last.pt"
             )
+        teaching = self.teaching
         try:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if teaching.teacher is not None:
+                teaching.teacher.load_state_dict(checkpoint["teacher"])
+            if teaching.optimizer is not None:
+                teaching.optimizer.load_state_dict(checkpoint["teaching"]["optimizer"])
+            teaching.strategy.load_state_dict(checkpoint["teaching"]["strategy"])
+            self._loss_average.fill_(checkpoint["teaching"]["loss_average"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {first_line(e)}") from None
         self.state = TrainState.from_dict(checkpoint["progress"])
@@ -336,7 +372,8 @@ class Trainer:
         loss = totals.loss_sum / max(totals.seen, 1)
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
-        self.logger.log({"train/running_loss": loss, "lr": lr}, self.state.step)
+        metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
+        self.logger.log(metrics, self.state.step)
 
     def _set_lr(self, epoch: float) -> None:
         lr = self.cfg.optim.lr * self.schedule(epoch)

@@ -49,9 +49,9 @@ def make_config(tmp_path: Path) -> Callable[..., object]:
             "logging.wandb=disabled",
             "logging.plots=false",
         ]
-        small = (
-            [] if path else ["model.kwargs.hidden=[32]", "train.epochs=2", "train.batch_size=64"]
-        )
+        small = [] if path else ["train.epochs=2", "train.batch_size=64"]
+        if not path and not any(o.startswith("model.") for o in overrides):
+            small.append("model.kwargs.hidden=[32]")
         return load_config(path, [*small, *quiet, *overrides])
 
     return make

@@ -100,7 +100,10 @@ def test_every_shipped_config_loads() -> None:
             ["noise.type=gaussian"],
             "unknown noise 'gaussian' (noise.type); available: flip2, instance, none, pairflip, symmetric, tridiagonal, uniform",
         ),
-        (["teacher.name=oracle"], "unknown teacher 'oracle' (teacher.name); available: none"),
+        (
+            ["teacher.name=oracle"],
+            "unknown teacher 'oracle' (teacher.name); available: constant, meta_weight_net, none",
+        ),
         (["optim.name=lbfgs"], "unknown optimizer 'lbfgs' (optim.name); available: adam, sgd"),
         (
             ["schedule.name=linear"],

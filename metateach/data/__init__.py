@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from metateach.data.datasets import DatasetInfo, ImageData, ImagePool, load_dataset, resolve_root
-from metateach.data.loader import Batch, BatchLoader, Split, derive_seed
+from metateach.data.loader import Batch, BatchLoader, BatchStream, Split, derive_seed
 from metateach.data.noise import NoisyLabels, apply_label_noise, transition_counts
 from metateach.data.splits import long_tail_subsample, random_subset, stratified_split
 from metateach.data.transforms import Normalize, channel_stats, random_crop_flip
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Batch",
     "BatchLoader",
+    "BatchStream",
     "DataBundle",
     "DatasetInfo",
     "ImageData",
@@ -76,6 +77,14 @@ class DataBundle:
             flip=self.info.flip and self.augment,
             seed=seed,
             device=device,
+        )
+
+    def val_stream(self, batch_size: int, seed: int, device: torch.device | str) -> BatchStream:
+        """Endless shuffled batches of the clean validation split: the teacher's outer objective."""
+        return BatchStream(
+            BatchLoader(
+                self.val, batch_size, self.normalize, shuffle=True, seed=seed, device=device
+            )
         )
 
     def eval_loader(self, split: str, batch_size: int, device: torch.device | str) -> BatchLoader:

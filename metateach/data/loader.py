@@ -18,7 +18,7 @@ from torch import Tensor
 
 from metateach.data.transforms import Normalize, random_crop_flip
 
-__all__ = ["Batch", "Split", "BatchLoader", "derive_seed"]
+__all__ = ["Batch", "Split", "BatchLoader", "BatchStream", "derive_seed"]
 
 
 class Batch(NamedTuple):
@@ -110,16 +110,39 @@ class BatchLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch``, beginning with batch number ``start``."""
         order = self.order(epoch)
-        augment = self.crop_padding > 0 or self.flip
         for b in range(start, len(self)):
-            index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            # uint8 crosses to the device: a quarter of the bytes of float32.
-            images = self.split.images[index].to(self.device, non_blocking=True)
-            if augment:
-                generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, b))
-                images = random_crop_flip(images, self.crop_padding, self.flip, generator)
-            yield Batch(
-                self.normalize(images),
-                self.split.targets[index].to(self.device, non_blocking=True),
-                index.to(self.device, non_blocking=True),
-            )
+            yield self._make(order, epoch, b)
+
+    def batch_at(self, epoch: int, b: int) -> Batch:
+        """Batch ``b`` of ``epoch`` again, with the same samples and augmentation."""
+        return self._make(self.order(epoch), epoch, b)
+
+    def _make(self, order: Tensor, epoch: int, b: int) -> Batch:
+        index = order[b * self.batch_size : (b + 1) * self.batch_size]
+        # uint8 crosses to the device: a quarter of the bytes of float32.
+        images = self.split.images[index].to(self.device, non_blocking=True)
+        if self.crop_padding > 0 or self.flip:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, b))
+            images = random_crop_flip(images, self.crop_padding, self.flip, generator)
+        return Batch(
+            self.normalize(images),
+            self.split.targets[index].to(self.device, non_blocking=True),
+            index.to(self.device, non_blocking=True),
+        )
+
+
+class BatchStream:
+    """An endless stream of batches from a loader, epoch after epoch, that can resume.
+
+    The teacher's validation batches come from one: its position is all the
+    state it has, so a checkpoint holds it in one number.
+    """
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.loader = loader
+        self.position = 0
+
+    def next(self) -> Batch:
+        epoch, b = divmod(self.position, len(self.loader))
+        self.position += 1
+        return self.loader.batch_at(epoch, b)

@@ -1,15 +1,16 @@
 """Teachers, registered by name so that ``teacher.name`` in a config selects one.
 
-The published methods arrive one file each. ``none`` is the baseline every
-paper compares against: the student trains alone, all samples weighing the
-same.
+``none`` is the baseline every paper compares against: the student trains
+alone. The published methods arrive one file each.
 """
 
 from __future__ import annotations
 
 from metateach.registry import TEACHERS
+from metateach.teachers.constant import ConstantTeacher
+from metateach.teachers.meta_weight_net import MetaWeightNet
 
-__all__ = ["no_teacher"]
+__all__ = ["ConstantTeacher", "MetaWeightNet", "no_teacher"]
 
 
 @TEACHERS.register("none")

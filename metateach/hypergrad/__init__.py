@@ -1,0 +1,46 @@
+"""How a teacher's parameters get their gradient: one file a method, registered by name.
+
+========================  =====================================================
+``unrolled``              K student steps, backpropagate through the last B
+``reversible``            the same gradient, running momentum SGD backwards (O(1) graphs)
+``lookahead``             one virtual step (Meta-Weight-Net, Learning-to-Reweight)
+``finite_difference``     ``lookahead`` with DARTS's finite difference (first derivatives only)
+``implicit``              the implicit function theorem, CG or Neumann series
+========================  =====================================================
+
+:func:`build_strategy` turns a teacher and its learning declaration into the
+:class:`~metateach.hypergrad.base.TeachingStrategy` the trainer runs.
+"""
+
+from __future__ import annotations
+
+from metateach.hypergrad import finite_difference, implicit, lookahead, reversible, unrolled  # noqa: F401
+from metateach.hypergrad.base import (
+    HypergradMethod,
+    PerStepMethod,
+    StudentOnly,
+    TeachingStrategy,
+    UpdateMeter,
+)
+from metateach.hypergrad.functional import (
+    momentum_sgd_step,
+    recover_momentum,
+    reverse_momentum_sgd,
+    student_forward,
+)
+from metateach.hypergrad.problem import BilevelProblem, SGDSettings, TrainPass
+
+__all__ = [
+    "BilevelProblem",
+    "HypergradMethod",
+    "PerStepMethod",
+    "SGDSettings",
+    "StudentOnly",
+    "TeachingStrategy",
+    "TrainPass",
+    "UpdateMeter",
+    "momentum_sgd_step",
+    "recover_momentum",
+    "reverse_momentum_sgd",
+    "student_forward",
+]

@@ -1,0 +1,238 @@
+"""The bilevel problem every teaching strategy works on.
+
+Inner problem: the student minimizes the lesson-weighted training loss with
+momentum SGD. Outer problem: the teacher minimizes the student's loss on
+clean validation batches. :class:`BilevelProblem` holds the pieces (student
+and its optimizer, teacher and its optimizer, the validation stream) and
+the operations the strategies share: the student's loss at any parameters,
+the validation loss, a real student step, and a teacher step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metateach.data import Batch, BatchStream
+from metateach.hypergrad.functional import Params, scratch_buffers, student_forward
+from metateach.lesson import Lesson, lesson_loss
+from metateach.student import Student, StudentStates
+from metateach.teacher import StudentView, Teacher, TeachingContext
+
+__all__ = ["BilevelProblem", "SGDSettings", "RNGState", "TrainPass"]
+
+
+class TrainPass(NamedTuple):
+    """A training forward pass: the lesson's loss, the logits (with their graph), the view, the lesson."""
+
+    loss: Tensor
+    logits: Tensor
+    view: StudentView
+    lesson: Lesson | None
+
+
+class RNGState(NamedTuple):
+    cpu: Tensor
+    cuda: Tensor | None
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device, state: RNGState | None) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if state is not None:
+            torch.set_rng_state(state.cpu)
+            if state.cuda is not None:
+                torch.cuda.set_rng_state(state.cuda, device)
+        yield
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """The student optimizer's current learning rate, momentum and weight decay."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+@dataclass
+class BilevelProblem:
+    """Student, teacher and validation data, and what the teaching strategies do with them.
+
+    Args:
+        student: the student network.
+        optimizer: its real optimizer; hypergradient methods require momentum SGD.
+        teacher: the teacher, or None for plain training.
+        teacher_optimizer: the teacher's optimizer, when it learns.
+        val_stream: clean validation batches for the outer objective, when the teacher learns.
+        clean_targets: the training split's true labels (for statistics only).
+        keep_weight_grad: the teacher sees states that keep their graph to the
+            student's parameters (dw/dtheta kept); otherwise they are detached.
+    """
+
+    student: Student
+    optimizer: torch.optim.Optimizer
+    teacher: Teacher | None
+    teacher_optimizer: torch.optim.Optimizer | None
+    val_stream: BatchStream | None
+    clean_targets: Tensor
+    keep_weight_grad: bool = False
+
+    # ------------------------------------------------------------------ #
+    # The student's state as parameter dicts
+    # ------------------------------------------------------------------ #
+
+    def params(self) -> Params:
+        """The student's trainable parameters by name (the module's own tensors).
+
+        Frozen parameters stay out: the functional passes take them from the module.
+        """
+        return {k: p for k, p in self.student.named_parameters() if p.requires_grad}
+
+    def momentum(self) -> dict[str, Tensor | None]:
+        """The optimizer's momentum buffers by parameter name (None before the first step)."""
+        return {
+            k: self.optimizer.state.get(p, {}).get("momentum_buffer")
+            for k, p in self.params().items()
+        }
+
+    def sgd(self) -> SGDSettings:
+        group = self.optimizer.param_groups[0]
+        return SGDSettings(group["lr"], group.get("momentum", 0.0), group.get("weight_decay", 0.0))
+
+    @torch.no_grad()
+    def write_back(self, params: Params, momentum: Params) -> None:
+        """Make functional results the student's real state: parameters and momentum buffers."""
+        for name, p in self.params().items():
+            p.copy_(params[name])
+            self.optimizer.state[p]["momentum_buffer"] = momentum[name].detach().clone()
+
+    # ------------------------------------------------------------------ #
+    # Losses
+    # ------------------------------------------------------------------ #
+
+    def view(self, states: StudentStates, batch: Batch, context: TeachingContext) -> StudentView:
+        """What the teacher sees of a forward pass: detached unless ``keep_weight_grad``."""
+        losses = F.cross_entropy(states.logits, batch.y, reduction="none")
+        view = StudentView(states.logits, losses, states.features, tuple(states.maps), context)
+        if self.keep_weight_grad:
+            return view
+        return StudentView(
+            view.logits.detach(),
+            view.losses.detach(),
+            view.features.detach(),
+            tuple(m.detach() for m in view.maps),
+            context,
+        )
+
+    def lesson(self, batch: Batch, view: StudentView, teacher_grad: bool) -> Lesson | None:
+        """The teacher's lesson; with ``teacher_grad`` it keeps the graph to the teacher's parameters."""
+        if self.teacher is None:
+            return None
+        with torch.set_grad_enabled(teacher_grad or self.keep_weight_grad):
+            return self.teacher(batch, view)
+
+    def train_loss(
+        self,
+        params: Params,
+        batch: Batch,
+        context: TeachingContext,
+        *,
+        real: bool,
+        teacher_grad: bool = True,
+    ) -> TrainPass:
+        """The lesson-weighted training loss at ``params`` on ``batch``.
+
+        ``real=True`` is the pass of a real step: BatchNorm updates its running
+        statistics. Any other pass (virtual, replayed) runs on scratch buffers.
+        """
+        buffers = None if real else scratch_buffers(self.student)
+        states = student_forward(self.student, params, batch.x, buffers)
+        view = self.view(states, batch, context)
+        lesson = self.lesson(batch, view, teacher_grad)
+        return TrainPass(lesson_loss(lesson, states.logits, batch.y), states.logits, view, lesson)
+
+    def val_loss(self, params: Params, batch: Batch) -> Tensor:
+        """The outer objective: mean cross-entropy on a clean validation batch at ``params``.
+
+        BatchNorm normalizes with the batch's statistics, as in training, on
+        scratch buffers; any dropout draws leave the run's random stream alone.
+        """
+        with self.own_rng():
+            states = student_forward(self.student, params, batch.x, scratch_buffers(self.student))
+        return F.cross_entropy(states.logits, batch.y)
+
+    def own_rng(self, state: RNGState | None = None) -> contextlib.AbstractContextManager[None]:
+        """A block whose random draws do not advance the run's stream (starting from ``state`` if given).
+
+        Extra forward passes (virtual, validation, replay) run in one, so a
+        teacher never changes the dropout masks of the student's real steps.
+        """
+        return _forked_rng(self.device, state)
+
+    def rng_state(self) -> RNGState:
+        """The random state now, to replay a forward pass with the same draws."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return RNGState(torch.get_rng_state(), cuda)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def next_val_batch(self) -> Batch:
+        if self.val_stream is None:
+            raise RuntimeError("this problem has no validation stream; the teacher cannot learn")
+        return self.val_stream.next()
+
+    # ------------------------------------------------------------------ #
+    # Steps
+    # ------------------------------------------------------------------ #
+
+    def real_step(self, batch: Batch, context: TeachingContext) -> Tensor:
+        """One student step with the teacher's current lesson and the real optimizer."""
+        step = self.train_loss(self.params(), batch, context, real=True, teacher_grad=False)
+        self.apply_gradients(step.loss)
+        return self.statistics(step.view, batch)
+
+    def apply_gradients(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """Step the real optimizer on the student's gradient of ``loss`` (never touching the teacher's)."""
+        params = self.params()
+        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=retain_graph)
+        for p, g in zip(params.values(), grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def teacher_step(self, grads: Sequence[Tensor | None]) -> bool:
+        """Step the teacher's optimizer on ``grads``; a non-finite gradient skips the step (returns False)."""
+        assert self.teacher_optimizer is not None and self.teacher is not None
+        params = [p for p in self.teacher.parameters() if p.requires_grad]
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            return False
+        for p, g in zip(params, grads, strict=True):
+            p.grad = None if g is None else g.detach()
+        self.teacher_optimizer.step()
+        self.teacher_optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def teacher_params(self) -> list[Tensor]:
+        assert self.teacher is not None
+        return [p for p in self.teacher.parameters() if p.requires_grad]
+
+    def statistics(self, view: StudentView, batch: Batch) -> Tensor:
+        """[sum of cross-entropy, correct, correct on clean labels] of a step, on the device."""
+        predicted = view.logits.detach().argmax(dim=1)
+        return torch.stack(
+            [
+                view.losses.detach().sum().double(),
+                (predicted == batch.y).sum().double(),
+                (predicted == self.clean_targets[batch.index]).sum().double(),
+            ]
+        )

@@ -1,0 +1,100 @@
+"""What a teacher gives the student for one batch, and the one place the
+student's loss is computed from it.
+
+A :class:`Lesson` may carry per-sample weights, a selection mask and a
+replacement loss function, in any combination:
+
+* ``weights`` are normalized within the batch as the papers do: they sum to
+  the number of samples that count (Fan et al. 2020, Sec. 3.2), so a lesson
+  of weights changes which samples matter, not the step size;
+* ``mask`` selects samples (a data filter, or co-teaching's small-loss set);
+* ``loss_fn`` maps (logits, targets) to per-sample losses and replaces
+  cross-entropy (a learned loss, as in L2T-DLN).
+
+:func:`lesson_loss` turns a lesson (or none) into the scalar the student
+minimizes. No other code forms the student's training loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Lesson", "LossFn", "normalize_weights", "lesson_loss", "per_sample_losses"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def normalize_weights(raw: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Scale non-negative weights so that they sum to the number of (selected) samples.
+
+    ``w_k * n / sum_j w_j`` over the selected samples; masked-out samples get
+    weight 0. A batch whose weights are all zero stays all zero (no sample
+    counts) rather than dividing by zero.
+    """
+    if mask is not None:
+        raw = raw * mask.to(raw.dtype)
+        count = mask.sum().to(raw.dtype)
+    else:
+        count = torch.tensor(float(raw.shape[0]), dtype=raw.dtype, device=raw.device)
+    total = raw.sum()
+    return torch.where(
+        total > 0, raw * (count / total.clamp(min=torch.finfo(raw.dtype).tiny)), raw * 0
+    )
+
+
+@dataclass
+class Lesson:
+    """Per-sample ``weights`` (already normalized), a boolean ``mask``, a ``loss_fn``; each optional."""
+
+    weights: Tensor | None = None
+    mask: Tensor | None = None
+    loss_fn: LossFn | None = None
+
+    @classmethod
+    def weighted(
+        cls, raw: Tensor, mask: Tensor | None = None, loss_fn: LossFn | None = None
+    ) -> Lesson:
+        """A lesson from raw non-negative weights, normalized with :func:`normalize_weights`."""
+        return cls(normalize_weights(raw, mask), mask, loss_fn)
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and self.mask.dtype != torch.bool:
+            raise TypeError(f"a lesson's mask must be boolean, got {self.mask.dtype}")
+        for name in ("weights", "mask"):
+            value = getattr(self, name)
+            if value is not None and value.dim() != 1:
+                raise ValueError(
+                    f"a lesson's {name} must be one value per sample, got shape {tuple(value.shape)}"
+                )
+
+
+def per_sample_losses(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tensor:
+    """The lesson's loss function on each sample, cross-entropy when it names none."""
+    if lesson is not None and lesson.loss_fn is not None:
+        return lesson.loss_fn(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def lesson_loss(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tensor:
+    """The scalar the student minimizes on a batch under ``lesson``.
+
+    ``sum_k m_k w_k l_k / sum_k m_k`` with weights w (1 without any), mask m
+    (1 without one) and per-sample losses l. Without a lesson this is the
+    mean cross-entropy, computed the same way, so that a lesson of all-one
+    weights gives bit for bit the same loss and gradients as no lesson.
+    """
+    losses = per_sample_losses(lesson, logits, targets)
+    count = losses.new_tensor(float(losses.shape[0]))
+    if lesson is not None:
+        if lesson.weights is not None:
+            losses = lesson.weights * losses
+        if lesson.mask is not None:
+            # where, not a product: a dropped sample's inf or nan must not leak in.
+            losses = torch.where(lesson.mask, losses, torch.zeros_like(losses))
+            count = lesson.mask.sum().to(losses.dtype).clamp(min=1)
+    return losses.sum() / count

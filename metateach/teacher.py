@@ -1,0 +1,141 @@
+"""The Teacher contract.
+
+A teacher is an ``nn.Module`` that looks at a batch and at a view of the
+student and returns a :class:`~metateach.lesson.Lesson`. It also declares
+how it learns, so that the trainer can drive every teacher through one loop:
+
+* :class:`Hypergradient`: its parameters follow the gradient of the
+  student's validation loss, computed by a method of
+  :mod:`metateach.hypergrad` (which one, and its settings);
+* :class:`FixedRule`: it has nothing to learn (focal loss, self-paced
+  learning, a random filter).
+
+Write a new teacher by subclassing :class:`Teacher`, implementing
+:meth:`Teacher.forward`, and registering a builder with
+``@TEACHERS.register("name")`` (see the README).
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+from torch import Tensor, nn
+
+from metateach.data import Batch
+from metateach.lesson import Lesson
+
+if TYPE_CHECKING:
+    from metateach.config import TeacherConfig
+
+__all__ = [
+    "Teacher",
+    "StudentView",
+    "TeachingContext",
+    "Hypergradient",
+    "FixedRule",
+    "Learning",
+    "effective_learning",
+]
+
+
+class TeachingContext(NamedTuple):
+    """Where the student is in its training, as the trainer knows it."""
+
+    step: int  # student steps taken before this batch
+    epoch: int  # the epoch in progress, from 0
+    total_steps: int  # steps the whole run will take
+    avg_train_loss: Tensor  # running (exponential) average of the batch losses, a 0-dim tensor
+    best_val_acc: float  # best validation accuracy so far (0 before the first evaluation)
+
+    @property
+    def progress(self) -> float:
+        """The normalized iteration, step / total steps, in [0, 1]."""
+        return self.step / max(self.total_steps, 1)
+
+
+class StudentView(NamedTuple):
+    """What a teacher may look at: the student's forward pass on the batch, and its history.
+
+    ``features`` is the second-to-last layer (the deep-interaction paper's
+    I0) and ``maps`` the stages' outputs, shallow to deep. Unless the
+    teacher learns with ``keep_weight_grad``, these tensors are detached
+    from the student's parameters (the paper's dw/dtheta = 0).
+    """
+
+    logits: Tensor
+    losses: Tensor  # per-sample cross-entropy on the labels the student is given
+    features: Tensor
+    maps: tuple[Tensor, ...]
+    context: TeachingContext
+
+
+@dataclass(frozen=True)
+class Hypergradient:
+    """Learn by the gradient of the validation loss through the student's optimizer.
+
+    Args:
+        method: a name in :data:`metateach.registry.HYPERGRADS` (``unrolled``,
+            ``reversible``, ``lookahead``, ``finite_difference``, ``implicit``).
+        inner_steps: K, student steps per teacher step.
+        backprop_steps: B <= K, the steps the hypergradient looks back through.
+        keep_weight_grad: let gradients flow through the lesson's dependence on
+            the student's parameters (the deep-interaction paper's "deeper
+            interaction"); off, the teacher sees detached states.
+        options: the method's own settings (e.g. ``{solver: cg}`` for ``implicit``).
+    """
+
+    method: str = "lookahead"
+    inner_steps: int = 1
+    backprop_steps: int = 1
+    keep_weight_grad: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def updated(self, **changes: Any) -> Hypergradient:
+        """A copy with the settings in ``changes`` that are not None."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class FixedRule:
+    """Nothing to learn: the lesson follows a fixed rule."""
+
+
+Learning = Hypergradient | FixedRule
+
+
+class Teacher(nn.Module, metaclass=ABCMeta):
+    """Gives the student a lesson for each batch.
+
+    Subclasses implement :meth:`forward` and set ``learns`` to declare how
+    they learn; a config's ``teacher.hypergrad`` section may change the
+    declared settings.
+    """
+
+    learns: ClassVar[Learning] = FixedRule()
+
+    @abstractmethod
+    def forward(self, batch: Batch, view: StudentView) -> Lesson:
+        """The lesson for ``batch``, given what the student makes of it."""
+
+
+def effective_learning(settings: TeacherConfig) -> Learning:
+    """How the configured teacher learns: its declaration, adjusted by ``teacher.hypergrad``.
+
+    ``teacher.learn=false`` freezes any teacher into a fixed rule.
+    """
+    from metateach.registry import TEACHERS
+
+    declared = getattr(TEACHERS.get(settings.name), "learns", FixedRule())
+    if not settings.learn or not isinstance(declared, Hypergradient):
+        return FixedRule()
+    asked = settings.hypergrad
+    return declared.updated(
+        method=asked.method,
+        inner_steps=asked.inner_steps,
+        backprop_steps=asked.backprop_steps,
+        keep_weight_grad=asked.keep_weight_grad,
+        options=dict(asked.options) or None,
+    )

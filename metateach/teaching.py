@@ -1,0 +1,98 @@
+"""Assemble a run's teacher, the bilevel problem and the strategy that drives them, from a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metateach.checkpoint import load_checkpoint
+from metateach.config import ExperimentConfig
+from metateach.data import DataBundle, derive_seed
+from metateach.errors import CheckpointError, first_line
+from metateach.hypergrad import BilevelProblem, StudentOnly, TeachingStrategy
+from metateach.optim import build_optimizer
+from metateach.registry import HYPERGRADS, TEACHERS
+from metateach.student import Student
+from metateach.teacher import Hypergradient, Teacher, effective_learning
+
+__all__ = ["Teaching", "build_teaching"]
+
+
+@dataclass
+class Teaching:
+    """The teacher (or None), its optimizer (when it learns), and the strategy the trainer runs."""
+
+    teacher: Teacher | None
+    optimizer: torch.optim.Optimizer | None
+    strategy: TeachingStrategy
+
+
+def build_teaching(
+    cfg: ExperimentConfig,
+    student: Student,
+    student_optimizer: torch.optim.Optimizer,
+    data: DataBundle,
+    device: torch.device,
+) -> Teaching:
+    """Build ``cfg.teacher`` for ``student`` and the strategy that teaches with it."""
+    settings = cfg.teacher
+    teacher = TEACHERS.build(
+        settings.name,
+        settings.kwargs,
+        "teacher.kwargs",
+        num_classes=data.num_classes,
+        student=student,
+    )
+    if teacher is not None:
+        teacher.to(device)
+        if settings.checkpoint:
+            load_teacher_weights(teacher, settings.checkpoint)
+    learning = effective_learning(settings)
+    learns = teacher is not None and isinstance(learning, Hypergradient)
+    teacher_optimizer = None
+    if learns:
+        o = settings.optim
+        teacher_optimizer = build_optimizer(
+            o.name, teacher.parameters(), lr=o.lr, momentum=o.momentum,
+            weight_decay=o.weight_decay, nesterov=o.nesterov, betas=o.betas, eps=o.eps,
+        )  # fmt: skip
+    problem = BilevelProblem(
+        student=student,
+        optimizer=student_optimizer,
+        teacher=teacher,
+        teacher_optimizer=teacher_optimizer,
+        # Its own seed: the validation batches do not shift the training order.
+        val_stream=data.val_stream(
+            settings.hypergrad.val_batch_size, derive_seed(cfg.train.seed, 1), device
+        )
+        if learns
+        else None,
+        clean_targets=data.train.clean_targets.to(device),
+        keep_weight_grad=isinstance(learning, Hypergradient) and learning.keep_weight_grad,
+    )
+    if not learns:
+        return Teaching(teacher, None, StudentOnly(problem))
+    assert isinstance(learning, Hypergradient)
+    strategy = HYPERGRADS.build(
+        learning.method,
+        learning.options,
+        "teacher.hypergrad.options",
+        problem=problem,
+        inner_steps=learning.inner_steps,
+        backprop_steps=learning.backprop_steps,
+    )
+    return Teaching(teacher, teacher_optimizer, strategy)
+
+
+def load_teacher_weights(teacher: Teacher, path: str) -> None:
+    """Load the teacher of a metateach checkpoint (``teacher.checkpoint``)."""
+    state = load_checkpoint(path)
+    if state.get("teacher") is None:
+        raise CheckpointError(f"checkpoint {path} holds no teacher (teacher.checkpoint)")
+    try:
+        teacher.load_state_dict(state["teacher"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(
+            f"teacher in {path} does not fit this teacher: {first_line(e)}"
+        ) from None

@@ -1,0 +1,201 @@
+"""Every hypergradient method, proven on a tiny float64 problem.
+
+The exact methods must match central finite differences of the validation
+loss after the same student steps (relative error below 1e-4); ``unrolled``
+and ``reversible`` must agree with each other (1e-6) and ``unrolled`` with
+an independent computation in ``higher``; the approximate methods are held
+to the exact one with the tolerances stated in each test.
+"""
+
+from __future__ import annotations
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metateach.hypergrad.finite_difference import FiniteDifference
+from metateach.hypergrad.implicit import Implicit
+from metateach.hypergrad.lookahead import Lookahead
+from metateach.hypergrad.reversible import Reversible
+from metateach.hypergrad.unrolled import Unrolled
+from metateach.lesson import lesson_loss
+
+from .hypergrad_fixtures import Setup, context
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def mlp() -> Setup:
+    return Setup("mlp")
+
+
+@pytest.mark.parametrize("keep_weight_grad", [False, True], ids=["dw/dtheta=0", "dw/dtheta-kept"])
+@pytest.mark.parametrize(
+    ("name", "make", "steps"),
+    [
+        ("unrolled K=B=4", lambda p: Unrolled(p, 4, 4), 4),
+        ("reversible K=B=4", lambda p: Reversible(p, 4, 4), 4),
+        ("lookahead", lambda p: Lookahead(p), 1),
+    ],
+)
+def test_exact_methods_match_finite_differences(
+    mlp: Setup, name: str, make, steps: int, keep_weight_grad: bool
+) -> None:
+    exact = mlp.hypergradient(make, steps, keep_weight_grad)
+    numeric = mlp.finite_difference(steps, keep_weight_grad)
+    assert exact.norm() > 1e-4  # a real signal, not two zeros agreeing
+    assert relative_error(exact, numeric) < 1e-4, name
+
+
+def test_keeping_dw_dtheta_changes_the_hypergradient(mlp: Setup) -> None:
+    detached = mlp.hypergradient(lambda p: Unrolled(p, 3, 3), 3)
+    kept = mlp.hypergradient(lambda p: Unrolled(p, 3, 3), 3, keep_weight_grad=True)
+    assert relative_error(kept, detached) > 1e-3
+
+
+@pytest.mark.parametrize(("k", "b"), [(5, 2), (4, 4), (6, 1)])
+def test_unrolled_and_reversible_agree_for_the_same_window(mlp: Setup, k: int, b: int) -> None:
+    unrolled = mlp.hypergradient(lambda p: Unrolled(p, k, b), k)
+    reversible = mlp.hypergradient(lambda p: Reversible(p, k, b), k)
+    assert relative_error(reversible, unrolled) < 1e-6
+
+
+def test_truncation_drops_the_early_steps(mlp: Setup) -> None:
+    full = mlp.hypergradient(lambda p: Unrolled(p, 5, 5), 5)
+    truncated = mlp.hypergradient(lambda p: Unrolled(p, 5, 2), 5)
+    assert relative_error(truncated, full) > 1e-3  # B < K is a different (truncated) gradient
+
+
+def test_reversible_reports_its_reconstruction_error(mlp: Setup) -> None:
+    mlp.reset()
+    method = Reversible(mlp.problem(), 4, 3)
+    for t in range(4):
+        method.step(mlp.batches[t], context(t))
+    metrics = method.pop_metrics()
+    assert 0 <= metrics["teacher/reconstruction_error"] < 1e-12  # float64 reverses almost exactly
+    assert metrics["teacher/graph_mb"] > 0 and metrics["teacher/update_seconds"] > 0
+
+
+def test_unrolled_matches_higher(mlp: Setup) -> None:
+    k = 4
+    ours = mlp.hypergradient(lambda p: Unrolled(p, k, k), k)
+
+    mlp.reset()
+    problem = mlp.problem()
+    lr, momentum, wd = mlp.settings
+    teacher_params = list(mlp.teacher.parameters())
+    optimizer = torch.optim.SGD(mlp.student.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    for name, p in mlp.student.named_parameters():
+        optimizer.state[p]["momentum_buffer"] = mlp.snapshot["momentum"][name].clone()
+    with higher.innerloop_ctx(mlp.student, optimizer, copy_initial_weights=True) as (
+        fmodel,
+        diffopt,
+    ):
+        for t in range(k):
+            batch = mlp.batches[t]
+            states = fmodel(batch.x, return_states=True)
+            view = problem.view(states, batch, context(t))
+            diffopt.step(lesson_loss(mlp.teacher(batch, view), states.logits, batch.y))
+        val_loss = F.cross_entropy(fmodel(mlp.val.x), mlp.val.y)
+        reference = torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(val_loss, teacher_params)]
+        )
+    assert relative_error(ours, reference) < 1e-8
+
+
+def test_finite_difference_approximates_lookahead(mlp: Setup) -> None:
+    exact = mlp.hypergradient(lambda p: Lookahead(p), 1)
+    errors = {
+        eps: relative_error(
+            mlp.hypergradient(lambda p, e=eps: FiniteDifference(p, epsilon=e), 1), exact
+        )
+        for eps in (1e-2, 1e-3, 1e-5)  # 1e-2 is DARTS's choice
+    }
+    assert errors[1e-2] < 0.1
+    assert errors[1e-2] / errors[1e-3] > 50  # the central difference's error falls as eps^2
+    assert errors[1e-5] < 1e-6
+
+
+def test_implicit_is_exact_at_an_optimum() -> None:
+    # A strongly convex inner problem: multinomial logistic regression with
+    # weight decay, trained on one batch to its optimum. There the implicit
+    # function theorem gives the derivative of L_val(theta*(omega)), which a
+    # finite difference over re-solved optima checks.
+    setup = Setup("mlp", lr=1.0, momentum=0.7, weight_decay=0.05)
+    batch = setup.batches[0]
+
+    def solve(shift: torch.Tensor | None = None) -> None:
+        setup.reset(shift)
+        problem = setup.problem()
+        for _ in range(300):  # to a gradient norm near 1e-16
+            problem.real_step(batch, context())
+
+    # Only the head is trained (the hidden layer is frozen), so the problem is convex.
+    for p in setup.student.layers.parameters():
+        p.requires_grad_(False)
+    setup.optimizer = torch.optim.SGD(
+        [p for p in setup.student.parameters() if p.requires_grad],
+        lr=1.0,
+        momentum=0.7,
+        weight_decay=0.05,
+    )
+    for _ in range(2):
+        setup.problem().real_step(batch, context())
+    setup.snapshot = setup.state()
+
+    def val_at_optimum(shift: torch.Tensor) -> float:
+        solve(shift)
+        params = dict(setup.student.named_parameters())
+        return float(setup.problem().val_loss(params, setup.val).detach())
+
+    n = sum(p.numel() for p in setup.teacher.parameters())
+    numeric = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        e = torch.zeros(n, dtype=torch.float64)
+        e[i] = 1e-5
+        numeric[i] = (val_at_optimum(e) - val_at_optimum(-e)) / 2e-5
+
+    def implicit_at_optimum(**options: object) -> torch.Tensor:
+        solve()
+        setup.snapshot = setup.state()
+        setup.batches[0] = batch
+        return setup.hypergradient(lambda p: Implicit(p, **options), 1)
+
+    cg = implicit_at_optimum(solver="cg", iterations=50)
+    assert relative_error(cg, numeric) < 1e-4
+    neumann = implicit_at_optimum(solver="neumann", iterations=400, alpha=0.5)
+    assert relative_error(neumann, numeric) < 1e-2
+
+
+def test_a_nonfinite_hypergradient_skips_the_teacher_step_and_is_counted(mlp: Setup) -> None:
+    mlp.reset()
+    method = Lookahead(mlp.problem())
+    before = [p.clone() for p in mlp.teacher.parameters()]
+    method.update_teacher([torch.full_like(p, float("nan")) for p in mlp.teacher.parameters()])
+    assert method.skipped == 1 and method.pop_metrics()["teacher/skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp.teacher.parameters(), strict=True))
+
+
+def test_virtual_passes_leave_batchnorm_statistics_to_the_real_step() -> None:
+    setup = Setup("resnet8")
+    for make in (
+        lambda p: Lookahead(p),
+        lambda p: Unrolled(p, 2, 2),
+        lambda p: Reversible(p, 2, 2),
+    ):
+        setup.reset()
+        method = make(setup.problem())
+        for t in range(2):
+            method.step(setup.batches[t], context(t))
+        taught = {k: v.clone() for k, v in setup.student.state_dict().items()}
+        setup.reset()
+        problem = setup.problem()
+        for t in range(2):
+            problem.real_step(setup.batches[t], context(t))
+        plain = setup.student.state_dict()
+        for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+            assert torch.equal(taught[key], plain[key]), key

@@ -1,0 +1,197 @@
+"""The engine inside the trainer: every method leaves an all-ones student untouched, runs resume, configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from metateach.config import load_config
+from metateach.errors import CheckpointError, ConfigError
+from metateach.hypergrad import StudentOnly
+from metateach.trainer import Trainer
+
+from .test_trainer import epoch_records, without_measurements
+
+METHODS = [
+    ("lookahead", 1, 1),
+    ("finite_difference", 1, 1),
+    ("implicit", 2, 1),
+    ("unrolled", 4, 2),
+    ("reversible", 4, 3),
+]
+
+
+def final_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    trainer.fit()
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "student",
+    [
+        ("model.name=mlp", "model.kwargs.hidden=[32]", "model.kwargs.dropout=0.3"),  # dropout draws
+        ("model.name=resnet8",),  # BatchNorm running statistics
+    ],
+    ids=["mlp-dropout", "resnet8-batchnorm"],
+)
+def test_an_all_ones_teacher_reproduces_plain_training_bit_for_bit(
+    make_config, student: tuple[str, ...]
+) -> None:
+    common = (
+        *student,
+        "train.epochs=1",
+        "data.train_subset=320",
+        "noise.type=symmetric",
+        "noise.rate=0.2",
+    )
+    plain = final_state(Trainer(make_config(*common, "train.run_name=plain")))
+    for method, k, b in METHODS:
+        teacher = (
+            "teacher.name=constant",
+            f"teacher.hypergrad.method={method}",
+            f"teacher.hypergrad.inner_steps={k}",
+            f"teacher.hypergrad.backprop_steps={b}",
+            "teacher.optim.lr=0.1",
+        )
+        trainer = Trainer(make_config(*common, *teacher, f"train.run_name={method}"))
+        taught = final_state(trainer)
+        assert trainer.teaching.teacher.beta.item() != 0.0 or method == "implicit", (
+            method
+        )  # it did learn
+        for key, value in plain.items():
+            assert torch.equal(value, taught[key]), f"{method}: {key}"
+
+
+@pytest.mark.parametrize(("method", "k", "b"), [("unrolled", 5, 2), ("lookahead", 1, 1)])
+def test_a_run_with_a_learning_teacher_resumes_exactly(
+    make_config, method: str, k: int, b: int
+) -> None:
+    common = (
+        "train.epochs=2",
+        "data.train_subset=400",
+        "noise.type=symmetric",
+        "noise.rate=0.3",
+        "teacher.name=meta_weight_net",
+        "teacher.kwargs.hidden=16",
+        f"teacher.hypergrad.method={method}",
+        f"teacher.hypergrad.inner_steps={k}",
+        f"teacher.hypergrad.backprop_steps={b}",
+    )
+    straight = Trainer(make_config(*common, "train.run_name=straight"))
+    expected = straight.fit()
+    first = Trainer(make_config(*common, "train.run_name=cut"))
+    first.fit(max_steps=9)  # 7 steps an epoch: inside epoch 2, and for unrolled inside a window
+    assert first.state.step >= 9 and first.teaching.strategy.can_checkpoint()
+    resumed = Trainer(make_config(*common, f"train.resume={first.run_dir}"))
+    final = resumed.fit()
+    assert without_measurements(final) == without_measurements(expected)
+    for a, c in zip(
+        straight.teaching.teacher.parameters(), resumed.teaching.teacher.parameters(), strict=True
+    ):
+        assert torch.equal(a, c)
+    assert [without_measurements(r) for r in epoch_records(first.run_dir)] == [
+        without_measurements(r) for r in epoch_records(straight.run_dir)
+    ]
+
+
+def test_teacher_metrics_reach_the_log(make_config) -> None:
+    trainer = Trainer(
+        make_config("teacher.name=meta_weight_net", "teacher.hypergrad.method=reversible",
+                    "teacher.hypergrad.inner_steps=4", "teacher.hypergrad.backprop_steps=2", "logging.every_steps=8")
+    )  # fmt: skip
+    trainer.fit()
+    logged = [
+        r for r in (trainer.run_dir / "metrics.jsonl").read_text().splitlines() if "teacher/" in r
+    ]
+    assert logged
+    import json
+
+    record = json.loads(logged[0])
+    for key in (
+        "teacher/update_seconds",
+        "teacher/graph_mb",
+        "teacher/val_loss",
+        "teacher/reconstruction_error",
+    ):
+        assert key in record, key
+
+
+def test_a_saved_teacher_can_teach_frozen(make_config, tmp_path: Path) -> None:
+    trained = Trainer(
+        make_config("teacher.name=meta_weight_net", "teacher.kwargs.hidden=8", "train.run_name=t")
+    )
+    trained.fit()
+    frozen = Trainer(
+        make_config("teacher.name=meta_weight_net", "teacher.kwargs.hidden=8", "teacher.learn=false",
+                    f"teacher.checkpoint={trained.run_dir}", "train.run_name=f")
+    )  # fmt: skip
+    assert isinstance(frozen.teaching.strategy, StudentOnly) and frozen.teaching.optimizer is None
+    for a, c in zip(
+        trained.teaching.teacher.parameters(), frozen.teaching.teacher.parameters(), strict=True
+    ):
+        assert torch.equal(a, c)
+    frozen.fit()
+    for a, c in zip(
+        trained.teaching.teacher.parameters(), frozen.teaching.teacher.parameters(), strict=True
+    ):
+        assert torch.equal(a, c)  # still unchanged after teaching a whole run
+    with pytest.raises(CheckpointError, match=r"does not fit this teacher"):
+        Trainer(
+            make_config(
+                "teacher.name=meta_weight_net",
+                "teacher.kwargs.hidden=9",
+                f"teacher.checkpoint={trained.run_dir}",
+            )
+        )
+    plain = Trainer(make_config("train.run_name=p"))
+    plain.fit()
+    with pytest.raises(CheckpointError, match=r"holds no teacher \(teacher.checkpoint\)"):
+        Trainer(make_config("teacher.name=meta_weight_net", f"teacher.checkpoint={plain.run_dir}"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["teacher.name=meta_weight_net", "teacher.hypergrad.method=newton"],
+         "unknown hypergradient method 'newton' (teacher.hypergrad.method); available: finite_difference, implicit, lookahead, reversible, unrolled"),
+        (["teacher.name=meta_weight_net", "teacher.hypergrad.method=unrolled", "teacher.hypergrad.inner_steps=2",
+          "teacher.hypergrad.backprop_steps=3"],
+         "teacher.hypergrad.backprop_steps (B=3) must not exceed teacher.hypergrad.inner_steps (K=2)"),
+        (["teacher.name=meta_weight_net", "teacher.hypergrad.options.solver=cg"],
+         "unknown option 'solver' for hypergradient method 'lookahead' (teacher.hypergrad.options); valid: none"),
+        (["teacher.name=meta_weight_net", "teacher.hypergrad.method=implicit", "teacher.hypergrad.options.tolerance=1"],
+         "unknown option 'tolerance' for hypergradient method 'implicit' (teacher.hypergrad.options); valid: solver, iterations, damping, alpha"),
+        (["teacher.name=meta_weight_net", "optim.name=adam"],
+         "a hypergradient teacher differentiates the student's momentum SGD: set optim.name=sgd"),
+        (["teacher.name=meta_weight_net", "teacher.hypergrad.method=reversible", "optim.momentum=0"],
+         "teacher.hypergrad.method=reversible needs optim.momentum > 0"),
+        (["teacher.hypergrad.method=unrolled"],
+         "teacher.hypergrad.method is set, but teacher 'none' does not learn by hypergradient"),
+        (["teacher.name=meta_weight_net", "teacher.kwargs.depth=2"],
+         "unknown option 'depth' for teacher 'meta_weight_net' (teacher.kwargs); valid: hidden"),
+        (["teacher.name=meta_weight_net", "teacher.optim.lr=0"], "teacher.optim.lr must be > 0, got 0.0"),
+        (["teacher.name=meta_weight_net", "teacher.hypergrad.inner_steps=0"],
+         "teacher.hypergrad.inner_steps must be >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_teacher_settings_are_checked_with_one_line_errors(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_frozen_teacher_ignores_its_learning_settings() -> None:
+    cfg = load_config(
+        None,
+        [
+            "teacher.name=meta_weight_net",
+            "teacher.learn=false",
+            "teacher.hypergrad.method=unrolled",
+        ],
+    )
+    assert cfg.teacher.learn is False
