@@ -13,8 +13,11 @@ paths, relative to the file); the file's own values win::
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +216,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: Your own code to import before names are looked up: modules (``my_lab.teachers``)
+    #: or files (``teachers/mine.py``) whose ``@TEACHERS.register`` etc. add entries.
+    plugins: list[str] = field(default_factory=list)
     #: The file this configuration was read from (set by :func:`load_config`).
     source: str | None = None
 
@@ -235,8 +241,44 @@ def load_config(
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=5")
     merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "overrides")
     cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    import_plugins(cfg.plugins)
     validate(cfg)
     return cfg
+
+
+def import_plugins(plugins: Sequence[str]) -> None:
+    """Import each plugin, a module name or a ``.py`` file, once."""
+    for plugin in plugins:
+        try:
+            if plugin.endswith(".py"):
+                _import_file(Path(plugin))
+            else:
+                importlib.import_module(plugin)
+        except ConfigError:
+            raise
+        except Exception as e:  # whatever the plugin's own code raises
+            raise ConfigError(
+                f"plugin {plugin!r} (plugins) failed: {type(e).__name__}: {first_line(e)}"
+            ) from None
+
+
+def _import_file(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"plugin file not found: {path} (plugins)")
+    name = "metateach_plugins." + path.resolve().with_suffix("").as_posix().strip("/").replace(
+        "/", "."
+    )
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -389,7 +431,7 @@ def validate(cfg: ExperimentConfig) -> None:
 def _validate_teacher(cfg: ExperimentConfig) -> None:
     """The teacher's options, and a learning setup the engine can run."""
     from metateach.registry import HYPERGRADS, TEACHERS, check_options
-    from metateach.teacher import Hypergradient, effective_learning
+    from metateach.teacher import Hypergradient, PolicyGradient, Teacher, effective_learning
 
     teacher = cfg.teacher
     check_options(
@@ -400,6 +442,14 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         exclude=TEACHER_CONTEXT,
     )
     learning = effective_learning(teacher)
+    builder = TEACHERS.get(teacher.name)
+    if (
+        isinstance(learning, PolicyGradient)
+        and getattr(builder, "episode_reward", None) is Teacher.episode_reward
+    ):
+        raise ConfigError(
+            f"teacher {teacher.name!r} learns by policy gradient but defines no episode_reward()"
+        )
     asked = {
         k: v
         for k, v in vars(teacher.hypergrad).items()

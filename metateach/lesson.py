@@ -9,7 +9,9 @@ replacement loss function, in any combination:
   of weights changes which samples matter, not the step size;
 * ``mask`` selects samples (a data filter, or co-teaching's small-loss set);
 * ``loss_fn`` maps (logits, targets) to per-sample losses and replaces
-  cross-entropy (a learned loss, as in L2T-DLN).
+  cross-entropy (a learned loss, as in L2T-DLN);
+* ``log_prob``, for a teacher that samples its lesson (L2T's data filter),
+  is the log-probability of what it drew.
 
 :func:`lesson_loss` turns a lesson (or none) into the scalar the student
 minimizes. No other code forms the student's training loss.
@@ -54,6 +56,9 @@ class Lesson:
     weights: Tensor | None = None
     mask: Tensor | None = None
     loss_fn: LossFn | None = None
+    #: A sampling teacher's log-probability of the lesson it drew (a scalar with
+    #: its graph to the teacher): what policy-gradient learning differentiates.
+    log_prob: Tensor | None = None
 
     @classmethod
     def weighted(

@@ -7,6 +7,8 @@ how it learns, so that the trainer can drive every teacher through one loop:
 * :class:`Hypergradient`: its parameters follow the gradient of the
   student's validation loss, computed by a method of
   :mod:`metateach.hypergrad` (which one, and its settings);
+* :class:`PolicyGradient`: it samples its lessons and is reinforced by a
+  reward for the whole run (L2T's data filter);
 * :class:`FixedRule`: it has nothing to learn (focal loss, self-paced
   learning, a random filter).
 
@@ -18,7 +20,7 @@ Write a new teacher by subclassing :class:`Teacher`, implementing
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -36,6 +38,7 @@ __all__ = [
     "TeachingContext",
     "Hypergradient",
     "FixedRule",
+    "PolicyGradient",
     "Learning",
     "effective_learning",
 ]
@@ -99,11 +102,24 @@ class Hypergradient:
 
 
 @dataclass(frozen=True)
+class PolicyGradient:
+    """Learn by REINFORCE: each lesson is sampled, and a run's reward reinforces its choices.
+
+    The teacher's lessons carry ``log_prob``; at the end of a run (an
+    episode) the teacher's :meth:`Teacher.episode_reward` scores it, and
+    the teacher steps on -(r - b) * sum_t grad log pi(lesson_t), with b a
+    moving average of past rewards (decay ``baseline_decay``).
+    """
+
+    baseline_decay: float = 0.9
+
+
+@dataclass(frozen=True)
 class FixedRule:
     """Nothing to learn: the lesson follows a fixed rule."""
 
 
-Learning = Hypergradient | FixedRule
+Learning = Hypergradient | PolicyGradient | FixedRule
 
 
 class Teacher(nn.Module, metaclass=ABCMeta):
@@ -120,6 +136,12 @@ class Teacher(nn.Module, metaclass=ABCMeta):
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
         """The lesson for ``batch``, given what the student makes of it."""
 
+    def episode_reward(self, history: Sequence[Mapping[str, float]]) -> float:
+        """A policy-gradient teacher's score for a finished run, from its per-epoch records."""
+        raise NotImplementedError(
+            f"{type(self).__name__} learns by policy gradient but defines no episode_reward()"
+        )
+
 
 def effective_learning(settings: TeacherConfig) -> Learning:
     """How the configured teacher learns: its declaration, adjusted by ``teacher.hypergrad``.
@@ -129,8 +151,10 @@ def effective_learning(settings: TeacherConfig) -> Learning:
     from metateach.registry import TEACHERS
 
     declared = getattr(TEACHERS.get(settings.name), "learns", FixedRule())
-    if not settings.learn or not isinstance(declared, Hypergradient):
+    if not settings.learn or isinstance(declared, FixedRule):
         return FixedRule()
+    if isinstance(declared, PolicyGradient):
+        return declared
     asked = settings.hypergrad
     return declared.updated(
         method=asked.method,

@@ -10,11 +10,11 @@ from metateach.checkpoint import load_checkpoint
 from metateach.config import ExperimentConfig
 from metateach.data import DataBundle, derive_seed
 from metateach.errors import CheckpointError, first_line
-from metateach.hypergrad import BilevelProblem, StudentOnly, TeachingStrategy
+from metateach.hypergrad import BilevelProblem, Reinforce, StudentOnly, TeachingStrategy
 from metateach.optim import build_optimizer
 from metateach.registry import HYPERGRADS, TEACHERS
 from metateach.student import Student
-from metateach.teacher import Hypergradient, Teacher, effective_learning
+from metateach.teacher import Hypergradient, PolicyGradient, Teacher, effective_learning
 
 __all__ = ["Teaching", "build_teaching"]
 
@@ -49,7 +49,7 @@ def build_teaching(
         if settings.checkpoint:
             load_teacher_weights(teacher, settings.checkpoint)
     learning = effective_learning(settings)
-    learns = teacher is not None and isinstance(learning, Hypergradient)
+    learns = teacher is not None and isinstance(learning, Hypergradient | PolicyGradient)
     teacher_optimizer = None
     if learns:
         o = settings.optim
@@ -66,13 +66,15 @@ def build_teaching(
         val_stream=data.val_stream(
             settings.hypergrad.val_batch_size, derive_seed(cfg.train.seed, 1), device
         )
-        if learns
+        if learns and isinstance(learning, Hypergradient)
         else None,
         clean_targets=data.train.clean_targets.to(device),
         keep_weight_grad=isinstance(learning, Hypergradient) and learning.keep_weight_grad,
     )
     if not learns:
         return Teaching(teacher, None, StudentOnly(problem))
+    if isinstance(learning, PolicyGradient):
+        return Teaching(teacher, teacher_optimizer, Reinforce(problem, learning.baseline_decay))
     assert isinstance(learning, Hypergradient)
     strategy = HYPERGRADS.build(
         learning.method,

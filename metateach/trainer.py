@@ -65,6 +65,7 @@ class TrainState:
     best_epoch: int = 0
     test_acc_at_best: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)  # one record per finished epoch
+    finished: bool = False  # all epochs done and the end of the run handled
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainState:
@@ -273,6 +274,13 @@ class Trainer:
 
     def _finish(self) -> dict[str, float]:
         state = self.state
+        if not state.finished:  # once, even when a finished run is resumed
+            self.teaching.strategy.end_of_run(state.history)
+            state.finished = True
+            if teacher_metrics := self.teaching.strategy.pop_metrics():
+                self.logger.log(teacher_metrics, state.step)
+            self._save_due = True
+            self._save_if_due()
         metrics = self._latest_metrics()
         self.logger.summary(
             {

@@ -176,3 +176,40 @@ def test_config_round_trips_through_a_plain_dict(tmp_path: Path) -> None:
     assert plain["train"]["epochs"] == 4 and plain["model"]["kwargs"] == {"hidden": [256, 256]}
     saved = write(tmp_path / "resolved.yaml", {k: v for k, v in plain.items() if k != "source"})
     assert config_to_dict(load_config(saved)) == {**plain, "source": str(saved)}
+
+
+def test_plugins_are_imported_before_names_are_looked_up(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "extra_noise.py").write_text(
+        "import torch\n"
+        "from metateach.registry import NOISES\n\n"
+        "@NOISES.register('all_to_zero')\n"
+        "def all_to_zero(labels, num_classes, rate, generator, images):\n"
+        "    rows = torch.zeros(len(labels), num_classes, dtype=torch.float64)\n"
+        "    rows[:, 0] = 1.0\n"
+        "    return rows\n"
+    )
+    cfg = load_config(
+        CONFIGS / "quickstart.yaml", ["plugins=[extra_noise.py]", "noise.type=all_to_zero"]
+    )
+    assert cfg.plugins == ["extra_noise.py"]
+    again = load_config(
+        CONFIGS / "quickstart.yaml", ["plugins=[extra_noise.py]", "noise.type=all_to_zero"]
+    )
+    assert again.noise.type == "all_to_zero"  # a second load does not register twice
+
+
+def test_broken_plugins_are_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"plugin file not found: missing.py \(plugins\)"):
+        load_config(None, ["plugins=[missing.py]"])
+    with pytest.raises(
+        ConfigError,
+        match=r"plugin 'no_such_module' \(plugins\) failed: ModuleNotFoundError: No module named 'no_such_module'",
+    ):
+        load_config(None, ["plugins=[no_such_module]"])
+    (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
+    with pytest.raises(
+        ConfigError, match=r"plugin 'broken.py' \(plugins\) failed: RuntimeError: half written"
+    ):
+        load_config(None, ["plugins=[broken.py]"])

@@ -8,7 +8,10 @@
 ``implicit``              the implicit function theorem, CG or Neumann series
 ========================  =====================================================
 
-:func:`build_strategy` turns a teacher and its learning declaration into the
+Teachers that sample their lessons learn by REINFORCE instead
+(:class:`~metateach.hypergrad.policy_gradient.Reinforce`).
+
+:func:`metateach.teaching.build_teaching` turns a configured teacher into the
 :class:`~metateach.hypergrad.base.TeachingStrategy` the trainer runs.
 """
 
@@ -28,12 +31,14 @@ from metateach.hypergrad.functional import (
     reverse_momentum_sgd,
     student_forward,
 )
+from metateach.hypergrad.policy_gradient import Reinforce
 from metateach.hypergrad.problem import BilevelProblem, SGDSettings, TrainPass
 
 __all__ = [
     "BilevelProblem",
     "HypergradMethod",
     "PerStepMethod",
+    "Reinforce",
     "SGDSettings",
     "StudentOnly",
     "TeachingStrategy",

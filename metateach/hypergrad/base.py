@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,6 +43,10 @@ class TeachingStrategy(ABC):
     def can_checkpoint(self) -> bool:
         """Whether the run can be saved now (not in the middle of a differentiable window)."""
         return True
+
+    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Called once when the run has trained all its epochs, with its per-epoch records."""
+        _ = history
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the metrics not yet handed out, and subclasses' state."""

@@ -1,0 +1,77 @@
+"""The non-differentiable path: a sampling teacher learns by REINFORCE through the same loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metateach.config import load_config
+from metateach.errors import ConfigError
+from metateach.hypergrad import Reinforce
+from metateach.lesson import Lesson
+from metateach.registry import TEACHERS
+from metateach.teacher import PolicyGradient, Teacher
+from metateach.trainer import Trainer
+
+
+@TEACHERS.register("test_coin_filter")
+class CoinFilter(Teacher):
+    """Keeps each sample with probability sigmoid(logit); rewarded by the final validation accuracy."""
+
+    learns = PolicyGradient(baseline_decay=0.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(0.3))
+        self.score = 0.0  # sum over all choices of d log pi / d logit = (kept - p), kept by hand
+
+    def forward(self, batch, view) -> Lesson:
+        p = torch.sigmoid(self.logit).expand(len(batch.y))
+        keep = torch.bernoulli(p.detach()).bool()
+        self.score += float((keep.double() - p.detach().double()).sum())
+        return Lesson(mask=keep, log_prob=torch.where(keep, p.log(), (1 - p).log()).sum())
+
+    def episode_reward(self, history) -> float:
+        return history[-1]["val/acc"]
+
+
+@TEACHERS.register("test_unrewarded")
+class Unrewarded(CoinFilter):
+    episode_reward = Teacher.episode_reward
+
+
+def test_reinforce_steps_the_teacher_once_per_run_on_the_episode_score(make_config) -> None:
+    teacher = (
+        "teacher.name=test_coin_filter",
+        "teacher.optim.name=sgd",
+        "teacher.optim.lr=0.01",
+        "teacher.optim.momentum=0",
+    )
+    trainer = Trainer(make_config(*teacher, "train.run_name=pg"))
+    assert isinstance(trainer.teaching.strategy, Reinforce)
+    start = trainer.teaching.teacher.logit.item()
+    metrics = trainer.fit()
+    coin = trainer.teaching.teacher
+    reward = metrics["val/acc"]
+    # One SGD step on -(r - b) S with b = 0 before the first episode: logit += lr * r * S.
+    assert coin.logit.item() == pytest.approx(start + 0.01 * reward * coin.score, rel=1e-5)
+    assert trainer.teaching.strategy.baseline == pytest.approx(0.5 * reward)
+    logged = (trainer.run_dir / "metrics.jsonl").read_text()
+    assert '"teacher/reward"' in logged and '"teacher/advantage"' in logged
+    # Resuming the finished run does not reward the episode twice.
+    after = coin.logit.item()
+    again = Trainer(make_config(*teacher, f"train.resume={trainer.run_dir}"))
+    again.fit()
+    assert again.teaching.teacher.logit.item() == after
+    assert again.teaching.strategy.episodes == 1
+
+
+def test_a_policy_gradient_teacher_needs_a_reward() -> None:
+    with pytest.raises(
+        ConfigError,
+        match="teacher 'test_unrewarded' learns by policy gradient but defines no episode_reward",
+    ):
+        load_config(None, ["teacher.name=test_unrewarded"])
+    with pytest.raises(ConfigError, match="does not learn by hypergradient"):
+        load_config(None, ["teacher.name=test_coin_filter", "teacher.hypergrad.method=unrolled"])
