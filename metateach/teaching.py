@@ -11,10 +11,10 @@ from metateach.config import ExperimentConfig
 from metateach.data import DataBundle, derive_seed
 from metateach.errors import CheckpointError, first_line
 from metateach.hypergrad import BilevelProblem, Reinforce, StudentOnly, TeachingStrategy
-from metateach.optim import build_optimizer
+from metateach.optim import optimizer_from_config
 from metateach.registry import HYPERGRADS, TEACHERS
 from metateach.student import Student
-from metateach.teacher import Hypergradient, PolicyGradient, Teacher, effective_learning
+from metateach.teacher import FixedRule, Hypergradient, PolicyGradient, Teacher, effective_learning
 
 __all__ = ["Teaching", "build_teaching"]
 
@@ -48,43 +48,40 @@ def build_teaching(
         teacher.to(device)
         if settings.checkpoint:
             load_teacher_weights(teacher, settings.checkpoint)
-    learning = effective_learning(settings)
-    learns = teacher is not None and isinstance(learning, Hypergradient | PolicyGradient)
-    teacher_optimizer = None
-    if learns:
-        o = settings.optim
-        teacher_optimizer = build_optimizer(
-            o.name, teacher.parameters(), lr=o.lr, momentum=o.momentum,
-            weight_decay=o.weight_decay, nesterov=o.nesterov, betas=o.betas, eps=o.eps,
-        )  # fmt: skip
+    # Without a teacher there is nothing to learn, whatever the settings say.
+    learning = effective_learning(settings) if teacher is not None else FixedRule()
+    learns = not isinstance(learning, FixedRule)
     problem = BilevelProblem(
         student=student,
         optimizer=student_optimizer,
         teacher=teacher,
-        teacher_optimizer=teacher_optimizer,
+        teacher_optimizer=optimizer_from_config(settings.optim, teacher.parameters())
+        if learns
+        else None,
         # Its own seed: the validation batches do not shift the training order.
         val_stream=data.val_stream(
             settings.hypergrad.val_batch_size, derive_seed(cfg.train.seed, 1), device
         )
-        if learns and isinstance(learning, Hypergradient)
+        if isinstance(learning, Hypergradient)
         else None,
         clean_targets=data.train.clean_targets.to(device),
         keep_weight_grad=isinstance(learning, Hypergradient) and learning.keep_weight_grad,
     )
-    if not learns:
-        return Teaching(teacher, None, StudentOnly(problem))
-    if isinstance(learning, PolicyGradient):
-        return Teaching(teacher, teacher_optimizer, Reinforce(problem, learning.baseline_decay))
-    assert isinstance(learning, Hypergradient)
-    strategy = HYPERGRADS.build(
-        learning.method,
-        learning.options,
-        "teacher.hypergrad.options",
-        problem=problem,
-        inner_steps=learning.inner_steps,
-        backprop_steps=learning.backprop_steps,
-    )
-    return Teaching(teacher, teacher_optimizer, strategy)
+    strategy: TeachingStrategy
+    if isinstance(learning, Hypergradient):
+        strategy = HYPERGRADS.build(
+            learning.method,
+            learning.options,
+            "teacher.hypergrad.options",
+            problem=problem,
+            inner_steps=learning.inner_steps,
+            backprop_steps=learning.backprop_steps,
+        )
+    elif isinstance(learning, PolicyGradient):
+        strategy = Reinforce(problem, learning.baseline_decay)
+    else:
+        strategy = StudentOnly(problem)
+    return Teaching(teacher, problem.teacher_optimizer, strategy)
 
 
 def load_teacher_weights(teacher: Teacher, path: str) -> None:

@@ -32,7 +32,7 @@ from metateach.data import Batch, BatchLoader, DataBundle, build_data
 from metateach.errors import CheckpointError, MetateachError, first_line
 from metateach.logging import RunLogger
 from metateach.models import create_model
-from metateach.optim import build_optimizer, build_schedule
+from metateach.optim import build_schedule, optimizer_from_config
 from metateach.plots import plot_training_curves, plot_transition_matrix
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
@@ -97,14 +97,11 @@ class Trainer:
         self.model = create_model(
             cfg.model.name, self.data.num_classes, self.data.input_shape, cfg.model.kwargs
         ).to(self.device)
-        o, s = cfg.optim, cfg.schedule
-        self.optimizer = build_optimizer(
-            o.name, self.model.parameters(), lr=o.lr, momentum=o.momentum,
-            weight_decay=o.weight_decay, nesterov=o.nesterov, betas=o.betas, eps=o.eps,
-        )  # fmt: skip
+        self.optimizer = optimizer_from_config(cfg.optim, self.model.parameters())
+        s = cfg.schedule
         self.schedule = build_schedule(
             s.name, run.epochs, milestones=s.milestones, gamma=s.gamma,
-            min_factor=s.min_lr / o.lr, warmup_epochs=s.warmup_epochs,
+            min_factor=s.min_lr / cfg.optim.lr, warmup_epochs=s.warmup_epochs,
         )  # fmt: skip
         self.teaching = build_teaching(cfg, self.model, self.optimizer, self.data, self.device)
         self.train_loader = self.data.train_loader(run.batch_size, run.seed, self.device)

@@ -17,7 +17,6 @@ from metateach.hypergrad.base import PerStepMethod
 from metateach.hypergrad.functional import (
     Params,
     dot,
-    momentum_sgd_step,
     scratch_buffers,
     student_forward,
 )
@@ -60,17 +59,9 @@ class FiniteDifference(PerStepMethod):
         self, params: Params, batch: Batch, train: TrainPass
     ) -> Sequence[Tensor | None]:
         problem = self.problem
-        sgd = problem.sgd()
         grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
         with torch.no_grad():
-            virtual, _ = momentum_sgd_step(
-                params,
-                problem.momentum(),
-                dict(zip(params, grads, strict=True)),
-                sgd.lr,
-                sgd.momentum,
-                sgd.weight_decay,
-            )
+            virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
         virtual = {k: p.detach().requires_grad_() for k, p in virtual.items()}
         val_loss = problem.val_loss(virtual, problem.next_val_batch())
         direction = dict(zip(virtual, autograd.grad(val_loss, list(virtual.values())), strict=True))
@@ -92,7 +83,7 @@ class FiniteDifference(PerStepMethod):
             lesson = problem.lesson(batch, view, teacher_grad=True)
             difference = difference + sign * lesson_loss(lesson, states.logits, batch.y)
         self.record(**{"teacher/val_loss": float(val_loss.detach())})
-        scale = -sgd.lr / (2 * eps)
+        scale = -problem.sgd().lr / (2 * eps)
         return [
             None if g is None else scale * g
             for g in autograd.grad(difference, problem.teacher_params(), allow_unused=True)

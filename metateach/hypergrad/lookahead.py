@@ -15,7 +15,7 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.hypergrad.base import PerStepMethod
-from metateach.hypergrad.functional import Params, momentum_sgd_step
+from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import TrainPass
 from metateach.registry import HYPERGRADS
 
@@ -35,18 +35,10 @@ class Lookahead(PerStepMethod):
         self, params: Params, batch: Batch, train: TrainPass
     ) -> Sequence[Tensor | None]:
         problem = self.problem
-        sgd = problem.sgd()
         grads = autograd.grad(
             train.loss, list(params.values()), create_graph=True, retain_graph=True
         )
-        virtual, _ = momentum_sgd_step(
-            params,
-            problem.momentum(),
-            dict(zip(params, grads, strict=True)),
-            sgd.lr,
-            sgd.momentum,
-            sgd.weight_decay,
-        )
+        virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
         val_loss = problem.val_loss(virtual, problem.next_val_batch())
         self.record(**{"teacher/val_loss": float(val_loss.detach())})
         return autograd.grad(

@@ -11,7 +11,7 @@ the validation loss, a real student step, and a teacher step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,7 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metateach.data import Batch, BatchStream
-from metateach.hypergrad.functional import Params, scratch_buffers, student_forward
+from metateach.hypergrad.functional import (
+    Params,
+    momentum_sgd_step,
+    scratch_buffers,
+    student_forward,
+)
 from metateach.lesson import Lesson, lesson_loss
 from metateach.student import Student, StudentStates
 from metateach.teacher import StudentView, Teacher, TeachingContext
@@ -106,6 +111,17 @@ class BilevelProblem:
     def sgd(self) -> SGDSettings:
         group = self.optimizer.param_groups[0]
         return SGDSettings(group["lr"], group.get("momentum", 0.0), group.get("weight_decay", 0.0))
+
+    def sgd_step(
+        self, params: Params, momentum: Mapping[str, Tensor | None], grads: Sequence[Tensor]
+    ) -> tuple[Params, Params]:
+        """One functional step of the student's optimizer, at its current settings.
+
+        ``grads`` follow the order of ``params``; differentiable throughout.
+        """
+        sgd = self.sgd()
+        named = dict(zip(params, grads, strict=True))
+        return momentum_sgd_step(params, momentum, named, sgd.lr, sgd.momentum, sgd.weight_decay)
 
     @torch.no_grad()
     def write_back(self, params: Params, momentum: Params) -> None:

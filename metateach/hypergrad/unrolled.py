@@ -13,7 +13,7 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.hypergrad.base import HypergradMethod, UpdateMeter
-from metateach.hypergrad.functional import Params, momentum_sgd_step
+from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
@@ -57,15 +57,7 @@ class Unrolled(HypergradMethod):
                 }
             train = problem.train_loss(self._params, batch, context, real=True)
             grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
-            sgd = problem.sgd()
-            self._params, self._momentum = momentum_sgd_step(
-                self._params,
-                self._momentum,
-                dict(zip(self._params, grads, strict=True)),
-                sgd.lr,
-                sgd.momentum,
-                sgd.weight_decay,
-            )
+            self._params, self._momentum = problem.sgd_step(self._params, self._momentum, grads)
             problem.write_back(self._params, self._momentum)
             stats = problem.statistics(train.view, batch)
         self.position += 1

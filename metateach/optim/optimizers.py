@@ -8,13 +8,17 @@ which is Eq. 2 of the deep-interaction paper.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from metateach.registry import OPTIMIZERS
 
-__all__ = ["build_optimizer"]
+if TYPE_CHECKING:
+    from metateach.config import OptimConfig
+
+__all__ = ["build_optimizer", "optimizer_from_config"]
 
 
 @OPTIMIZERS.register("sgd")
@@ -67,4 +71,20 @@ def build_optimizer(
         nesterov=nesterov,
         betas=list(betas),
         eps=eps,
+    )
+
+
+def optimizer_from_config(
+    settings: OptimConfig, params: Iterable[nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The optimizer an ``optim`` (or ``teacher.optim``) config section describes."""
+    return build_optimizer(
+        settings.name,
+        params,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        nesterov=settings.nesterov,
+        betas=settings.betas,
+        eps=settings.eps,
     )
