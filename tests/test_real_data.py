@@ -66,7 +66,9 @@ def test_cifar10_jpeg_folder_reads_in_cifar_order(real_data_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_meta_weight_net_lowers_the_validation_loss_under_label_noise(make_config, real_data_root: Path) -> None:
+def test_meta_weight_net_lowers_the_validation_loss_under_label_noise(
+    make_config, real_data_root: Path
+) -> None:
     """The engine's end-to-end check: a learned teacher beats the all-ones teacher on noisy MNIST.
 
     A shorter run of configs/mnist_meta_weight_net.yaml (2,000 images, 6 epochs).
@@ -75,6 +77,8 @@ def test_meta_weight_net_lowers_the_validation_loss_under_label_noise(make_confi
     path = CONFIGS / "mnist_meta_weight_net.yaml"
     learned = Trainer(make_config(*short, "train.run_name=mwn", path=path)).fit()
     ones = Trainer(
-        make_config(*short, "teacher.name=constant", "teacher.learn=false", "train.run_name=ones", path=path)
+        make_config(
+            *short, "teacher.name=constant", "teacher.learn=false", "train.run_name=ones", path=path
+        )
     ).fit()
     assert learned["val/loss"] < 0.8 * ones["val/loss"]
