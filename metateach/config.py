@@ -431,18 +431,24 @@ def validate(cfg: ExperimentConfig) -> None:
 def _validate_teacher(cfg: ExperimentConfig) -> None:
     """The teacher's options, and a learning setup the engine can run."""
     from metateach.registry import HYPERGRADS, TEACHERS, check_options
-    from metateach.teacher import Hypergradient, PolicyGradient, Teacher, effective_learning
+    from metateach.teacher import (
+        ExampleGradient,
+        Hypergradient,
+        PolicyGradient,
+        Teacher,
+        effective_learning,
+    )
 
     teacher = cfg.teacher
+    builder = TEACHERS.get(teacher.name)
     check_options(
-        TEACHERS.get(teacher.name),
+        builder,
         teacher.kwargs,
         f"teacher {teacher.name!r}",
         "teacher.kwargs",
         exclude=TEACHER_CONTEXT,
     )
     learning = effective_learning(teacher)
-    builder = TEACHERS.get(teacher.name)
     if (
         isinstance(learning, PolicyGradient)
         and getattr(builder, "episode_reward", None) is Teacher.episode_reward
@@ -450,21 +456,22 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"teacher {teacher.name!r} learns by policy gradient but defines no episode_reward()"
         )
-    asked = {
-        k: v
-        for k, v in vars(teacher.hypergrad).items()
-        if k in HYPERGRAD_KEYS and v not in (None, {})
-    }
+    if isinstance(learning, Hypergradient | ExampleGradient) and cfg.optim.name != "sgd":
+        raise ConfigError(
+            f"teacher {teacher.name!r} differentiates the student's momentum SGD: set optim.name=sgd "
+            f"(got {cfg.optim.name})"
+        )
+    asked = [
+        k for k, v in vars(teacher.hypergrad).items() if k in HYPERGRAD_KEYS and v not in (None, {})
+    ]
     if not isinstance(learning, Hypergradient):
         if asked and teacher.learn:
             raise ConfigError(
-                f"teacher.hypergrad.{next(iter(asked))} is set, but teacher {teacher.name!r} "
-                "does not learn by hypergradient"
+                f"teacher.hypergrad.{asked[0]} is set, but teacher {teacher.name!r} does not learn by hypergradient"
             )
         return
-    method = HYPERGRADS.get(learning.method)
     check_options(
-        method,
+        HYPERGRADS.get(learning.method),
         learning.options,
         f"hypergradient method {learning.method!r}",
         "teacher.hypergrad.options",
@@ -475,14 +482,10 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
             f"teacher.hypergrad.backprop_steps (B={learning.backprop_steps}) must not exceed "
             f"teacher.hypergrad.inner_steps (K={learning.inner_steps})"
         )
-    if cfg.optim.name != "sgd" or cfg.optim.nesterov:
+    if learning.method == "reversible" and (cfg.optim.momentum <= 0 or cfg.optim.nesterov):
         raise ConfigError(
-            f"a hypergradient teacher differentiates the student's momentum SGD: set optim.name=sgd "
-            f"and optim.nesterov=false (got optim.name={cfg.optim.name}, nesterov={cfg.optim.nesterov})"
-        )
-    if learning.method == "reversible" and cfg.optim.momentum <= 0:
-        raise ConfigError(
-            "teacher.hypergrad.method=reversible needs optim.momentum > 0 to run SGD backwards"
+            "teacher.hypergrad.method=reversible runs momentum SGD backwards: it needs "
+            "optim.momentum > 0 and optim.nesterov=false"
         )
 
 

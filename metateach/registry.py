@@ -78,10 +78,9 @@ class Registry(Generic[T]):
         """
         builder = self.get(name)
         check_options(builder, options, f"{self.kind} {name!r}", options_key, exclude=context)
-        params = inspect.signature(builder).parameters
-        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        wanted = {k: v for k, v in context.items() if takes_all or k in params}
-        return builder(**wanted, **options)
+        return builder(
+            **{k: v for k, v in context.items() if k in _named_parameters(builder)}, **options
+        )
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -103,19 +102,18 @@ def check_options(
     key: str,
     exclude: Mapping[str, Any] = {},  # noqa: B006 - read only
 ) -> None:
-    """Reject option names that ``builder`` does not accept."""
-    params = inspect.signature(builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [
-        n
-        for n, p in params.items()
-        if n not in exclude and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    """Reject option names that ``builder`` does not name as parameters."""
+    valid = [n for n in _named_parameters(builder) if n not in exclude]
     for option in options:
         if option not in valid:
             choices = ", ".join(valid) if valid else "none"
             raise ConfigError(f"unknown option {option!r} for {what} ({key}); valid: {choices}")
+
+
+def _named_parameters(builder: Callable[..., Any]) -> list[str]:
+    """The keyword-passable parameters a builder names (``**kwargs`` catch-alls do not count)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in inspect.signature(builder).parameters.items() if p.kind in kinds]
 
 
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "data.name")

@@ -32,12 +32,14 @@ class StudentStates(NamedTuple):
 class Student(nn.Module, metaclass=ABCMeta):
     """A classifier split into ``stages`` -> ``pool`` -> ``head``.
 
-    Subclasses set ``num_classes`` and ``feature_dim`` and implement
+    Subclasses set ``num_classes``, ``feature_dim`` and ``stage_dims`` (the
+    channels, or widths, of each stage's output) and implement
     :meth:`stages` and :meth:`pool`; ``self.classifier`` is the head.
     """
 
     num_classes: int
     feature_dim: int
+    stage_dims: tuple[int, ...]
     classifier: nn.Module
 
     @abstractmethod

@@ -7,6 +7,8 @@ how it learns, so that the trainer can drive every teacher through one loop:
 * :class:`Hypergradient`: its parameters follow the gradient of the
   student's validation loss, computed by a method of
   :mod:`metateach.hypergrad` (which one, and its settings);
+* :class:`ExampleGradient`: it has no parameters and reads its lesson off
+  the validation loss's gradient with respect to each sample's weight;
 * :class:`PolicyGradient`: it samples its lessons and is reinforced by a
   reward for the whole run (L2T's data filter);
 * :class:`FixedRule`: it has nothing to learn (focal loss, self-paced
@@ -38,6 +40,7 @@ __all__ = [
     "TeachingContext",
     "Hypergradient",
     "FixedRule",
+    "ExampleGradient",
     "PolicyGradient",
     "Learning",
     "effective_learning",
@@ -73,6 +76,9 @@ class StudentView(NamedTuple):
     features: Tensor
     maps: tuple[Tensor, ...]
     context: TeachingContext
+    #: For teachers that declare :class:`ExampleGradient`: d L_val / d eps_k, the
+    #: validation loss's sensitivity to each sample's weight after one step.
+    example_grad: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -115,11 +121,22 @@ class PolicyGradient:
 
 
 @dataclass(frozen=True)
+class ExampleGradient:
+    """No parameters of its own: the lesson is read off the hypergradient of each sample's weight.
+
+    Before each student step the engine takes one virtual step on the
+    eps-weighted loss sum_k eps_k l_k, evaluates the validation loss after
+    it, and hands the teacher d L_val / d eps at eps = 0 in
+    ``view.example_grad`` (Learning-to-Reweight, Ren et al. 2018).
+    """
+
+
+@dataclass(frozen=True)
 class FixedRule:
     """Nothing to learn: the lesson follows a fixed rule."""
 
 
-Learning = Hypergradient | PolicyGradient | FixedRule
+Learning = Hypergradient | ExampleGradient | PolicyGradient | FixedRule
 
 
 class Teacher(nn.Module, metaclass=ABCMeta):
@@ -153,7 +170,7 @@ def effective_learning(settings: TeacherConfig) -> Learning:
     declared = getattr(TEACHERS.get(settings.name), "learns", FixedRule())
     if not settings.learn or isinstance(declared, FixedRule):
         return FixedRule()
-    if isinstance(declared, PolicyGradient):
+    if isinstance(declared, PolicyGradient | ExampleGradient):
         return declared
     asked = settings.hypergrad
     return declared.updated(

@@ -9,12 +9,25 @@ import torch
 from metateach.checkpoint import load_checkpoint
 from metateach.config import ExperimentConfig
 from metateach.data import DataBundle, derive_seed
-from metateach.errors import CheckpointError, first_line
-from metateach.hypergrad import BilevelProblem, Reinforce, StudentOnly, TeachingStrategy
+from metateach.errors import CheckpointError, ConfigError, first_line
+from metateach.hypergrad import (
+    BilevelProblem,
+    ExampleGradients,
+    Reinforce,
+    StudentOnly,
+    TeachingStrategy,
+)
 from metateach.optim import optimizer_from_config
 from metateach.registry import HYPERGRADS, TEACHERS
 from metateach.student import Student
-from metateach.teacher import FixedRule, Hypergradient, PolicyGradient, Teacher, effective_learning
+from metateach.teacher import (
+    ExampleGradient,
+    FixedRule,
+    Hypergradient,
+    PolicyGradient,
+    Teacher,
+    effective_learning,
+)
 
 __all__ = ["Teaching", "build_teaching"]
 
@@ -37,13 +50,18 @@ def build_teaching(
 ) -> Teaching:
     """Build ``cfg.teacher`` for ``student`` and the strategy that teaches with it."""
     settings = cfg.teacher
-    teacher = TEACHERS.build(
-        settings.name,
-        settings.kwargs,
-        "teacher.kwargs",
-        num_classes=data.num_classes,
-        student=student,
-    )
+    try:
+        teacher = TEACHERS.build(
+            settings.name,
+            settings.kwargs,
+            "teacher.kwargs",
+            num_classes=data.num_classes,
+            student=student,
+        )
+    except ValueError as e:  # a teacher that cannot work with these options or this student
+        raise ConfigError(
+            f"teacher {settings.name!r} (teacher.name) with teacher.kwargs={settings.kwargs}: {e}"
+        ) from None
     if teacher is not None:
         teacher.to(device)
         if settings.checkpoint:
@@ -51,18 +69,19 @@ def build_teaching(
     # Without a teacher there is nothing to learn, whatever the settings say.
     learning = effective_learning(settings) if teacher is not None else FixedRule()
     learns = not isinstance(learning, FixedRule)
+    has_parameters = teacher is not None and any(p.requires_grad for p in teacher.parameters())
     problem = BilevelProblem(
         student=student,
         optimizer=student_optimizer,
         teacher=teacher,
         teacher_optimizer=optimizer_from_config(settings.optim, teacher.parameters())
-        if learns
+        if learns and has_parameters
         else None,
         # Its own seed: the validation batches do not shift the training order.
         val_stream=data.val_stream(
             settings.hypergrad.val_batch_size, derive_seed(cfg.train.seed, 1), device
         )
-        if isinstance(learning, Hypergradient)
+        if isinstance(learning, Hypergradient | ExampleGradient)
         else None,
         clean_targets=data.train.clean_targets.to(device),
         keep_weight_grad=isinstance(learning, Hypergradient) and learning.keep_weight_grad,
@@ -77,6 +96,8 @@ def build_teaching(
             inner_steps=learning.inner_steps,
             backprop_steps=learning.backprop_steps,
         )
+    elif isinstance(learning, ExampleGradient):
+        strategy = ExampleGradients(problem)
     elif isinstance(learning, PolicyGradient):
         strategy = Reinforce(problem, learning.baseline_decay)
     else:

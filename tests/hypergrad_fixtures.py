@@ -12,6 +12,7 @@ from metateach.data import Batch
 from metateach.hypergrad import BilevelProblem
 from metateach.lesson import Lesson, lesson_loss
 from metateach.models import create_model
+from metateach.student import Student
 from metateach.teacher import Hypergradient, StudentView, Teacher, TeachingContext
 
 CLASSES = 3
@@ -64,15 +65,24 @@ class Setup:
     """A student (MLP or a BatchNorm ResNet), a FeatureTeacher, batches, and a fresh problem on demand."""
 
     def __init__(
-        self, model: str = "mlp", lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-3
+        self,
+        model: str = "mlp",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-3,
+        teacher: Callable[[Student], Teacher] | None = None,
     ) -> None:
         torch.manual_seed(0)
-        kwargs = {"hidden": [6]} if model == "mlp" else {}
-        self.student = create_model(
-            model, CLASSES, SHAPE if model == "mlp" else (1, 8, 8), kwargs
-        ).double()
+        kwargs = {"hidden": [6, 5]} if model == "mlp" else {}
         self.shape = SHAPE if model == "mlp" else (1, 8, 8)
-        self.teacher = FeatureTeacher(self.student.feature_dim)
+        self.student = create_model(model, CLASSES, self.shape, kwargs).double()
+        self.teacher = (teacher or (lambda s: FeatureTeacher(s.feature_dim)))(self.student).double()
+        with torch.no_grad():
+            # Zero-initialized layers are perturbed, so that every gradient path is exercised.
+            g = torch.Generator().manual_seed(3)
+            for p in self.teacher.parameters():
+                if not p.any():
+                    p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         self.settings = (lr, momentum, weight_decay)
         self.batches = [self._batch(8, 100 + i) for i in range(12)]
         self.val = self._batch(10, 7)
@@ -134,40 +144,46 @@ class Setup:
         steps: int,
         keep_weight_grad: bool = False,
         shift: torch.Tensor | None = None,
-        frozen: list | None = None,
-    ) -> tuple[float, list[torch.Tensor]]:
+        frozen: list[StudentView] | None = None,
+    ) -> tuple[float, list[StudentView]]:
         """The function the hypergradient differentiates, computed independently of the engine.
 
         ``steps`` plain steps with torch's SGD under the (fixed) teacher's
-        lessons, then the validation loss. The teacher reads the student's
-        features: with ``keep_weight_grad`` as they are; otherwise as
-        ``frozen`` gives them (the base run's), which is what dw/dtheta = 0
-        means. Returns the loss and the features each step saw.
+        lessons, then the validation loss. The teacher sees the student as it
+        is when ``keep_weight_grad``; otherwise it sees ``frozen`` views (the
+        base run's, detached), which is what dw/dtheta = 0 means. Returns the
+        loss and the views each step showed.
         """
         self.reset(shift)
-        seen = []
+        shown = []
         for t in range(steps):
             batch = self.batches[t]
             states = self.student(batch.x, return_states=True)
-            features = states.features if keep_weight_grad else states.features.detach()
-            if frozen is not None:
-                features = frozen[t]
-            seen.append(features.detach())
             losses = F.cross_entropy(states.logits, batch.y, reduction="none")
-            view = StudentView(states.logits, losses, features, states.maps, context(t))
+            live = StudentView(states.logits, losses, states.features, states.maps, context(t))
+            if keep_weight_grad:
+                view = live
+            elif frozen is not None:
+                view = frozen[t]
+            else:
+                view = StudentView(
+                    live.logits.detach(), losses.detach(), live.features.detach(),
+                    tuple(m.detach() for m in live.maps), live.context,
+                )  # fmt: skip
+            shown.append(view)
             loss = lesson_loss(self.teacher(batch, view), states.logits, batch.y)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
         with torch.no_grad():
-            return float(F.cross_entropy(self.student(self.val.x), self.val.y)), seen
+            return float(F.cross_entropy(self.student(self.val.x), self.val.y)), shown
 
     def finite_difference(
         self, steps: int, keep_weight_grad: bool = False, h: float = 1e-6
     ) -> torch.Tensor:
         """Central differences of :meth:`val_loss_after` in each teacher parameter."""
-        _, base_features = self.val_loss_after(steps, keep_weight_grad)
-        frozen = None if keep_weight_grad else base_features
+        _, base_views = self.val_loss_after(steps, keep_weight_grad)
+        frozen = None if keep_weight_grad else base_views
         n = sum(p.numel() for p in self.teacher.parameters())
         grad = torch.zeros(n, dtype=torch.float64)
         for i in range(n):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchopt
 
@@ -28,9 +29,12 @@ def start(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     }
 
 
-def test_momentum_sgd_step_is_torch_sgd_bit_for_bit() -> None:
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_sgd_step_is_torch_sgd_bit_for_bit(nesterov: bool) -> None:
     reference = {k: v.clone().requires_grad_() for k, v in start().items()}
-    optimizer = torch.optim.SGD(reference.values(), lr=LRS[0], momentum=MU, weight_decay=WD)
+    optimizer = torch.optim.SGD(
+        reference.values(), lr=LRS[0], momentum=MU, weight_decay=WD, nesterov=nesterov
+    )
     params, momentum = start(), {"w": None, "b": None}
     for lr in LRS:
         for group in optimizer.param_groups:
@@ -39,7 +43,9 @@ def test_momentum_sgd_step_is_torch_sgd_bit_for_bit() -> None:
         for k, p in reference.items():
             p.grad = grads[k]
         optimizer.step()
-        params, momentum = momentum_sgd_step(params, momentum, fake_grads(params), lr, MU, WD)
+        params, momentum = momentum_sgd_step(
+            params, momentum, fake_grads(params), lr, MU, WD, nesterov
+        )
     for k, p in reference.items():
         assert torch.equal(p.detach(), params[k])
         assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum[k])

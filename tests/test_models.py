@@ -62,6 +62,7 @@ def test_students_split_into_features_and_head(
     assert torch.allclose(model.head(features), logits, atol=1e-6)
     states = model(x, return_states=True)
     assert isinstance(states, StudentStates)
+    assert tuple(m.shape[1] for m in states.maps) == model.stage_dims
     assert torch.allclose(states.logits, logits, atol=1e-6) and torch.allclose(
         states.features, features, atol=1e-6
     )

@@ -25,6 +25,7 @@ from metateach.hypergrad.base import (
     TeachingStrategy,
     UpdateMeter,
 )
+from metateach.hypergrad.example_gradient import ExampleGradients, example_gradient
 from metateach.hypergrad.functional import (
     momentum_sgd_step,
     recover_momentum,
@@ -36,6 +37,8 @@ from metateach.hypergrad.problem import BilevelProblem, SGDSettings, TrainPass
 
 __all__ = [
     "BilevelProblem",
+    "ExampleGradients",
+    "example_gradient",
     "HypergradMethod",
     "PerStepMethod",
     "Reinforce",

@@ -48,10 +48,12 @@ def momentum_sgd_step(
     lr: float,
     momentum_coef: float,
     weight_decay: float,
+    nesterov: bool = False,
 ) -> tuple[Params, Params]:
     """One step of momentum SGD in PyTorch's convention; returns (new params, new momentum).
 
-    d = g + lambda theta;  v' = mu v + d  (v' = d on the first step);  theta' = theta - lr v'.
+    d = g + lambda theta;  v' = mu v + d  (v' = d on the first step);  theta' = theta - lr v'
+    (with ``nesterov``, theta' = theta - lr (d + mu v')).
 
     This is Eq. 2 of the deep-interaction paper. A ``None`` momentum entry
     means the first step. Differentiable in everything when the inputs carry
@@ -68,7 +70,8 @@ def momentum_sgd_step(
         else:
             v_new = v.mul(momentum_coef).add(d)
         new_momentum[name] = v_new
-        new_params[name] = params[name].add(v_new, alpha=-lr)
+        direction = d.add(v_new, alpha=momentum_coef) if nesterov else v_new
+        new_params[name] = params[name].add(direction, alpha=-lr)
     return new_params, new_momentum
 
 

@@ -65,6 +65,7 @@ class SGDSettings:
     lr: float
     momentum: float
     weight_decay: float
+    nesterov: bool = False
 
 
 @dataclass
@@ -110,7 +111,12 @@ class BilevelProblem:
 
     def sgd(self) -> SGDSettings:
         group = self.optimizer.param_groups[0]
-        return SGDSettings(group["lr"], group.get("momentum", 0.0), group.get("weight_decay", 0.0))
+        return SGDSettings(
+            group["lr"],
+            group.get("momentum", 0.0),
+            group.get("weight_decay", 0.0),
+            group.get("nesterov", False),
+        )
 
     def sgd_step(
         self, params: Params, momentum: Mapping[str, Tensor | None], grads: Sequence[Tensor]
@@ -121,7 +127,9 @@ class BilevelProblem:
         """
         sgd = self.sgd()
         named = dict(zip(params, grads, strict=True))
-        return momentum_sgd_step(params, momentum, named, sgd.lr, sgd.momentum, sgd.weight_decay)
+        return momentum_sgd_step(
+            params, momentum, named, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.nesterov
+        )
 
     @torch.no_grad()
     def write_back(self, params: Params, momentum: Params) -> None:

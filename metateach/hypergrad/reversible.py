@@ -58,9 +58,10 @@ class Reversible(HypergradMethod):
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
-        if problem.sgd().momentum <= 0:
+        if problem.sgd().momentum <= 0 or problem.sgd().nesterov:
             raise ValueError(
-                "the reversible method needs momentum SGD with momentum > 0 (optim.momentum)"
+                "the reversible method runs plain momentum SGD backwards: it needs "
+                "optim.momentum > 0 and optim.nesterov=false"
             )
         self._recorded: list[_Recorded] = []
         self._start_params: Params | None = None

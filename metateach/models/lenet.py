@@ -34,6 +34,7 @@ class LeNet(Student):
             raise ValueError(f"LeNet needs images of at least 16x16, got {height}x{width}")
         self.num_classes = num_classes
         self.feature_dim = hidden
+        self.stage_dims = (20, 50, hidden)
         self.conv1 = nn.Conv2d(channels, 20, 5)
         self.conv2 = nn.Conv2d(20, 50, 5)
         self.fc = nn.Linear(50 * out_h * out_w, hidden)

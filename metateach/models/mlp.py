@@ -33,6 +33,7 @@ class MLP(Student):
             raise ValueError("an MLP needs at least one hidden layer (model.kwargs.hidden)")
         self.num_classes = num_classes
         self.feature_dim = hidden[-1]
+        self.stage_dims = tuple(hidden)
         widths = [math.prod(in_shape), *hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from metateach.registry import TEACHERS
 from metateach.teachers.constant import ConstantTeacher
+from metateach.teachers.deep_interaction import DeepInteractionTeacher
+from metateach.teachers.learning_to_reweight import LearningToReweight
 from metateach.teachers.meta_weight_net import MetaWeightNet
 
-__all__ = ["ConstantTeacher", "MetaWeightNet", "no_teacher"]
+__all__ = [
+    "ConstantTeacher",
+    "DeepInteractionTeacher",
+    "LearningToReweight",
+    "MetaWeightNet",
+    "no_teacher",
+]
 
 
 @TEACHERS.register("none")
