@@ -204,6 +204,12 @@ class LoggingConfig:
     every_steps: int = 50
     #: Draw the noise matrix and the training curves as PNGs.
     plots: bool = True
+    #: With a teacher: each epoch, its weights on a fixed sample of training data
+    #: (shares on clean and mislabeled samples); at the end, the deep-interaction
+    #: paper's Figure 2 (weight against loss, t-SNE of the states, weight histogram).
+    diagnostics: bool = True
+    #: Training samples the diagnostics look at.
+    diagnostic_samples: int = 2000
 
 
 @dataclass
@@ -378,6 +384,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     ("logging.wandb", lambda v: v in WANDB_MODES, f"one of {', '.join(WANDB_MODES)}"),
     ("logging.every_steps", *_at_least(1)),
+    ("logging.diagnostic_samples", *_at_least(1)),
     ("teacher.hypergrad.inner_steps", *_at_least(1, optional=True)),
     ("teacher.hypergrad.backprop_steps", *_at_least(1, optional=True)),
     ("teacher.hypergrad.val_batch_size", *_at_least(1)),

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-__all__ = ["plot_transition_matrix", "plot_training_curves"]
+if TYPE_CHECKING:
+    from metateach.diagnostics import WeightSnapshot
+
+__all__ = [
+    "plot_transition_matrix",
+    "plot_training_curves",
+    "plot_weight_vs_loss",
+    "plot_tsne",
+    "plot_weight_histogram",
+    "plot_noisy_weight_share",
+]
 
 
 def plot_transition_matrix(
@@ -71,6 +83,102 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_weight_vs_loss(snapshot: WeightSnapshot, title: str, path: str | Path) -> Path:
+    """Figure 2(a, d): each sample's weight against its training loss, coloured by class."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    classes = np.unique(snapshot.targets)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for i, c in enumerate(classes):
+        chosen = snapshot.targets == c
+        ax.scatter(
+            snapshot.losses[chosen],
+            snapshot.weights[chosen],
+            s=6,
+            alpha=0.6,
+            color=cmap(i % cmap.N),
+            label=str(c),
+        )
+    if snapshot.noisy.any():
+        ax.scatter(snapshot.losses[snapshot.noisy], snapshot.weights[snapshot.noisy], s=14, facecolors="none",
+                   edgecolors="black", linewidths=0.4, label="mislabeled")  # fmt: skip
+    ax.set(
+        xlabel="training loss (given label)",
+        ylabel="weight (mean 1)",
+        title=f"weight against loss - {title}",
+    )
+    if len(classes) <= 20:
+        ax.legend(fontsize=7, ncol=2, markerscale=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int = 0) -> Path:
+    """Figure 2(b, c, e, f): t-SNE of the internal states, coloured by class and by weight."""
+    from sklearn.manifold import TSNE
+
+    n = len(snapshot.features)
+    embedding = TSNE(
+        n_components=2, init="pca", perplexity=min(30.0, max(2.0, (n - 1) / 3)), random_state=seed
+    )
+    points = embedding.fit_transform(snapshot.features.astype(np.float64))
+    fig, (by_class, by_weight) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    classes = np.unique(snapshot.targets)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for i, c in enumerate(classes):
+        chosen = snapshot.targets == c
+        by_class.scatter(
+            points[chosen, 0], points[chosen, 1], s=5, color=cmap(i % cmap.N), label=str(c)
+        )
+    by_class.set_title("internal states (t-SNE), by given label")
+    if len(classes) <= 20:
+        by_class.legend(fontsize=7, ncol=2, markerscale=2)
+    image = by_weight.scatter(points[:, 0], points[:, 1], s=5, c=snapshot.weights, cmap="coolwarm")
+    fig.colorbar(image, ax=by_weight, label="weight (mean 1)")
+    by_weight.set_title("internal states (t-SNE), by weight")
+    for ax in (by_class, by_weight):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_weight_histogram(snapshot: WeightSnapshot, title: str, path: str | Path) -> Path:
+    """How the teacher's weights are spread, clean and mislabeled samples apart."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    bins = np.linspace(0.0, max(float(snapshot.weights.max()), 1e-6) * 1.02, 41)
+    ax.hist(snapshot.weights[~snapshot.noisy], bins=bins, alpha=0.7, label="clean")
+    if snapshot.noisy.any():
+        ax.hist(snapshot.weights[snapshot.noisy], bins=bins, alpha=0.7, label="mislabeled")
+    ax.set(xlabel="weight (mean 1)", ylabel="samples", title=f"weights - {title}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_noisy_weight_share(
+    shares: Sequence[tuple[int, float]], noise_rate: float, title: str, path: str | Path
+) -> Path:
+    """The share of the teacher's total weight on mislabeled samples, epoch by epoch."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    epochs, values = zip(*shares, strict=True)
+    ax.plot(epochs, [100 * v for v in values], marker="o", label="teacher")
+    ax.axhline(
+        100 * noise_rate,
+        color="gray",
+        linestyle="--",
+        label="no teacher (share of mislabeled samples)",
+    )
+    ax.set(
+        xlabel="epoch",
+        ylabel="weight on mislabeled samples (%)",
+        title=f"weight on mislabeled data - {title}",
+    )
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

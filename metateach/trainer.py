@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
 from metateach.config import ExperimentConfig, config_to_dict
-from metateach.data import Batch, BatchLoader, DataBundle, build_data
+from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
+from metateach.diagnostics import (
+    WeightSnapshot,
+    diagnostic_indices,
+    draw_diagnostics,
+    weight_snapshot,
+)
 from metateach.errors import CheckpointError, MetateachError, first_line
 from metateach.logging import RunLogger
 from metateach.models import create_model
@@ -115,6 +121,14 @@ class Trainer:
         # The running average of the batch losses, a teacher's view of the student's history.
         self._loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
         self._save_due = False  # a checkpoint waits for the teaching strategy to allow it
+        # The teacher's weights on a fixed sample of training data, measured each epoch.
+        diagnose = cfg.logging.diagnostics and self.teaching.teacher is not None
+        self._diagnostic_indices = (
+            diagnostic_indices(self.data, cfg.logging.diagnostic_samples, derive_seed(run.seed, 2))
+            if diagnose
+            else None
+        )
+        self._snapshot: WeightSnapshot | None = None
         self.state = TrainState()
         if resumed is not None:
             self._restore(resumed)
@@ -182,14 +196,7 @@ class Trainer:
         Returns [sum of cross-entropy, correct, correct on clean labels] on the device.
         """
         state = self.state
-        context = TeachingContext(
-            step=state.step,
-            epoch=state.epoch,
-            total_steps=self.cfg.train.epochs * len(self.train_loader),
-            avg_train_loss=self._loss_average,
-            best_val_acc=max(state.best_val_acc, 0.0),
-        )
-        stats = self.teaching.strategy.step(batch, context)
+        stats = self.teaching.strategy.step(batch, self.context())
         batch_loss = stats[0] / len(batch.y)
         if state.step == 0:
             self._loss_average = batch_loss.clone()
@@ -215,6 +222,17 @@ class Trainer:
     # ------------------------------------------------------------------ #
     # Epoch ends, checkpoints, the end of the run
     # ------------------------------------------------------------------ #
+
+    def context(self) -> TeachingContext:
+        """Where the student is in its training, for the teacher."""
+        state = self.state
+        return TeachingContext(
+            step=state.step,
+            epoch=state.epoch,
+            total_steps=self.cfg.train.epochs * len(self.train_loader),
+            avg_train_loss=self._loss_average,
+            best_val_acc=max(state.best_val_acc, 0.0),
+        )
 
     def _end_epoch(self) -> None:
         state = self.state
@@ -243,6 +261,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
             **self.teaching.strategy.pop_metrics(),
+            **self._teacher_diagnostics(),
         }
         state.history.append(metrics)
         self.logger.log(metrics, state.step)
@@ -290,6 +309,7 @@ class Trainer:
                 "steps": state.step,
             }
         )
+        self._draw_teacher_diagnostics()
         if self.cfg.logging.plots:
             path = plot_training_curves(
                 state.history, self.run_dir.name, self.run_dir / "curves.png"
@@ -379,6 +399,34 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
         metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
         self.logger.log(metrics, self.state.step)
+
+    def _teacher_diagnostics(self) -> dict[str, float]:
+        """The teacher's weights on the diagnostic sample now; kept for the figures at the end."""
+        if self._diagnostic_indices is None:
+            return {}
+        self._snapshot = weight_snapshot(
+            self.teaching.strategy.problem, self.data, self._diagnostic_indices, self.context(),
+            self.cfg.train.eval_batch_size,
+        )  # fmt: skip
+        return self._snapshot.summary()
+
+    def _draw_teacher_diagnostics(self) -> None:
+        if self._diagnostic_indices is None or not self.cfg.logging.plots:
+            return
+        if self._snapshot is None:  # a finished run resumed: measure again
+            self._teacher_diagnostics()
+        assert self._snapshot is not None
+        shares = [(int(r["epoch"]), r["teacher/noisy_weight_share"]) for r in self.state.history
+                  if "teacher/noisy_weight_share" in r]  # fmt: skip
+        figures = draw_diagnostics(
+            self._snapshot,
+            shares,
+            self.data.noise.realized_rate,
+            self.run_dir.name,
+            self.run_dir / "diagnostics",
+        )
+        for name, path in figures.items():
+            self.logger.log_image(f"diagnostics/{name}", path, self.state.step)
 
     def _set_lr(self, epoch: float) -> None:
         lr = self.cfg.optim.lr * self.schedule(epoch)

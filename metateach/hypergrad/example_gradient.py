@@ -20,12 +20,15 @@ from metateach.teacher import TeachingContext
 __all__ = ["ExampleGradients", "example_gradient"]
 
 
-def example_gradient(problem: BilevelProblem, logits: Tensor, batch: Batch) -> Tensor:
+def example_gradient(
+    problem: BilevelProblem, logits: Tensor, batch: Batch, val_batch: Batch | None = None
+) -> Tensor:
     """d L_val(theta'(eps)) / d eps at eps = 0, one value per sample of ``batch``.
 
     theta'(eps) is one step of the student's optimizer on sum_k eps_k l_k / n
     from the current parameters, ``logits`` the current forward pass (with
-    its graph). Negative entries mark samples whose up-weighting would lower
+    its graph), ``val_batch`` the validation batch (the stream's next by
+    default). Negative entries mark samples whose up-weighting would lower
     the validation loss.
     """
     params = problem.params()
@@ -33,7 +36,9 @@ def example_gradient(problem: BilevelProblem, logits: Tensor, batch: Batch) -> T
     loss = lesson_loss(Lesson(weights=eps), logits, batch.y)
     grads = autograd.grad(loss, list(params.values()), create_graph=True, retain_graph=True)
     virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
-    val_loss = problem.val_loss(virtual, problem.next_val_batch())
+    val_loss = problem.val_loss(
+        virtual, val_batch if val_batch is not None else problem.next_val_batch()
+    )
     (grad,) = autograd.grad(val_loss, eps, retain_graph=True)
     return grad
 

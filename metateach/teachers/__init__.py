@@ -1,7 +1,15 @@
 """Teachers, registered by name so that ``teacher.name`` in a config selects one.
 
-``none`` is the baseline every paper compares against: the student trains
-alone. The published methods arrive one file each.
+============================  ==================================================  =================
+``deep_interaction``          weights from the student's internal states          Fan et al. 2020
+``meta_weight_net``           an MLP from loss to weight                          Shu et al. 2019
+``learning_to_reweight``      weights from per-sample validation gradients        Ren et al. 2018
+``focal``                     the focal loss                                      Lin et al. 2017
+``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
+``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
+``constant``                  all weights one (the engine's probe and baseline)
+``none``                      no teacher: the baseline every paper compares against
+============================  ==================================================  =================
 """
 
 from __future__ import annotations
@@ -9,14 +17,20 @@ from __future__ import annotations
 from metateach.registry import TEACHERS
 from metateach.teachers.constant import ConstantTeacher
 from metateach.teachers.deep_interaction import DeepInteractionTeacher
+from metateach.teachers.focal import FocalLoss
 from metateach.teachers.learning_to_reweight import LearningToReweight
 from metateach.teachers.meta_weight_net import MetaWeightNet
+from metateach.teachers.random_filter import RandomFilter
+from metateach.teachers.self_paced import SelfPacedLearning
 
 __all__ = [
     "ConstantTeacher",
     "DeepInteractionTeacher",
+    "FocalLoss",
     "LearningToReweight",
     "MetaWeightNet",
+    "RandomFilter",
+    "SelfPacedLearning",
     "no_teacher",
 ]
 
