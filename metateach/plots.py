@@ -23,6 +23,7 @@ __all__ = [
     "plot_tsne",
     "plot_weight_histogram",
     "plot_noisy_weight_share",
+    "plot_comparison",
 ]
 
 
@@ -179,6 +180,23 @@ def plot_noisy_weight_share(
     ax.set_ylim(bottom=0)
     ax.legend()
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_comparison(rows: Sequence[Mapping[str, float]], title: str, path: str | Path) -> Path:
+    """Test accuracy per variant, mean with the seeds' standard deviation as error bars."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 4), constrained_layout=True)
+    names = [str(r["variant"]) for r in rows]
+    means = [r["test/acc"] for r in rows]
+    stds = [r["test/acc std"] for r in rows]
+    ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    low = min(m - s for m, s in zip(means, stds, strict=True))
+    ax.set_ylim(
+        max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds, strict=True)) + 2)
+    )
+    ax.set(ylabel="test accuracy (%)", title=title)
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 

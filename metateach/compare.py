@@ -1,0 +1,145 @@
+"""Compare teachers (or any settings) over several seeds, and tabulate the result.
+
+A comparison file names a base experiment, the seeds, and the variants to
+run on it, each a list of ``key=value`` overrides::
+
+    config: ../cpu/mnist_noisy40.yaml
+    seeds: [0, 1, 2]
+    variants:
+      none: [teacher.name=none]
+      meta_weight_net: [teacher.name=meta_weight_net]
+
+:func:`run_comparison` trains every (variant, seed) pair in a folder of its
+own, skips pairs already finished and resumes pairs that were cut short, so
+an interrupted comparison loses nothing. :func:`summarize` turns the runs'
+summaries into mean and standard deviation per variant.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metateach.checkpoint import LAST
+from metateach.config import load_config
+from metateach.errors import ConfigError
+
+__all__ = ["Comparison", "load_comparison", "run_comparison", "summarize", "markdown_table"]
+
+#: What each run reports, and the table's column for it.
+METRICS = {"test/acc": "test accuracy (%)", "best/test_acc": "test accuracy at best val (%)"}
+
+
+@dataclass
+class Comparison:
+    """A base config, seeds, and named variants of overrides."""
+
+    config: Path
+    seeds: list[int]
+    variants: dict[str, list[str]]
+    name: str = "comparison"
+    overrides: list[str] = field(default_factory=list)
+
+
+def load_comparison(path: str | Path) -> Comparison:
+    """Read a comparison file (see the module docstring); errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"comparison file not found: {path}")
+    content = yaml.safe_load(path.read_text()) or {}
+    allowed = {"config", "seeds", "variants", "overrides"}
+    if unknown := sorted(set(content) - allowed):
+        raise ConfigError(
+            f"comparison file {path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}"
+        )
+    for key in ("config", "variants"):
+        if key not in content:
+            raise ConfigError(f"comparison file {path}: missing key {key!r}")
+    variants = content["variants"]
+    if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
+        raise ConfigError(
+            f"comparison file {path}: variants must map names to lists of key=value overrides"
+        )
+    seeds = content.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"comparison file {path}: seeds must be a list of integers")
+    return Comparison(
+        config=path.parent / content["config"],
+        seeds=seeds,
+        variants={str(k): [str(o) for o in v] for k, v in variants.items()},
+        name=path.stem,
+        overrides=[str(o) for o in content.get("overrides", [])],
+    )
+
+
+def run_comparison(
+    comparison: Comparison,
+    out_dir: Path,
+    overrides: Sequence[str] = (),
+    train: Callable[..., dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every (variant, seed) pair under ``out_dir``; return each run's summary with its names.
+
+    ``train(cfg)`` runs one experiment (the trainer's by default); finished
+    runs are read back, interrupted ones resumed.
+    """
+    if train is None:
+        from metateach.trainer import train as train_experiment
+
+        train = train_experiment
+    results = []
+    for variant, variant_overrides in comparison.variants.items():
+        for seed in comparison.seeds:
+            run_name = f"{variant}-seed{seed}"
+            folder = out_dir / run_name
+            summary_file = folder / "summary.json"
+            if not summary_file.is_file():
+                where = (
+                    [f"train.resume={folder}"] if (folder / "checkpoints" / LAST).is_file() else []
+                )
+                cfg = load_config(
+                    comparison.config,
+                    [*comparison.overrides, *variant_overrides, f"train.seed={seed}", f"train.out_dir={out_dir}",
+                     f"train.run_name={run_name}", "train.progress=false", *overrides, *where],
+                )  # fmt: skip
+                train(cfg)
+            summary = json.loads(summary_file.read_text())
+            results.append({"variant": variant, "seed": seed, **summary})
+    return results
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant, in order of first appearance: runs, and mean and std of each of :data:`METRICS`."""
+    rows: dict[str, dict[str, Any]] = {}
+    for result in results:
+        row = rows.setdefault(
+            result["variant"], {"variant": result["variant"], "runs": 0, **{m: [] for m in METRICS}}
+        )
+        row["runs"] += 1
+        for metric in METRICS:
+            row[metric].append(100 * result[metric])
+    table = []
+    for row in rows.values():
+        entry: dict[str, Any] = {"variant": row["variant"], "runs": row["runs"]}
+        for metric in METRICS:
+            values = row[metric]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(entry)
+    return table
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary as a Markdown table, mean +- std (sample std over seeds)."""
+    header = "| variant | seeds | " + " | ".join(METRICS.values()) + " |"
+    lines = [header, "|---|---|" + "---|" * len(METRICS)]
+    for row in rows:
+        cells = [f"{row[m]:.2f} ± {row[f'{m} std']:.2f}" for m in METRICS]
+        lines.append(f"| {row['variant']} | {row['runs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""``tools/compare.py COMPARISON [key=value ...]``: train every variant over every seed, then tabulate.
+
+Results go to ``<train.out_dir or runs>/<comparison>/``: one run folder per
+(variant, seed), ``results.json`` with every run's summary, ``results.md``
+with the table (mean +- std over seeds), and ``results.png``. Run it again
+to finish an interrupted comparison: completed runs are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="compare.py", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "comparison", help="a comparison file, e.g. configs/compare/mnist_noisy40.yaml"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    parser.add_argument(
+        "--out", default="runs", help="where the comparison's folder goes (default: runs)"
+    )
+    args = parser.parse_args(argv)
+
+    from metateach.compare import load_comparison, markdown_table, run_comparison, summarize
+    from metateach.errors import MetateachError, first_line
+    from metateach.plots import plot_comparison
+
+    try:
+        comparison = load_comparison(args.comparison)
+        folder = Path(args.out) / comparison.name
+        results = run_comparison(comparison, folder, args.overrides)
+    except MetateachError as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    rows = summarize(results)
+    table = markdown_table(rows)
+    (folder / "results.json").write_text(
+        json.dumps({"runs": results, "summary": rows}, indent=2) + "\n"
+    )
+    (folder / "results.md").write_text(table + "\n")
+    plot_comparison(rows, comparison.name, folder / "results.png")
+    print(table)
+    print(f"\nresults: {folder}/results.md, results.json, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
