@@ -28,7 +28,13 @@ from metateach.hypergrad.functional import scratch_buffers, student_forward
 from metateach.lesson import per_sample_losses
 from metateach.teacher import TeachingContext
 
-__all__ = ["WeightSnapshot", "weight_snapshot", "diagnostic_indices", "draw_diagnostics"]
+__all__ = [
+    "WeightSnapshot",
+    "TeacherDiagnostics",
+    "weight_snapshot",
+    "diagnostic_indices",
+    "draw_diagnostics",
+]
 
 
 @dataclass
@@ -51,6 +57,48 @@ class WeightSnapshot:
             "teacher/mean_weight_clean": float(clean.mean()) if len(clean) else 0.0,
             "teacher/mean_weight_noisy": float(noisy.mean()) if len(noisy) else 0.0,
         }
+
+
+class TeacherDiagnostics:
+    """A run's teacher diagnostics: a fixed sample, measured each epoch and drawn at the end.
+
+    Args:
+        problem: the run's bilevel problem (student and teacher).
+        data: the run's data.
+        count: training samples to look at.
+        seed: chooses them.
+        batch_size: samples per forward pass.
+    """
+
+    def __init__(
+        self, problem: BilevelProblem, data: DataBundle, count: int, seed: int, batch_size: int
+    ) -> None:
+        self.problem = problem
+        self.data = data
+        self.indices = diagnostic_indices(data, count, seed)
+        self.batch_size = batch_size
+        self.snapshot: WeightSnapshot | None = None
+
+    def measure(self, context: TeachingContext) -> dict[str, float]:
+        """The teacher's weights now, summarized (see :meth:`WeightSnapshot.summary`)."""
+        self.snapshot = weight_snapshot(
+            self.problem, self.data, self.indices, context, self.batch_size
+        )
+        return self.snapshot.summary()
+
+    def draw(
+        self, context: TeachingContext, history: list[dict[str, float]], title: str, folder: Path
+    ) -> dict[str, Path]:
+        """The figures, from the latest snapshot (taken now if there is none) and the per-epoch shares."""
+        if self.snapshot is None:  # a finished run, resumed
+            self.measure(context)
+        assert self.snapshot is not None
+        shares = [
+            (int(r["epoch"]), r["teacher/noisy_weight_share"])
+            for r in history
+            if "teacher/noisy_weight_share" in r
+        ]
+        return draw_diagnostics(self.snapshot, shares, self.data.noise.realized_rate, title, folder)
 
 
 def diagnostic_indices(data: DataBundle, count: int, seed: int) -> Tensor:

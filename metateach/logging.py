@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 from metateach.errors import first_line
 
 if TYPE_CHECKING:
-    from metateach.config import LoggingConfig
+    import torch
 
-__all__ = ["RunLogger", "read_metrics"]
+    from metateach.config import ExperimentConfig, LoggingConfig
+    from metateach.data import DataBundle
+
+__all__ = ["RunLogger", "read_metrics", "log_run_start"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -157,3 +160,38 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def log_run_start(
+    cfg: ExperimentConfig,
+    data: DataBundle,
+    model: torch.nn.Module,
+    device: torch.device,
+    run_dir: Path,
+    logger: RunLogger,
+) -> None:
+    """One line on what is trained where, the data's sizes and realized noise, and the noise matrix figure."""
+    from tqdm.auto import tqdm
+
+    from metateach.plots import plot_transition_matrix
+
+    params = sum(p.numel() for p in model.parameters())
+    noise = (
+        f"{cfg.noise.type} noise at {cfg.noise.rate:.0%}: {data.noise.realized_rate:.2%} of labels changed"
+        if cfg.noise.type != "none"
+        else "clean labels"
+    )
+    tqdm.write(
+        f"{cfg.data.name}: {len(data.train)} train ({noise}), {len(data.val)} val, {len(data.test)} test | "
+        f"{cfg.model.name}: {params / 1e6:.3f}M parameters on {device} | run folder {run_dir}"
+    )
+    logger.log(data.summary(), 0)
+    if cfg.logging.plots and cfg.noise.type != "none":
+        path = plot_transition_matrix(
+            data.noise.empirical,
+            data.noise.promised,
+            data.info.classes,
+            f"{cfg.noise.type} noise, rate {cfg.noise.rate}: {data.noise.realized_rate:.2%} changed",
+            run_dir / "noise_transition.png",
+        )
+        logger.log_image("noise/transition", path, 0)

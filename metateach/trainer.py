@@ -29,17 +29,12 @@ from tqdm.auto import tqdm
 from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
-from metateach.diagnostics import (
-    WeightSnapshot,
-    diagnostic_indices,
-    draw_diagnostics,
-    weight_snapshot,
-)
+from metateach.diagnostics import TeacherDiagnostics
 from metateach.errors import CheckpointError, MetateachError, first_line
-from metateach.logging import RunLogger
+from metateach.logging import RunLogger, log_run_start
 from metateach.models import create_model
 from metateach.optim import build_schedule, optimizer_from_config
-from metateach.plots import plot_training_curves, plot_transition_matrix
+from metateach.plots import plot_training_curves
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext
@@ -122,13 +117,17 @@ class Trainer:
         self._loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
         self._save_due = False  # a checkpoint waits for the teaching strategy to allow it
         # The teacher's weights on a fixed sample of training data, measured each epoch.
-        diagnose = cfg.logging.diagnostics and self.teaching.teacher is not None
-        self._diagnostic_indices = (
-            diagnostic_indices(self.data, cfg.logging.diagnostic_samples, derive_seed(run.seed, 2))
-            if diagnose
+        self._diagnostics = (
+            TeacherDiagnostics(
+                self.teaching.strategy.problem,
+                self.data,
+                cfg.logging.diagnostic_samples,
+                derive_seed(run.seed, 2),
+                run.eval_batch_size,
+            )  # fmt: skip
+            if cfg.logging.diagnostics and self.teaching.teacher is not None
             else None
         )
-        self._snapshot: WeightSnapshot | None = None
         self.state = TrainState()
         if resumed is not None:
             self._restore(resumed)
@@ -156,7 +155,7 @@ class Trainer:
         """
         cfg, state = self.cfg, self.state
         if state.step == 0:
-            self._report_data()
+            log_run_start(self.cfg, self.data, self.model, self.device, self.run_dir, self.logger)
         steps_per_epoch = len(self.train_loader)
         stop_at = None if max_steps is None else state.step + max_steps
         try:
@@ -261,7 +260,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
             **self.teaching.strategy.pop_metrics(),
-            **self._teacher_diagnostics(),
+            **(self._diagnostics.measure(self.context()) if self._diagnostics else {}),
         }
         state.history.append(metrics)
         self.logger.log(metrics, state.step)
@@ -309,7 +308,12 @@ class Trainer:
                 "steps": state.step,
             }
         )
-        self._draw_teacher_diagnostics()
+        if self._diagnostics is not None and self.cfg.logging.plots:
+            figures = self._diagnostics.draw(
+                self.context(), state.history, self.run_dir.name, self.run_dir / "diagnostics"
+            )
+            for name, path in figures.items():
+                self.logger.log_image(f"diagnostics/{name}", path, state.step)
         if self.cfg.logging.plots:
             path = plot_training_curves(
                 state.history, self.run_dir.name, self.run_dir / "curves.png"
@@ -400,63 +404,10 @@ class Trainer:
         metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
         self.logger.log(metrics, self.state.step)
 
-    def _teacher_diagnostics(self) -> dict[str, float]:
-        """The teacher's weights on the diagnostic sample now; kept for the figures at the end."""
-        if self._diagnostic_indices is None:
-            return {}
-        self._snapshot = weight_snapshot(
-            self.teaching.strategy.problem, self.data, self._diagnostic_indices, self.context(),
-            self.cfg.train.eval_batch_size,
-        )  # fmt: skip
-        return self._snapshot.summary()
-
-    def _draw_teacher_diagnostics(self) -> None:
-        if self._diagnostic_indices is None or not self.cfg.logging.plots:
-            return
-        if self._snapshot is None:  # a finished run resumed: measure again
-            self._teacher_diagnostics()
-        assert self._snapshot is not None
-        shares = [(int(r["epoch"]), r["teacher/noisy_weight_share"]) for r in self.state.history
-                  if "teacher/noisy_weight_share" in r]  # fmt: skip
-        figures = draw_diagnostics(
-            self._snapshot,
-            shares,
-            self.data.noise.realized_rate,
-            self.run_dir.name,
-            self.run_dir / "diagnostics",
-        )
-        for name, path in figures.items():
-            self.logger.log_image(f"diagnostics/{name}", path, self.state.step)
-
     def _set_lr(self, epoch: float) -> None:
         lr = self.cfg.optim.lr * self.schedule(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-
-    def _report_data(self) -> None:
-        data, cfg = self.data, self.cfg
-        params = sum(p.numel() for p in self.model.parameters())
-        noise = (
-            f"{cfg.noise.type} noise at {cfg.noise.rate:.0%}: "
-            f"{data.noise.realized_rate:.2%} of labels changed"
-            if cfg.noise.type != "none"
-            else "clean labels"
-        )
-        tqdm.write(
-            f"{cfg.data.name}: {len(data.train)} train ({noise}), {len(data.val)} val, "
-            f"{len(data.test)} test | {cfg.model.name}: {params / 1e6:.3f}M parameters "
-            f"on {self.device} | run folder {self.run_dir}"
-        )
-        self.logger.log(data.summary(), 0)
-        if cfg.logging.plots and cfg.noise.type != "none":
-            path = plot_transition_matrix(
-                data.noise.empirical,
-                data.noise.promised,
-                data.info.classes,
-                f"{cfg.noise.type} noise, rate {cfg.noise.rate}: {data.noise.realized_rate:.2%} changed",
-                self.run_dir / "noise_transition.png",
-            )
-            self.logger.log_image("noise/transition", path, 0)
 
 
 def train(cfg: ExperimentConfig) -> dict[str, float]:

@@ -1,0 +1,166 @@
+"""Checks of a loaded configuration: names against the registries, values against their ranges,
+and a teacher's learning setup against what the engine can run. Each failure is one
+:class:`~metateach.errors.ConfigError` line naming the key."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from metateach.config import WANDB_MODES, ExperimentConfig
+from metateach.errors import ConfigError
+
+__all__ = ["validate", "TEACHER_CONTEXT"]
+
+
+def _at_least(bound: float, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: (optional and v is None) or (v is not None and v >= bound)), f">= {bound:g}"
+
+
+#: Every range check: the key, a test of its value, and what a valid value is.
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.weight_decay", *_at_least(0)),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (
+        "optim.betas",
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+        "a pair [beta1, beta2] in [0, 1)",
+    ),
+    ("noise.rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("noise.imbalance_factor", *_at_least(1)),
+    ("data.val_size", *_at_least(0, optional=True)),
+    ("data.train_subset", *_at_least(1, optional=True)),
+    ("data.test_subset", *_at_least(1, optional=True)),
+    ("data.image_size", *_at_least(1, optional=True)),
+    ("schedule.gamma", lambda v: v > 0, "> 0"),
+    ("schedule.min_lr", *_at_least(0)),
+    ("schedule.warmup_epochs", *_at_least(0)),
+    ("train.epochs", *_at_least(1)),
+    ("train.batch_size", *_at_least(1)),
+    ("train.eval_batch_size", *_at_least(1)),
+    ("train.checkpoint_every_steps", *_at_least(1, optional=True)),
+    ("train.threads", *_at_least(1, optional=True)),
+    (
+        "train.device",
+        lambda v: v in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", v) is not None,
+        "auto, cpu, cuda, cuda:N or mps",
+    ),
+    ("logging.wandb", lambda v: v in WANDB_MODES, f"one of {', '.join(WANDB_MODES)}"),
+    ("logging.every_steps", *_at_least(1)),
+    ("logging.diagnostic_samples", *_at_least(1)),
+    ("teacher.hypergrad.inner_steps", *_at_least(1, optional=True)),
+    ("teacher.hypergrad.backprop_steps", *_at_least(1, optional=True)),
+    ("teacher.hypergrad.val_batch_size", *_at_least(1)),
+    ("teacher.optim.lr", lambda v: v > 0, "> 0"),
+    ("teacher.optim.weight_decay", *_at_least(0)),
+    ("teacher.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+]
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check names against the registries and values against their ranges."""
+    from metateach.registry import (
+        DATASETS,
+        MODELS,
+        NOISES,
+        OPTIMIZERS,
+        SCHEDULES,
+        TEACHERS,
+        check_options,
+    )
+
+    for registry, name in [
+        (DATASETS, cfg.data.name),
+        (NOISES, cfg.noise.type),
+        (OPTIMIZERS, cfg.optim.name),
+        (SCHEDULES, cfg.schedule.name),
+        (TEACHERS, cfg.teacher.name),
+        (OPTIMIZERS, cfg.teacher.optim.name),
+    ]:
+        registry.get(name)
+    check_options(
+        MODELS.get(cfg.model.name),
+        cfg.model.kwargs,
+        f"model {cfg.model.name!r}",
+        "model.kwargs",
+        exclude={"num_classes": None, "in_shape": None},
+    )
+    for key, ok, what in _RANGES:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ConfigError(f"{key} must be {what}, got {value!r}")
+    if cfg.noise.type == "none" and cfg.noise.rate != 0:
+        raise ConfigError(
+            f"noise.rate={cfg.noise.rate} needs a noise.type to corrupt labels (it is 'none')"
+        )
+    _validate_teacher(cfg)
+
+
+def _validate_teacher(cfg: ExperimentConfig) -> None:
+    """The teacher's options, and a learning setup the engine can run."""
+    from metateach.registry import HYPERGRADS, TEACHERS, check_options
+    from metateach.teacher import (
+        ExampleGradient,
+        Hypergradient,
+        PolicyGradient,
+        Teacher,
+        effective_learning,
+    )
+
+    teacher = cfg.teacher
+    builder = TEACHERS.get(teacher.name)
+    check_options(
+        builder,
+        teacher.kwargs,
+        f"teacher {teacher.name!r}",
+        "teacher.kwargs",
+        exclude=TEACHER_CONTEXT,
+    )
+    learning = effective_learning(teacher)
+    if (
+        isinstance(learning, PolicyGradient)
+        and getattr(builder, "episode_reward", None) is Teacher.episode_reward
+    ):
+        raise ConfigError(
+            f"teacher {teacher.name!r} learns by policy gradient but defines no episode_reward()"
+        )
+    if isinstance(learning, Hypergradient | ExampleGradient) and cfg.optim.name != "sgd":
+        raise ConfigError(
+            f"teacher {teacher.name!r} differentiates the student's momentum SGD: set optim.name=sgd "
+            f"(got {cfg.optim.name})"
+        )
+    asked = [
+        k for k, v in vars(teacher.hypergrad).items() if k in HYPERGRAD_KEYS and v not in (None, {})
+    ]
+    if not isinstance(learning, Hypergradient):
+        if asked and teacher.learn:
+            raise ConfigError(
+                f"teacher.hypergrad.{asked[0]} is set, but teacher {teacher.name!r} does not learn by hypergradient"
+            )
+        return
+    check_options(
+        HYPERGRADS.get(learning.method),
+        learning.options,
+        f"hypergradient method {learning.method!r}",
+        "teacher.hypergrad.options",
+        exclude={"problem": None, "inner_steps": None, "backprop_steps": None},
+    )
+    if learning.backprop_steps > learning.inner_steps:
+        raise ConfigError(
+            f"teacher.hypergrad.backprop_steps (B={learning.backprop_steps}) must not exceed "
+            f"teacher.hypergrad.inner_steps (K={learning.inner_steps})"
+        )
+    if learning.method == "reversible" and (cfg.optim.momentum <= 0 or cfg.optim.nesterov):
+        raise ConfigError(
+            "teacher.hypergrad.method=reversible runs momentum SGD backwards: it needs "
+            "optim.momentum > 0 and optim.nesterov=false"
+        )
+
+
+#: What a teacher's builder may ask for besides its options (``teacher.kwargs``).
+TEACHER_CONTEXT = {"num_classes": None, "student": None}
+HYPERGRAD_KEYS = ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options")
