@@ -9,6 +9,7 @@ import yaml
 
 from metateach.config import ExperimentConfig, config_to_dict, load_config
 from metateach.errors import ConfigError
+from metateach.registry import NOISES
 
 from .conftest import CONFIGS
 
@@ -180,6 +181,8 @@ def test_config_round_trips_through_a_plain_dict(tmp_path: Path) -> None:
 
 def test_plugins_are_imported_before_names_are_looked_up(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    # The plugin registers into a copy of the registry, so other tests see the shipped names only.
+    monkeypatch.setattr(NOISES, "_entries", dict(NOISES._entries))
     (tmp_path / "extra_noise.py").write_text(
         "import torch\n"
         "from metateach.registry import NOISES\n\n"
