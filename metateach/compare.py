@@ -27,8 +27,9 @@ from typing import Any
 import yaml
 
 from metateach.checkpoint import LAST
-from metateach.config import load_config
+from metateach.config import config_to_dict, load_config
 from metateach.errors import ConfigError
+from metateach.rundir import check_same_experiment
 
 __all__ = ["Comparison", "load_comparison", "run_comparison", "summarize", "markdown_table"]
 
@@ -99,15 +100,18 @@ def run_comparison(
             run_name = f"{variant}-seed{seed}"
             folder = out_dir / run_name
             summary_file = folder / "summary.json"
+            cfg = load_config(
+                comparison.config,
+                [*comparison.overrides, *variant_overrides, f"train.seed={seed}", f"train.out_dir={out_dir}",
+                 f"train.run_name={run_name}", "train.progress=false", *overrides],
+            )  # fmt: skip
+            saved = folder / "config.yaml"
+            if saved.is_file():
+                # A run of another experiment under this name must not be reused or resumed.
+                check_same_experiment(yaml.safe_load(saved.read_text()), config_to_dict(cfg), saved)
             if not summary_file.is_file():
-                where = (
-                    [f"train.resume={folder}"] if (folder / "checkpoints" / LAST).is_file() else []
-                )
-                cfg = load_config(
-                    comparison.config,
-                    [*comparison.overrides, *variant_overrides, f"train.seed={seed}", f"train.out_dir={out_dir}",
-                     f"train.run_name={run_name}", "train.progress=false", *overrides, *where],
-                )  # fmt: skip
+                if (folder / "checkpoints" / LAST).is_file():
+                    cfg.train.resume = str(folder)
                 train(cfg)
             summary = json.loads(summary_file.read_text())
             results.append({"variant": variant, "seed": seed, **summary})

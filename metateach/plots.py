@@ -121,11 +121,25 @@ def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int 
     from sklearn.manifold import TSNE
 
     n = len(snapshot.features)
+    features = snapshot.features.astype(np.float64)
+    fig, (by_class, by_weight) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    if n < 4 or not np.isfinite(features).all() or float(features.std(axis=0).max()) == 0.0:
+        # A collapsed student (all states equal) has nothing to embed; say so instead.
+        for ax in (by_class, by_weight):
+            ax.text(
+                0.5,
+                0.5,
+                "internal states are all equal\n(the student has collapsed)",
+                ha="center",
+                va="center",
+            )
+            ax.set_axis_off()
+        fig.suptitle(title)
+        return _save(fig, path)
     embedding = TSNE(
         n_components=2, init="pca", perplexity=min(30.0, max(2.0, (n - 1) / 3)), random_state=seed
     )
-    points = embedding.fit_transform(snapshot.features.astype(np.float64))
-    fig, (by_class, by_weight) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    points = embedding.fit_transform(features)
     classes = np.unique(snapshot.targets)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for i, c in enumerate(classes):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metateach.compare import load_comparison, markdown_table, run_comparison, summarize
+from metateach.compare import Comparison, load_comparison, markdown_table, run_comparison, summarize
 from metateach.compare_cli import main
 from metateach.config import load_config
-from metateach.errors import ConfigError
+from metateach.errors import CheckpointError, ConfigError
 from metateach.trainer import train
 
 from .conftest import CONFIGS
@@ -47,6 +47,14 @@ def test_a_comparison_runs_each_variant_and_seed_once_and_tabulates(tmp_path: Pa
     ]
     again = run_comparison(comparison, tmp_path / "out", QUICK, train=counting)
     assert len(calls) == 4 and again == results  # finished runs are read back, not retrained
+    changed = Comparison(
+        comparison.config, [0], {"plain": ["teacher.name=none", "optim.lr=0.01"]}, "cmp"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"plain-seed0/config.yaml belongs to a different experiment: optim.lr",
+    ):
+        run_comparison(changed, tmp_path / "out", QUICK, train=counting)
     rows = summarize(results)
     plain = rows[0]
     accs = [100 * r["test/acc"] for r in results[:2]]

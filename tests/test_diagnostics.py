@@ -62,3 +62,13 @@ def test_a_learned_reweighter_puts_less_weight_on_mislabeled_samples(make_config
     final = trainer.fit()
     assert final["teacher/noisy_weight_share"] < 0.7 * final["teacher/noisy_sample_share"]
     assert final["teacher/mean_weight_noisy"] < final["teacher/mean_weight_clean"]
+
+
+def test_a_collapsed_student_still_gets_its_figures(tmp_path) -> None:
+    from metateach.plots import plot_tsne
+
+    dead = WeightSnapshot(
+        weights=np.ones(50), losses=np.full(50, 2.3), targets=np.arange(50) % 10,
+        noisy=np.zeros(50, dtype=bool), features=np.zeros((50, 8)),
+    )  # fmt: skip
+    assert plot_tsne(dead, "collapsed", tmp_path / "tsne.png").stat().st_size > 5_000
