@@ -126,7 +126,7 @@ class TrainConfig:
     seed: int = 0
     #: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "auto"
-    #: Deterministic kernels (bit-exact on the CPU; slower on CUDA).
+    #: Repeatable runs. CPU kernels repeat already; on CUDA this picks deterministic (slower) ones.
     deterministic: bool = True
     #: CPU threads for PyTorch; unset keeps PyTorch's default.
     threads: int | None = None

@@ -25,20 +25,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and PyTorch; optionally insist on deterministic kernels.
+def seed_everything(
+    seed: int, deterministic: bool = True, device: torch.device | None = None
+) -> None:
+    """Seed Python, NumPy and PyTorch; with ``deterministic``, make CUDA kernels deterministic too.
 
-    On the CPU this makes a run bit-for-bit repeatable for a given thread
-    count. On CUDA, cuBLAS needs a fixed workspace for that, set here before
-    the first CUDA call; ops with no deterministic kernel warn.
+    PyTorch's CPU kernels already give the same bits for the same inputs and
+    thread count, and ``torch.use_deterministic_algorithms`` would make some
+    of them (convolutions) several times slower, so it is turned on only
+    for CUDA, together with the fixed cuBLAS workspace that needs.
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
+    cuda = device is not None and device.type == "cuda"
+    if deterministic and cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(deterministic and cuda, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic

@@ -87,7 +87,7 @@ class Trainer:
         if run.threads is not None:
             torch.set_num_threads(run.threads)
         self.device = resolve_device(run.device)
-        seed_everything(run.seed, run.deterministic)
+        seed_everything(run.seed, run.deterministic, self.device)
         resolved = config_to_dict(cfg)
         resumed = load_checkpoint(run.resume) if run.resume else None
         if resumed is not None:
