@@ -9,11 +9,15 @@ to the exact one with the tolerances stated in each test.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import higher
 import pytest
 import torch
 import torch.nn.functional as F
 
+from metateach.hypergrad.base import UpdateMeter
 from metateach.hypergrad.example_gradient import example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
 from metateach.hypergrad.implicit import Implicit
@@ -263,3 +267,25 @@ def test_example_gradients_match_finite_differences_of_per_sample_weights(mlp: S
     mlp.reset()
     assert (exact < 0).any() and (exact > 0).any()  # some samples help, some hurt
     assert relative_error(exact, numeric) < 1e-4
+
+
+def test_update_meter_keeps_second_order_gradients_and_frees_the_graph():
+    # sigmoid saves its output, the case where a saved tensor held with its
+    # grad_fn leaked every retained graph (32 MB a step on LeNet).
+    def second_derivative(x):
+        y = torch.sigmoid(x)
+        (dy,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        return torch.autograd.grad(dy.sum(), x, retain_graph=True)[0], y
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    expected, _ = second_derivative(x)
+    meter = UpdateMeter(torch.nn.Linear(1, 1))
+    meter.start()
+    got, y = second_derivative(x)
+    metrics = meter.stop()
+    assert torch.equal(got, expected)
+    assert metrics["teacher/graph_mb"] > 0
+    alive = weakref.ref(y)
+    del y
+    gc.collect()
+    assert alive() is None

@@ -197,7 +197,10 @@ class UpdateMeter:
     def _pack(self, t: Tensor) -> Tensor:
         storage = t.untyped_storage()
         self._saved[(storage.data_ptr(), str(t.device))] = storage.nbytes()
-        return t
+        # Detached: a saved output held with its grad_fn would form a cycle
+        # through C++ that no garbage collection frees. Autograd restores
+        # the grad_fn on unpacking.
+        return t.detach()
 
     def start(self) -> None:
         self._saved.clear()
