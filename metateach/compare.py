@@ -18,8 +18,11 @@ summaries into mean and standard deviation per variant.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import statistics
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,22 +87,25 @@ def run_comparison(
     out_dir: Path,
     overrides: Sequence[str] = (),
     train: Callable[..., dict[str, Any]] | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Train every (variant, seed) pair under ``out_dir``; return each run's summary with its names.
 
     ``train(cfg)`` runs one experiment (the trainer's by default); finished
-    runs are read back, interrupted ones resumed.
+    runs are read back, interrupted ones resumed. With ``jobs`` > 1 that
+    many runs train at once, each in a process of its own with an equal
+    share of the CPU threads (unless ``train.threads`` is set); ``train``
+    must then be picklable.
     """
     if train is None:
         from metateach.trainer import train as train_experiment
 
         train = train_experiment
-    results = []
+    runs, pending = [], []
     for variant, variant_overrides in comparison.variants.items():
         for seed in comparison.seeds:
             run_name = f"{variant}-seed{seed}"
             folder = out_dir / run_name
-            summary_file = folder / "summary.json"
             cfg = load_config(
                 comparison.config,
                 [*comparison.overrides, *variant_overrides, f"train.seed={seed}", f"train.out_dir={out_dir}",
@@ -109,13 +115,27 @@ def run_comparison(
             if saved.is_file():
                 # A run of another experiment under this name must not be reused or resumed.
                 check_same_experiment(yaml.safe_load(saved.read_text()), config_to_dict(cfg), saved)
-            if not summary_file.is_file():
+            if not (folder / "summary.json").is_file():
                 if (folder / "checkpoints" / LAST).is_file():
                     cfg.train.resume = str(folder)
-                train(cfg)
-            summary = json.loads(summary_file.read_text())
-            results.append({"variant": variant, "seed": seed, **summary})
-    return results
+                pending.append(cfg)
+            runs.append((variant, seed, folder))
+    if jobs > 1 and len(pending) > 1:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        for cfg in pending:
+            cfg.train.threads = cfg.train.threads or threads
+        spawn = multiprocessing.get_context(
+            "spawn"
+        )  # a forked PyTorch may hang in its thread pools
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
+            list(pool.map(train, pending))
+    else:
+        for cfg in pending:
+            train(cfg)
+    return [
+        {"variant": variant, "seed": seed, **json.loads((folder / "summary.json").read_text())}
+        for variant, seed, folder in runs
+    ]
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 Results go to ``<train.out_dir or runs>/<comparison>/``: one run folder per
 (variant, seed), ``results.json`` with every run's summary, ``results.md``
 with the table (mean +- std over seeds), and ``results.png``. Run it again
-to finish an interrupted comparison: completed runs are reused.
+to finish an interrupted comparison: completed runs are reused. ``--jobs N``
+trains N runs at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", default="runs", help="where the comparison's folder goes (default: runs)"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs to train at once, in processes of their own (default: 1)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     from metateach.compare import load_comparison, markdown_table, run_comparison, summarize
     from metateach.errors import MetateachError, first_line
@@ -35,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         comparison = load_comparison(args.comparison)
         folder = Path(args.out) / comparison.name
-        results = run_comparison(comparison, folder, args.overrides)
+        results = run_comparison(comparison, folder, args.overrides, jobs=args.jobs)
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,11 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
     spec = write(tmp_path / "tiny.yaml", {
         "config": str(CONFIGS / "quickstart.yaml"), "seeds": [0], "variants": {"a": [], "b": ["optim.lr=0.01"]},
     })  # fmt: skip
-    assert main([str(spec), *QUICK, "--out", str(tmp_path / "runs")]) == 0
+    assert main([str(spec), *QUICK, "--out", str(tmp_path / "runs"), "--jobs", "2"]) == 0
     assert "| a | 1 |" in capsys.readouterr().out
+    for run in ("a-seed0", "b-seed0"):  # trained in two processes, one thread each
+        saved = yaml.safe_load((tmp_path / "runs" / "tiny" / run / "config.yaml").read_text())
+        assert saved["train"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
     for name in ("results.md", "results.json", "results.png"):
         assert (tmp_path / "runs" / "tiny" / name).is_file()
 
