@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import statistics
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,11 +123,11 @@ def run_comparison(
         threads = max(1, (os.cpu_count() or 1) // jobs)
         for cfg in pending:
             cfg.train.threads = cfg.train.threads or threads
-        spawn = multiprocessing.get_context(
-            "spawn"
-        )  # a forked PyTorch may hang in its thread pools
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-            list(pool.map(train, pending))
+        # Spawned, not forked: a forked PyTorch may hang in its thread pools.
+        # A fresh process per run; leaving the block for any reason, even an
+        # interrupt, terminates the workers, so none trains on unwatched.
+        with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+            pool.map(train, pending, chunksize=1)
     else:
         for cfg in pending:
             train(cfg)

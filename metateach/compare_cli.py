@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metateach.errors import MetateachError, first_line
     from metateach.plots import plot_comparison
 
+    # A polite kill ends the comparison as Ctrl-C does, stopping its workers too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         comparison = load_comparison(args.comparison)
         folder = Path(args.out) / comparison.name
