@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metateach.plots import plot_comparison
 
     # A polite kill ends the comparison as Ctrl-C does, stopping its workers too.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         comparison = load_comparison(args.comparison)
         folder = Path(args.out) / comparison.name
@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     rows = summarize(results)
     table = markdown_table(rows)
     (folder / "results.json").write_text(
