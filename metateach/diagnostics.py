@@ -11,6 +11,12 @@ and mislabeled samples, and the deep-interaction paper's Figure 2:
   coloured by class, and the same coloured by weight;
 * a histogram of the weights, clean and mislabeled samples apart;
 * the share of the total weight on mislabeled samples, epoch by epoch.
+
+A teacher that replaces the loss (L2T-DLN, L2T-DLF) is also drawn as its
+loss against the true class's probability, at several epochs (the L2T-DLN
+paper's figure of its dynamic loss network): each epoch records the loss at
+the probabilities of :data:`P_TRUE`, the other classes sharing the rest
+equally, as ``loss_curve/p_true=...`` metrics.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from metateach.data import Batch, DataBundle
 from metateach.hypergrad import BilevelProblem, example_gradient
 from metateach.hypergrad.functional import scratch_buffers, student_forward
-from metateach.lesson import per_sample_losses
+from metateach.lesson import Lesson, LossFn, per_sample_losses
 from metateach.teacher import TeachingContext
 
 __all__ = [
@@ -34,7 +41,12 @@ __all__ = [
     "weight_snapshot",
     "diagnostic_indices",
     "draw_diagnostics",
+    "P_TRUE",
+    "loss_curve",
 ]
+
+#: The true-class probabilities at which a learned loss is recorded each epoch.
+P_TRUE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 @dataclass
@@ -46,17 +58,38 @@ class WeightSnapshot:
     targets: np.ndarray  # the given labels
     noisy: np.ndarray  # True where the given label is wrong
     features: np.ndarray  # the student's second-to-last layer
+    loss_curve: np.ndarray | None = None  # a replaced loss at P_TRUE (see loss_curve)
 
     def summary(self) -> dict[str, float]:
         """Shares of the total weight and mean weights on clean and mislabeled samples."""
         total = max(float(self.weights.sum()), 1e-12)
         noisy, clean = self.weights[self.noisy], self.weights[~self.noisy]
+        curve = (
+            {}
+            if self.loss_curve is None
+            else dict(zip(curve_keys(), map(float, self.loss_curve), strict=True))
+        )
         return {
             "teacher/noisy_weight_share": float(noisy.sum()) / total,
             "teacher/noisy_sample_share": float(self.noisy.mean()),
             "teacher/mean_weight_clean": float(clean.mean()) if len(clean) else 0.0,
             "teacher/mean_weight_noisy": float(noisy.mean()) if len(noisy) else 0.0,
+            **curve,
         }
+
+
+def curve_keys() -> list[str]:
+    """The metric names of a loss curve's points, in the order of :data:`P_TRUE`."""
+    return [f"loss_curve/p_true={p:.2f}" for p in P_TRUE]
+
+
+def loss_curve(loss_fn: LossFn, num_classes: int, device: torch.device) -> np.ndarray:
+    """A replaced loss at each probability of :data:`P_TRUE` for the true class, the rest spread evenly."""
+    p = torch.tensor(P_TRUE, dtype=torch.float64)
+    rest = ((1 - p) / max(num_classes - 1, 1))[:, None].expand(-1, num_classes - 1)
+    logits = torch.cat([p[:, None], rest], dim=1).log().float().to(device)
+    targets = torch.zeros(len(p), dtype=torch.long, device=device)
+    return loss_fn(logits, targets).detach().double().cpu().numpy()
 
 
 class TeacherDiagnostics:
@@ -98,7 +131,14 @@ class TeacherDiagnostics:
             for r in history
             if "teacher/noisy_weight_share" in r
         ]
-        return draw_diagnostics(self.snapshot, shares, self.data.noise.realized_rate, title, folder)
+        curves = [
+            (int(r["epoch"]), np.array([r[k] for k in curve_keys()]))
+            for r in history
+            if curve_keys()[0] in r
+        ]
+        return draw_diagnostics(
+            self.snapshot, shares, self.data.noise.realized_rate, title, folder, curves
+        )
 
 
 def diagnostic_indices(data: DataBundle, count: int, seed: int) -> Tensor:
@@ -118,15 +158,17 @@ def weight_snapshot(
     """The teacher's lessons on the training samples ``indices``, without disturbing the run.
 
     A sample's effective weight is its lesson weight times its mask (1 where
-    the lesson has none), times loss_fn / cross-entropy when the lesson
-    replaces the loss: how much the sample counts in the student's step,
-    relative to plain training.
+    the lesson has none), times the ratio of the gradient norms (with
+    respect to the logits) of the lesson's loss and of cross-entropy when
+    the lesson replaces the loss: how much the sample counts in the
+    student's step, relative to plain training.
     """
     student, teacher = problem.student, problem.teacher
     assert teacher is not None
     device = problem.device
     val_batch = problem.val_stream.loader.batch_at(0, 0) if problem.val_stream is not None else None
     parts: dict[str, list[Tensor]] = {k: [] for k in ("weights", "losses", "features")}
+    curve = None
     with problem.own_rng():
         for start in range(0, len(indices), batch_size):
             index = indices[start : start + batch_size]
@@ -151,8 +193,9 @@ def weight_snapshot(
                     if lesson.mask is not None:
                         weights = weights * lesson.mask.to(weights.dtype)
                     if lesson.loss_fn is not None:
-                        replaced = per_sample_losses(lesson, view.logits.detach(), batch.y)
-                        weights = weights * replaced / view.losses.clamp(min=1e-12)
+                        weights = weights * _gradient_ratio(lesson, view.logits.detach(), batch.y)
+                        if curve is None:
+                            curve = loss_curve(lesson.loss_fn, data.num_classes, device)
             parts["weights"].append(weights.float().cpu())
             parts["losses"].append(view.losses.detach().float().cpu())
             parts["features"].append(view.features.detach().float().flatten(1).cpu())
@@ -164,7 +207,18 @@ def weight_snapshot(
         targets=data.train.targets[indices].numpy(),
         noisy=data.train.is_noisy[indices].numpy(),
         features=torch.cat(parts["features"]).numpy(),
+        loss_curve=curve,
     )
+
+
+@torch.enable_grad()
+def _gradient_ratio(lesson: Lesson, logits: Tensor, targets: Tensor) -> Tensor:
+    """|d loss_fn / d logits| / |d cross-entropy / d logits| per sample: how much a replaced loss weighs it."""
+    logits = logits.detach().requires_grad_()
+    replaced = per_sample_losses(lesson, logits, targets)
+    (by_lesson,) = torch.autograd.grad(replaced.sum(), logits)
+    by_ce = logits.detach().softmax(dim=1) - F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+    return by_lesson.norm(dim=1) / by_ce.norm(dim=1).clamp(min=1e-12)
 
 
 def _needs_example_grad(problem: BilevelProblem) -> bool:
@@ -179,9 +233,14 @@ def draw_diagnostics(
     noise_rate: float,
     title: str,
     folder: Path,
+    loss_curves: list[tuple[int, np.ndarray]] = [],  # noqa: B006 - read only
 ) -> dict[str, Path]:
-    """Figure 2's panels and the weight-share curve as PNGs in ``folder``; returns name -> path."""
+    """Figure 2's panels, the weight-share curve and any learned loss as PNGs in ``folder``.
+
+    Returns name -> path.
+    """
     from metateach.plots import (
+        plot_loss_curves,
         plot_noisy_weight_share,
         plot_tsne,
         plot_weight_histogram,
@@ -196,5 +255,9 @@ def draw_diagnostics(
     if shares:
         paths["noisy_weight_share"] = plot_noisy_weight_share(
             shares, noise_rate, title, folder / "noisy_weight_share.png"
+        )
+    if loss_curves:
+        paths["loss_curve"] = plot_loss_curves(
+            P_TRUE, loss_curves, title, folder / "loss_curve.png"
         )
     return paths

@@ -24,6 +24,7 @@ __all__ = [
     "plot_weight_histogram",
     "plot_noisy_weight_share",
     "plot_comparison",
+    "plot_loss_curves",
 ]
 
 
@@ -193,6 +194,41 @@ def plot_noisy_weight_share(
     )
     ax.set_ylim(bottom=0)
     ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_loss_curves(
+    p_true: Sequence[float],
+    curves: Sequence[tuple[int, np.ndarray]],
+    title: str,
+    path: str | Path,
+    shown: int = 6,
+) -> Path:
+    """A learned loss against the true class's probability at up to ``shown`` epochs, with cross-entropy.
+
+    The L2T-DLN paper's figure of its dynamic loss network during teaching.
+    Only the loss's slope moves the student; its level is arbitrary.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    picks = sorted({round(i * (len(curves) - 1) / max(shown - 1, 1)) for i in range(shown)})
+    cmap = plt.get_cmap("viridis")
+    for n, i in enumerate(picks):
+        epoch, values = curves[i]
+        ax.plot(
+            p_true,
+            values,
+            marker=".",
+            color=cmap(n / max(len(picks) - 1, 1)),
+            label=f"epoch {epoch}",
+        )
+    ax.plot(p_true, -np.log(np.asarray(p_true)), "k--", label="cross-entropy")
+    ax.set(
+        xlabel="probability of the true class (others share the rest)",
+        ylabel="loss",
+        title=f"learned loss - {title}",
+    )
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -74,7 +74,9 @@ def build_teaching(
         student=student,
         optimizer=student_optimizer,
         teacher=teacher,
-        teacher_optimizer=optimizer_from_config(settings.optim, teacher.parameters())
+        teacher_optimizer=optimizer_from_config(
+            settings.optim, [p for p in teacher.parameters() if p.requires_grad]
+        )
         if learns and has_parameters
         else None,
         # Its own seed: the validation batches do not shift the training order.
@@ -88,14 +90,19 @@ def build_teaching(
     )
     strategy: TeachingStrategy
     if isinstance(learning, Hypergradient):
-        strategy = HYPERGRADS.build(
-            learning.method,
-            learning.options,
-            "teacher.hypergrad.options",
-            problem=problem,
-            inner_steps=learning.inner_steps,
-            backprop_steps=learning.backprop_steps,
-        )
+        try:
+            strategy = HYPERGRADS.build(
+                learning.method,
+                learning.options,
+                "teacher.hypergrad.options",
+                problem=problem,
+                inner_steps=learning.inner_steps,
+                backprop_steps=learning.backprop_steps,
+            )
+        except ValueError as e:  # a method that cannot work with this teacher or these settings
+            raise ConfigError(
+                f"teacher.hypergrad.method={learning.method!r} for teacher {settings.name!r}: {e}"
+            ) from None
     elif isinstance(learning, ExampleGradient):
         strategy = ExampleGradients(problem)
     elif isinstance(learning, PolicyGradient):

@@ -155,7 +155,7 @@ def test_a_saved_teacher_can_teach_frozen(make_config, tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["teacher.name=meta_weight_net", "teacher.hypergrad.method=newton"],
-         "unknown hypergradient method 'newton' (teacher.hypergrad.method); available: finite_difference, implicit, lookahead, reversible, unrolled"),
+         "unknown hypergradient method 'newton' (teacher.hypergrad.method); available: finite_difference, implicit, learned_optimizer, lookahead, reversible, unrolled"),
         (["teacher.name=meta_weight_net", "teacher.hypergrad.method=unrolled", "teacher.hypergrad.inner_steps=2",
           "teacher.hypergrad.backprop_steps=3"],
          "teacher.hypergrad.backprop_steps (B=3) must not exceed teacher.hypergrad.inner_steps (K=2)"),

@@ -6,6 +6,7 @@
 ``lookahead``             one virtual step (Meta-Weight-Net, Learning-to-Reweight)
 ``finite_difference``     ``lookahead`` with DARTS's finite difference (first derivatives only)
 ``implicit``              the implicit function theorem, CG or Neumann series
+``learned_optimizer``     rounds of ``unrolled``; a learned optimizer (L2T-DLN's LSTM) writes the lesson
 ========================  =====================================================
 
 Teachers that sample their lessons learn by REINFORCE instead
@@ -17,7 +18,14 @@ Teachers that sample their lessons learn by REINFORCE instead
 
 from __future__ import annotations
 
-from metateach.hypergrad import finite_difference, implicit, lookahead, reversible, unrolled  # noqa: F401
+from metateach.hypergrad import (  # noqa: F401
+    finite_difference,
+    implicit,
+    learned_optimizer,
+    lookahead,
+    reversible,
+    unrolled,
+)
 from metateach.hypergrad.base import (
     HypergradMethod,
     PerStepMethod,

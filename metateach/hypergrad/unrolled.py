@@ -9,6 +9,8 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, autograd
 
 from metateach.data import Batch
@@ -67,10 +69,13 @@ class Unrolled(HypergradMethod):
         return stats
 
     def _update_teacher(self) -> None:
+        self.update_teacher(self.close_window(self.problem.teacher_params()))
+
+    def close_window(self, targets: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+        """d(validation loss at theta_K)/d ``targets``; frees the window's graph."""
         assert self._params is not None
         val_loss = self.problem.val_loss(self._params, self.problem.next_val_batch())
-        teacher_params = self.problem.teacher_params()
-        grads = autograd.grad(val_loss, teacher_params, allow_unused=True)
+        grads = autograd.grad(val_loss, list(targets), allow_unused=True)
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
         self._params = self._momentum = None
-        self.update_teacher(grads)
+        return grads

@@ -4,6 +4,8 @@
 ``deep_interaction``          weights from the student's internal states          Fan et al. 2020
 ``meta_weight_net``           an MLP from loss to weight                          Shu et al. 2019
 ``learning_to_reweight``      weights from per-sample validation gradients        Ren et al. 2018
+``l2t_dln``                   a dynamic loss network, updated by an LSTM teacher  Hai et al. 2023
+``l2t_dlf``                   loss coefficients from the student's state          Wu et al. 2018
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
@@ -17,6 +19,8 @@ from __future__ import annotations
 from metateach.registry import TEACHERS
 from metateach.teachers.constant import ConstantTeacher
 from metateach.teachers.deep_interaction import DeepInteractionTeacher
+from metateach.teachers.dynamic_loss import DynamicLossNetwork, DynamicLossTeacher
+from metateach.teachers.dynamic_loss_function import DynamicLossFunctionTeacher
 from metateach.teachers.focal import FocalLoss
 from metateach.teachers.learning_to_reweight import LearningToReweight
 from metateach.teachers.meta_weight_net import MetaWeightNet
@@ -26,6 +30,9 @@ from metateach.teachers.self_paced import SelfPacedLearning
 __all__ = [
     "ConstantTeacher",
     "DeepInteractionTeacher",
+    "DynamicLossFunctionTeacher",
+    "DynamicLossNetwork",
+    "DynamicLossTeacher",
     "FocalLoss",
     "LearningToReweight",
     "MetaWeightNet",
