@@ -155,7 +155,8 @@ class TeacherOptimConfig(OptimConfig):
 class HypergradConfig:
     """How a hypergradient teacher learns; unset values keep the teacher's own declaration."""
 
-    #: ``unrolled``, ``reversible``, ``lookahead``, ``finite_difference`` or ``implicit``.
+    #: ``unrolled``, ``reversible``, ``lookahead``, ``finite_difference``, ``implicit`` or
+    #: ``learned_optimizer``.
     method: str | None = None
     #: K: student steps per teacher step.
     inner_steps: int | None = None

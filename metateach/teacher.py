@@ -87,7 +87,8 @@ class Hypergradient:
 
     Args:
         method: a name in :data:`metateach.registry.HYPERGRADS` (``unrolled``,
-            ``reversible``, ``lookahead``, ``finite_difference``, ``implicit``).
+            ``reversible``, ``lookahead``, ``finite_difference``, ``implicit``,
+            ``learned_optimizer``).
         inner_steps: K, student steps per teacher step.
         backprop_steps: B <= K, the steps the hypergradient looks back through.
         keep_weight_grad: let gradients flow through the lesson's dependence on
@@ -173,10 +174,12 @@ def effective_learning(settings: TeacherConfig) -> Learning:
     if isinstance(declared, PolicyGradient | ExampleGradient):
         return declared
     asked = settings.hypergrad
+    # The declared options belong to the declared method; another method starts from none.
+    other_method = asked.method is not None and asked.method != declared.method
     return declared.updated(
         method=asked.method,
         inner_steps=asked.inner_steps,
         backprop_steps=asked.backprop_steps,
         keep_weight_grad=asked.keep_weight_grad,
-        options=dict(asked.options) or None,
+        options=dict(asked.options) or ({} if other_method else None),
     )

@@ -17,6 +17,7 @@ from metateach.hypergrad import (
     StudentOnly,
     TeachingStrategy,
 )
+from metateach.hypergrad.learned_optimizer import LearnedUpdates
 from metateach.optim import optimizer_from_config
 from metateach.registry import HYPERGRADS, TEACHERS
 from metateach.student import Student
@@ -90,6 +91,11 @@ def build_teaching(
     )
     strategy: TeachingStrategy
     if isinstance(learning, Hypergradient):
+        if isinstance(teacher, LearnedUpdates) and learning.method != "learned_optimizer":
+            raise ConfigError(
+                f"teacher {settings.name!r} is written by its learned optimizer: it needs "
+                f"teacher.hypergrad.method=learned_optimizer (got {learning.method})"
+            )
         try:
             strategy = HYPERGRADS.build(
                 learning.method,

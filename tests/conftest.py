@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +35,33 @@ def _quiet_and_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     torch.manual_seed(0)
+
+
+def cifar_batch(n: int, key: str, num_classes: int, seed: int = 0) -> dict:
+    """A pickled CIFAR batch's content: random images, labels cycling through the classes."""
+    rng = np.random.default_rng(seed)
+    return {
+        "data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+        key: list(np.arange(n) % num_classes),
+    }
+
+
+def write_cifar100(root: Path, train: int, test: int) -> None:
+    """Small CIFAR-100 files in torchvision's layout under ``root``."""
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(pickle.dumps(cifar_batch(train, "fine_labels", 100)))
+    (folder / "test").write_bytes(pickle.dumps(cifar_batch(test, "fine_labels", 100, seed=1)))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+
+
+@pytest.fixture
+def skip_cifar_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchvision checks the md5 of the official files; the test's small files cannot match it.
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
 
 
 @pytest.fixture

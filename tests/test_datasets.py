@@ -20,7 +20,7 @@ from metateach.config import DataConfig, NoiseConfig
 from metateach.data import build_data, load_dataset
 from metateach.errors import ConfigError, DataError
 
-from .conftest import CIFAR10_CLASSES
+from .conftest import CIFAR10_CLASSES, cifar_batch, write_cifar100
 
 RNG = np.random.default_rng(0)
 
@@ -70,22 +70,6 @@ def test_mnist_root_comes_from_the_environment(
     assert bundle.input_shape == (1, 28, 28)
 
 
-def cifar_batch(n: int, key: str, num_classes: int) -> dict:
-    return {
-        "data": RNG.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
-        key: list(np.arange(n) % num_classes),
-    }
-
-
-@pytest.fixture
-def skip_cifar_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
-    # torchvision checks the md5 of the official files; the test's small files cannot match it.
-    import torchvision.datasets.cifar as cifar
-
-    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: Path(path).is_file())
-
-
 def test_cifar10_reads_pickled_batches(tmp_path: Path, skip_cifar_checksums: None) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -103,12 +87,7 @@ def test_cifar10_reads_pickled_batches(tmp_path: Path, skip_cifar_checksums: Non
 
 
 def test_cifar100_reads_fine_labels(tmp_path: Path, skip_cifar_checksums: None) -> None:
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    train = cifar_batch(200, "fine_labels", 100)
-    (folder / "train").write_bytes(pickle.dumps(train))
-    (folder / "test").write_bytes(pickle.dumps(cifar_batch(100, "fine_labels", 100)))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+    write_cifar100(tmp_path, train=200, test=100)
     bundle = build_data(
         DataConfig(name="cifar100", root=str(tmp_path), val_size=100),
         NoiseConfig(type="symmetric", rate=0.5),

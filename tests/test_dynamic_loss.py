@@ -25,7 +25,7 @@ from metateach.teachers.dynamic_loss_function import (
 )
 from metateach.trainer import Trainer
 
-from .conftest import CONFIGS, REPO
+from .conftest import CONFIGS, REPO, write_cifar100
 from .hypergrad_fixtures import CLASSES, Setup, context
 from .test_hypergrad import relative_error
 
@@ -204,7 +204,15 @@ def test_backpropagation_through_rounds_matches_one_graph_through_them_all(dln: 
     assert relative_error(engine, reference) < 1e-9
 
 
-def test_the_learned_optimizer_method_needs_a_learned_update_teacher(make_config) -> None:
+def test_l2t_dln_and_the_learned_optimizer_method_go_together(make_config) -> None:
+    with pytest.raises(ConfigError, match="it needs teacher.hypergrad.method=learned_optimizer"):
+        Trainer(
+            make_config(
+                "teacher.name=l2t_dln",
+                "teacher.kwargs.init_steps=0",
+                "teacher.hypergrad.method=unrolled",
+            )
+        )
     with pytest.raises(ConfigError, match="learned_optimizer method needs a teacher whose lesson"):
         Trainer(
             make_config(
@@ -285,3 +293,24 @@ def test_the_cifar100_config_without_the_data_stops_with_one_line(tmp_path) -> N
     assert run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith(f"error: CIFAR100 not found under data root '{tmp_path}'")
     assert "data.download=true" in run.stderr
+
+
+def test_the_cifar100_config_runs_where_the_data_is(
+    make_config, tmp_path, skip_cifar_checksums: None
+) -> None:
+    # Small CIFAR-100 files made here: the config's student (ResNet-32), its 100-class
+    # network and its LSTM teacher run end to end, through one LSTM update.
+    write_cifar100(tmp_path, train=400, test=100)
+    cfg = make_config(
+        f"data.root={tmp_path}", "data.val_size=100", "train.epochs=1", "train.batch_size=50",
+        "teacher.kwargs.init_steps=50", "teacher.hypergrad.inner_steps=3",
+        "teacher.hypergrad.backprop_steps=3", "teacher.hypergrad.options.rounds=1",
+        "logging.diagnostics=false", path=CONFIGS / "dln_cifar100.yaml",
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.cfg.model.name == "resnet32" and trainer.data.num_classes == 100
+    updates = []
+    original = trainer.teaching.strategy.update_teacher
+    trainer.teaching.strategy.update_teacher = lambda g: (updates.append(g), original(g))
+    trainer.fit()
+    assert trainer.state.step == 6 and len(updates) == 1
