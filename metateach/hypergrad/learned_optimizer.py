@@ -117,7 +117,10 @@ class LearnedOptimizer(Unrolled):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.rounds_done, self._pending = state["rounds_done"], state["pending"]
+        self.rounds_done = state["rounds_done"]
+        pending = state["pending"]  # checkpoints load onto the CPU
+        device = self.problem.device
+        self._pending = None if pending is None else {k: v.to(device) for k, v in pending.items()}
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         if self.position == 0:
