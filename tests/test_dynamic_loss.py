@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import autograd, nn
 from torch.func import functional_call
 
+from metateach.checkpoint import LAST, load_checkpoint
 from metateach.diagnostics import P_TRUE, curve_keys
 from metateach.errors import ConfigError
 from metateach.hypergrad.functional import momentum_sgd_step
@@ -261,6 +262,11 @@ def test_a_resumed_l2t_dln_run_ends_exactly_like_an_uninterrupted_one(make_confi
     assert not torch.equal(start.dln.mlp[0].weight, teacher.dln.mlp[0].weight)
     assert all(key in final for key in curve_keys()) and len(curve_keys()) == len(P_TRUE)
     assert (straight.run_dir / "diagnostics" / "loss_curve.png").stat().st_size > 10_000
+    # The run ended inside a window (10 rounds, windows of 3): the final checkpoint still holds
+    # the final network, LSTM and memory.
+    saved = load_checkpoint(resumed.run_dir / "checkpoints" / LAST)["teacher"]
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(saved[name], value), name
 
 
 def test_l2t_dlf_trains_a_student(make_config) -> None:

@@ -33,6 +33,7 @@ References:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -111,6 +112,14 @@ class LearnedOptimizer(Unrolled):
     def can_checkpoint(self) -> bool:
         # Only between meta-windows does nothing live in a graph.
         return super().can_checkpoint() and self.position == 0 and self._phi is None
+
+    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+        # The rounds of an unfinished window still teach the LSTM, and the final
+        # checkpoint holds the final network, LSTM and memory.
+        super().end_of_run(history)
+        self._leaves = None
+        if self._phi is not None:
+            self._end_meta_window()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rounds_done": self.rounds_done, "pending": self._pending}

@@ -8,6 +8,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -68,6 +69,12 @@ class Reversible(HypergradMethod):
 
     def can_checkpoint(self) -> bool:
         return not self._recorded  # recorded batches are not part of a checkpoint
+
+    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+        # The last window is cut short, so that the final checkpoint holds the final state.
+        self._recorded.clear()
+        self._start_params = None
+        self.position = 0
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem

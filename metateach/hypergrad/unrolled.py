@@ -9,7 +9,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, autograd
 
@@ -43,6 +43,14 @@ class Unrolled(HypergradMethod):
 
     def can_checkpoint(self) -> bool:
         return self._params is None  # a graph in the making cannot be saved
+
+    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+        # The last window is cut short: its steps stand, its teacher step is dropped,
+        # and the final checkpoint holds the final state.
+        if self._params is not None:
+            self._meter.stop()
+        self._params = self._momentum = None
+        self.position = 0
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem
