@@ -30,6 +30,7 @@ __all__ = [
     "NoiseConfig",
     "ModelConfig",
     "OptimConfig",
+    "SAMConfig",
     "ScheduleConfig",
     "TrainConfig",
     "TeacherConfig",
@@ -90,6 +91,16 @@ class ModelConfig:
 
 
 @dataclass
+class SAMConfig:
+    """Sharpness-Aware Minimization around the optimizer (Foret et al. 2021); off at rho 0."""
+
+    #: The neighbourhood radius; 0 takes plain steps of the optimizer.
+    rho: float = 0.0
+    #: ASAM's scale-invariant neighbourhood (Kwon et al. 2021).
+    adaptive: bool = False
+
+
+@dataclass
 class OptimConfig:
     """The student's optimizer. Weight decay is coupled (PyTorch's convention)."""
 
@@ -100,6 +111,7 @@ class OptimConfig:
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    sam: SAMConfig = field(default_factory=SAMConfig)
 
 
 @dataclass

@@ -28,6 +28,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
         lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
         "a pair [beta1, beta2] in [0, 1)",
     ),
+    ("optim.sam.rho", *_at_least(0)),
     ("noise.rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("noise.imbalance_factor", *_at_least(1)),
     ("data.val_size", *_at_least(0, optional=True)),
@@ -56,6 +57,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("teacher.optim.lr", lambda v: v > 0, "> 0"),
     ("teacher.optim.weight_decay", *_at_least(0)),
     ("teacher.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("teacher.optim.sam.rho", lambda v: v == 0, "0 (SAM is for the student: optim.sam)"),
 ]
 
 
@@ -132,6 +134,11 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"teacher {teacher.name!r} differentiates the student's momentum SGD: set optim.name=sgd "
             f"(got {cfg.optim.name})"
+        )
+    if isinstance(learning, Hypergradient | ExampleGradient) and cfg.optim.sam.rho > 0:
+        raise ConfigError(
+            f"teacher {teacher.name!r} differentiates the student's momentum SGD, not SAM's two-pass "
+            f"step: set optim.sam.rho=0 (got {cfg.optim.sam.rho})"
         )
     asked = [
         k for k, v in vars(teacher.hypergrad).items() if k in HYPERGRAD_KEYS and v not in (None, {})

@@ -27,6 +27,7 @@ from metateach.hypergrad.functional import (
     student_forward,
 )
 from metateach.lesson import Lesson, lesson_loss
+from metateach.optim.sam import SAM
 from metateach.student import Student, StudentStates
 from metateach.teacher import StudentView, Teacher, TeachingContext
 
@@ -220,16 +221,42 @@ class BilevelProblem:
     # ------------------------------------------------------------------ #
 
     def real_step(self, batch: Batch, context: TeachingContext) -> Tensor:
-        """One student step with the teacher's current lesson and the real optimizer."""
+        """One student step with the teacher's current lesson and the real optimizer.
+
+        Under :class:`~metateach.optim.SAM` the gradient is taken a second
+        time at w + epsilon, on the same batch under the same lesson, with the
+        same dropout draws; that pass runs on scratch BatchNorm buffers, so
+        the running statistics move once a step.
+        """
+        rng = self.rng_state() if isinstance(self.optimizer, SAM) else None
         step = self.train_loss(self.params(), batch, context, real=True, teacher_grad=False)
-        self.apply_gradients(step.loss)
+        if rng is None:
+            self.apply_gradients(step.loss)
+        else:
+            self.sharpness_aware_step(step, batch, rng)
         return self.statistics(step.view, batch)
+
+    def sharpness_aware_step(self, first: TrainPass, batch: Batch, rng: RNGState) -> None:
+        """SAM's step: epsilon from the gradient of ``first``, the gradient at w + epsilon, the base step."""
+        assert isinstance(self.optimizer, SAM)
+        params = self.params()
+        grads = torch.autograd.grad(first.loss, list(params.values()))
+        self.optimizer.perturb(grads)
+        with self.own_rng(rng):
+            states = student_forward(self.student, params, batch.x, scratch_buffers(self.student))
+        second = lesson_loss(first.lesson, states.logits, batch.y)
+        grads = torch.autograd.grad(second, list(params.values()))
+        self.optimizer.restore()
+        self.step_on(grads)
 
     def apply_gradients(self, loss: Tensor, retain_graph: bool = False) -> None:
         """Step the real optimizer on the student's gradient of ``loss`` (never touching the teacher's)."""
         params = self.params()
-        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=retain_graph)
-        for p, g in zip(params.values(), grads, strict=True):
+        self.step_on(torch.autograd.grad(loss, list(params.values()), retain_graph=retain_graph))
+
+    def step_on(self, grads: Sequence[Tensor]) -> None:
+        """Step the real optimizer on ``grads``, in the order of :meth:`params`."""
+        for p, g in zip(self.params().values(), grads, strict=True):
             p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from metateach.optim.sam import SAM
 from metateach.registry import OPTIMIZERS
 
 if TYPE_CHECKING:
@@ -77,8 +78,8 @@ def build_optimizer(
 def optimizer_from_config(
     settings: OptimConfig, params: Iterable[nn.Parameter]
 ) -> torch.optim.Optimizer:
-    """The optimizer an ``optim`` (or ``teacher.optim``) config section describes."""
-    return build_optimizer(
+    """The optimizer an ``optim`` (or ``teacher.optim``) config section describes, with SAM around it if asked."""
+    base = build_optimizer(
         settings.name,
         params,
         lr=settings.lr,
@@ -88,3 +89,6 @@ def optimizer_from_config(
         betas=settings.betas,
         eps=settings.eps,
     )
+    if settings.sam.rho > 0:
+        return SAM(base, settings.sam.rho, settings.sam.adaptive)
+    return base
