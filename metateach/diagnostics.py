@@ -21,6 +21,7 @@ equally, as ``loss_curve/p_true=...`` metrics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +43,14 @@ __all__ = [
     "diagnostic_indices",
     "draw_diagnostics",
     "P_TRUE",
+    "CURVE_KEYS",
     "loss_curve",
 ]
 
 #: The true-class probabilities at which a learned loss is recorded each epoch.
 P_TRUE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+#: Their metric names, in the same order.
+CURVE_KEYS = tuple(f"loss_curve/p_true={p:.2f}" for p in P_TRUE)
 
 
 @dataclass
@@ -67,7 +71,7 @@ class WeightSnapshot:
         curve = (
             {}
             if self.loss_curve is None
-            else dict(zip(curve_keys(), map(float, self.loss_curve), strict=True))
+            else dict(zip(CURVE_KEYS, map(float, self.loss_curve), strict=True))
         )
         return {
             "teacher/noisy_weight_share": float(noisy.sum()) / total,
@@ -76,11 +80,6 @@ class WeightSnapshot:
             "teacher/mean_weight_noisy": float(noisy.mean()) if len(noisy) else 0.0,
             **curve,
         }
-
-
-def curve_keys() -> list[str]:
-    """The metric names of a loss curve's points, in the order of :data:`P_TRUE`."""
-    return [f"loss_curve/p_true={p:.2f}" for p in P_TRUE]
 
 
 def loss_curve(loss_fn: LossFn, num_classes: int, device: torch.device) -> np.ndarray:
@@ -132,9 +131,9 @@ class TeacherDiagnostics:
             if "teacher/noisy_weight_share" in r
         ]
         curves = [
-            (int(r["epoch"]), np.array([r[k] for k in curve_keys()]))
+            (int(r["epoch"]), np.array([r[k] for k in CURVE_KEYS]))
             for r in history
-            if curve_keys()[0] in r
+            if CURVE_KEYS[0] in r
         ]
         return draw_diagnostics(
             self.snapshot, shares, self.data.noise.realized_rate, title, folder, curves
@@ -233,7 +232,7 @@ def draw_diagnostics(
     noise_rate: float,
     title: str,
     folder: Path,
-    loss_curves: list[tuple[int, np.ndarray]] = [],  # noqa: B006 - read only
+    loss_curves: Sequence[tuple[int, np.ndarray]] = (),
 ) -> dict[str, Path]:
     """Figure 2's panels, the weight-share curve and any learned loss as PNGs in ``folder``.
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from metateach.data import Batch
@@ -60,6 +61,16 @@ class TeachingContext(NamedTuple):
     def progress(self) -> float:
         """The normalized iteration, step / total steps, in [0, 1]."""
         return self.step / max(self.total_steps, 1)
+
+    def history(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """[normalized iteration, average training loss, best validation accuracy]: the student's history."""
+        return torch.stack(
+            [
+                torch.as_tensor(self.progress, dtype=dtype, device=device),
+                self.avg_train_loss.to(device=device, dtype=dtype),
+                torch.as_tensor(self.best_val_acc, dtype=dtype, device=device),
+            ]
+        )
 
 
 class StudentView(NamedTuple):

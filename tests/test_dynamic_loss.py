@@ -13,7 +13,7 @@ from torch import autograd, nn
 from torch.func import functional_call
 
 from metateach.checkpoint import LAST, load_checkpoint
-from metateach.diagnostics import P_TRUE, curve_keys
+from metateach.diagnostics import CURVE_KEYS, P_TRUE
 from metateach.errors import ConfigError
 from metateach.hypergrad.functional import momentum_sgd_step
 from metateach.hypergrad.learned_optimizer import LearnedOptimizer
@@ -260,7 +260,7 @@ def test_a_resumed_l2t_dln_run_ends_exactly_like_an_uninterrupted_one(make_confi
     # The network moved away from its starting point, and each epoch recorded its curve.
     start = DynamicLossTeacher(10, hidden=8, depth=2, init_steps=100, lstm_hidden=6)
     assert not torch.equal(start.dln.mlp[0].weight, teacher.dln.mlp[0].weight)
-    assert all(key in final for key in curve_keys()) and len(curve_keys()) == len(P_TRUE)
+    assert all(key in final for key in CURVE_KEYS) and len(CURVE_KEYS) == len(P_TRUE)
     assert (straight.run_dir / "diagnostics" / "loss_curve.png").stat().st_size > 10_000
     # The run ended inside a window (10 rounds, windows of 3): the final checkpoint still holds
     # the final network, LSTM and memory.

@@ -139,12 +139,11 @@ class LearnedOptimizer(Unrolled):
     def _begin_round(self) -> None:
         """Apply the learned update the last round asked for; make phi a leaf to differentiate."""
         teacher = self.teacher
-        if self._pending is not None:
-            current = self._phi if self._phi is not None else teacher.lesson_weights()
-            update = teacher.learned_update(self._pending)
-            self._phi = {k: current[k] + update[k] for k in current}
-            self._pending = None
         source = self._phi if self._phi is not None else teacher.lesson_weights()
+        if self._pending is not None:
+            update = teacher.learned_update(self._pending)
+            source = self._phi = {k: source[k] + update[k] for k in source}
+            self._pending = None
         self._leaves = {k: v.detach().requires_grad_() for k, v in source.items()}
         teacher.use_lesson_weights(self._leaves)
 

@@ -119,14 +119,7 @@ class DeepInteractionTeacher(Teacher):
         probs = view.logits.softmax(dim=1)
         true = probs.gather(1, batch.y[:, None]).squeeze(1)
         rival = probs.scatter(1, batch.y[:, None], 0.0).amax(dim=1)
-        context = view.context
-        history = torch.stack(
-            [
-                torch.as_tensor(context.progress, dtype=probs.dtype, device=probs.device),
-                context.avg_train_loss.to(probs.dtype),
-                torch.as_tensor(context.best_val_acc, dtype=probs.dtype, device=probs.device),
-            ]
-        )
+        history = view.context.history(probs.dtype, probs.device)
         predicted = F.one_hot(probs.argmax(dim=1), self.num_classes).to(probs.dtype)
         return torch.cat([history.expand(n, 3), predicted, (true - rival)[:, None]], dim=1)
 

@@ -119,8 +119,7 @@ def fit_to_cross_entropy(
     """
     generator = torch.Generator().manual_seed(seed)
     device = next(network.parameters()).device
-    params = list(network.parameters())
-    optimizer = torch.optim.Adam(params, lr=3e-3)
+    optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
     error = torch.zeros(())
     with torch.enable_grad():
         for _ in range(steps):
@@ -133,12 +132,10 @@ def fit_to_cross_entropy(
             logits, targets = logits.to(device), targets.to(device)
             wanted = F.cross_entropy(logits, targets, reduction="none").clamp(max=10)
             error = F.mse_loss(network(logits, targets), wanted)
-            grads = torch.autograd.grad(error, params)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
+            optimizer.zero_grad(set_to_none=True)
+            error.backward()
             optimizer.step()
-        for p in params:  # no stale gradient for whoever optimizes the network next
-            p.grad = None
+        optimizer.zero_grad(set_to_none=True)  # no stale gradient for whoever optimizes it next
     return float(error.detach())
 
 

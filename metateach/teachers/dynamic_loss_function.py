@@ -58,14 +58,7 @@ class DynamicLossFunctionTeacher(Teacher):
     def coefficients(self, context: TeachingContext) -> tuple[Tensor, Tensor]:
         """(W, b) for the student's state in ``context``."""
         weight = self.net[0].weight
-        state = torch.stack(
-            [
-                torch.as_tensor(context.progress, dtype=weight.dtype, device=weight.device),
-                context.avg_train_loss.to(weight.dtype).to(weight.device),
-                torch.as_tensor(context.best_val_acc, dtype=weight.dtype, device=weight.device),
-            ]
-        )
-        out = self.net(state)
+        out = self.net(context.history(weight.dtype, weight.device))
         c = self.num_classes
         return out[: c * c].view(c, c), out[c * c]
 
