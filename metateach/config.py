@@ -119,10 +119,11 @@ class ScheduleConfig:
     """The learning rate as a function of the (fractional) epoch."""
 
     name: str = "step"
-    #: ``step``: epochs at which the rate is multiplied by ``gamma``.
+    #: ``step``: epochs at which the rate is multiplied by ``gamma``;
+    #: ``linear``: the first is the epoch the decay starts.
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
-    #: ``cosine``: the rate it decays to.
+    #: ``cosine`` and ``linear``: the rate it decays to.
     min_lr: float = 0.0
     #: Linear warm-up from 0 over this many epochs (any schedule).
     warmup_epochs: float = 0.0

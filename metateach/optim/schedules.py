@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from metateach.registry import SCHEDULES
 
-__all__ = ["build_schedule", "step_decay", "cosine", "constant"]
+__all__ = ["build_schedule", "step_decay", "cosine", "linear_decay", "constant"]
 
 Schedule = Callable[[float], float]
 
@@ -40,6 +40,19 @@ def cosine(total_epochs: int, min_factor: float = 0.0, **_: object) -> Schedule:
         min_factor
         + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(epoch / total_epochs, 1.0)))
     )
+
+
+@SCHEDULES.register("linear")
+def linear_decay(
+    total_epochs: int, milestones: Sequence[int] = (), min_factor: float = 0.0, **_: object
+) -> Schedule:
+    """The base rate until the first milestone (0 without one), then linearly down to ``min_factor`` at the end.
+
+    Co-teaching's schedule (Han et al. 2018): Adam at 0.001, decayed linearly to 0 from epoch 80 of 200.
+    """
+    start = min(milestones, default=0)
+    span = max(total_epochs - start, 1e-12)
+    return lambda epoch: 1.0 - (1.0 - min_factor) * min(max(epoch - start, 0.0) / span, 1.0)
 
 
 def build_schedule(
