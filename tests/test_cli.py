@@ -69,7 +69,7 @@ def test_errors_leave_no_traceback_and_exit_2(tmp_path: Path) -> None:
         ),
         (
             ["model.name=vgg16"],
-            "error: unknown model 'vgg16' (model.name); available: cifar_resnet, lenet, mlp,",
+            "error: unknown model 'vgg16' (model.name); available: cifar_resnet, cnn9, lenet, mlp,",
         ),
         (
             ["noise.type=asymmetric"],

@@ -39,10 +39,33 @@ def test_lenet_is_caffes_lenet() -> None:
     assert n_params(create_model("lenet", 10, (1, 28, 28))) == 431_080
 
 
+def test_cnn9_is_co_teachings_network() -> None:
+    # Nine 3x3 convolutions with biases and BatchNorm, then a 128 -> 10 head (Han et al. 2018, Table 3).
+    def conv(c_in: int, c_out: int) -> int:
+        return c_in * c_out * 9 + c_out + 2 * c_out
+
+    widths = [
+        (1, 128),
+        (128, 128),
+        (128, 128),
+        (128, 256),
+        (256, 256),
+        (256, 256),
+        (256, 512),
+        (512, 256),
+        (256, 128),
+    ]
+    expected = sum(conv(a, b) for a, b in widths) + 128 * 10 + 10
+    assert n_params(create_model("cnn9", 10, (1, 28, 28))) == expected
+    maps = create_model("cnn9", 10, (3, 32, 32))(torch.randn(2, 3, 32, 32), return_states=True).maps
+    assert [tuple(m.shape[1:]) for m in maps] == [(128, 32, 32), (256, 16, 16), (128, 2, 2)]
+
+
 @pytest.mark.parametrize(
     ("name", "shape", "kwargs"),
     [
         ("resnet8", (3, 32, 32), {}),
+        ("cnn9", (1, 28, 28), {}),
         ("cifar_resnet", (3, 32, 32), {"depth": 14}),
         ("wide_resnet", (3, 32, 32), {"depth": 10, "widen": 2, "dropout": 0.3}),
         ("lenet", (1, 28, 28), {}),
@@ -94,7 +117,7 @@ def test_internal_states_are_reachable_through_functional_call() -> None:
 
 
 def test_every_registered_model_builds_a_student() -> None:
-    shapes = {"lenet": (1, 28, 28), "mlp": (1, 8, 8)}
+    shapes = {"lenet": (1, 28, 28), "mlp": (1, 8, 8), "cnn9": (1, 28, 28)}
     for name in MODELS:
         if name in ("wrn28_10", "wide_resnet", "resnet110"):
             continue  # covered above; large

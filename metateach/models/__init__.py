@@ -1,4 +1,4 @@
-"""Students, registered by name: CIFAR ResNets, Wide ResNets, an MLP, a LeNet-style CNN.
+"""Students, registered by name: CIFAR ResNets, Wide ResNets, co-teaching's 9-layer CNN, an MLP, a LeNet-style CNN.
 
 ``create_model("resnet32", num_classes=10, in_shape=(3, 32, 32))`` builds
 one; a config names it as ``model.name`` with extra arguments in
@@ -14,13 +14,14 @@ from typing import Any
 
 from metateach.errors import ConfigError
 from metateach.models.cifar_resnet import CifarResNet
+from metateach.models.cnn9 import CNN9
 from metateach.models.lenet import LeNet
 from metateach.models.mlp import MLP
 from metateach.models.wide_resnet import WideResNet
 from metateach.registry import MODELS
 from metateach.student import Student
 
-__all__ = ["CifarResNet", "LeNet", "MLP", "WideResNet", "create_model"]
+__all__ = ["CifarResNet", "CNN9", "LeNet", "MLP", "WideResNet", "create_model"]
 
 
 def create_model(
