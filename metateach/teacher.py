@@ -11,6 +11,8 @@ how it learns, so that the trainer can drive every teacher through one loop:
   the validation loss's gradient with respect to each sample's weight;
 * :class:`PolicyGradient`: it samples its lessons and is reinforced by a
   reward for the whole run (L2T's data filter);
+* :class:`PeerLearning`: it is a second student that learns the task too,
+  from the lesson the student gives it back (co-teaching, SRIT);
 * :class:`FixedRule`: it has nothing to learn (focal loss, self-paced
   learning, a random filter).
 
@@ -37,12 +39,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Teacher",
+    "PeerTeacher",
     "StudentView",
     "TeachingContext",
     "Hypergradient",
     "FixedRule",
     "ExampleGradient",
     "PolicyGradient",
+    "PeerLearning",
     "Learning",
     "effective_learning",
 ]
@@ -144,11 +148,23 @@ class ExampleGradient:
 
 
 @dataclass(frozen=True)
+class PeerLearning:
+    """A peer student: it learns the task with the student's optimizer, from the student's lessons.
+
+    Each step both networks see the batch; each selects for the other
+    (:meth:`Teacher.forward` gives the student the peer's selection, and the
+    peer learns from the student's by :meth:`PeerTeacher.select`). The peer
+    takes its steps with an optimizer built from the run's ``optim`` (SAM
+    included) and follows the student's learning-rate schedule.
+    """
+
+
+@dataclass(frozen=True)
 class FixedRule:
     """Nothing to learn: the lesson follows a fixed rule."""
 
 
-Learning = Hypergradient | ExampleGradient | PolicyGradient | FixedRule
+Learning = Hypergradient | ExampleGradient | PolicyGradient | PeerLearning | FixedRule
 
 
 class Teacher(nn.Module, metaclass=ABCMeta):
@@ -182,7 +198,7 @@ def effective_learning(settings: TeacherConfig) -> Learning:
     declared = getattr(TEACHERS.get(settings.name), "learns", FixedRule())
     if not settings.learn or isinstance(declared, FixedRule):
         return FixedRule()
-    if isinstance(declared, PolicyGradient | ExampleGradient):
+    if isinstance(declared, PolicyGradient | ExampleGradient | PeerLearning):
         return declared
     asked = settings.hypergrad
     # The declared options belong to the declared method; another method starts from none.
@@ -194,3 +210,37 @@ def effective_learning(settings: TeacherConfig) -> Learning:
         keep_weight_grad=asked.keep_weight_grad,
         options=dict(asked.options) or ({} if other_method else None),
     )
+
+
+class PeerTeacher(Teacher):
+    """A teacher that is a student too: a second network that selects for the student and learns from it.
+
+    Subclasses build ``self.peer`` (a network for the same task, initialized
+    on its own) and implement :meth:`select`, the rule by which either
+    network picks, from its own per-sample losses, the samples the other
+    learns from. Under :class:`PeerLearning` the strategy
+    (:class:`~metateach.hypergrad.peer.PeerTeaching`) runs both networks on
+    each batch and exchanges their selections; :meth:`forward` is the
+    student's side alone, for a frozen peer and for the diagnostics.
+    """
+
+    learns: ClassVar[Learning] = PeerLearning()
+    peer: nn.Module
+
+    @abstractmethod
+    def select(self, losses: Tensor, context: TeachingContext) -> Tensor:
+        """The boolean mask of samples one network offers the other, from its per-sample ``losses``."""
+
+    def observe(self, index: Tensor, losses: Tensor, context: TeachingContext) -> None:
+        """Called each step, before the selections, with the batch's losses (for rules that adapt)."""
+        _ = index, losses, context
+
+    def forward(self, batch: Batch, view: StudentView) -> Lesson:
+        """The peer's selection on ``batch``: its forward pass as in training, BatchNorm statistics untouched."""
+        from metateach.hypergrad.functional import scratch_buffers, student_forward
+
+        params = dict(self.peer.named_parameters())
+        with torch.no_grad():
+            logits = student_forward(self.peer, params, batch.x, scratch_buffers(self.peer)).logits
+        losses = torch.nn.functional.cross_entropy(logits, batch.y, reduction="none")
+        return Lesson(mask=self.select(losses, view.context))

@@ -18,6 +18,8 @@ from metateach.hypergrad import (
     TeachingStrategy,
 )
 from metateach.hypergrad.learned_optimizer import LearnedUpdates
+from metateach.hypergrad.peer import PeerTeaching
+from metateach.models import create_model
 from metateach.optim import optimizer_from_config
 from metateach.registry import HYPERGRADS, TEACHERS
 from metateach.student import Student
@@ -25,6 +27,7 @@ from metateach.teacher import (
     ExampleGradient,
     FixedRule,
     Hypergradient,
+    PeerLearning,
     PolicyGradient,
     Teacher,
     effective_learning,
@@ -58,6 +61,12 @@ def build_teaching(
             "teacher.kwargs",
             num_classes=data.num_classes,
             student=student,
+            # A fresh network of the student's kind, initialized anew (a peer student).
+            new_student=lambda: create_model(
+                cfg.model.name, data.num_classes, data.input_shape, cfg.model.kwargs
+            ),
+            noise_rate=cfg.noise.rate,
+            train_size=len(data.train),
         )
     except ValueError as e:  # a teacher that cannot work with these options or this student
         raise ConfigError(
@@ -76,7 +85,9 @@ def build_teaching(
         optimizer=student_optimizer,
         teacher=teacher,
         teacher_optimizer=optimizer_from_config(
-            settings.optim, [p for p in teacher.parameters() if p.requires_grad]
+            # A peer student learns as the student does.
+            cfg.optim if isinstance(learning, PeerLearning) else settings.optim,
+            [p for p in teacher.parameters() if p.requires_grad],
         )
         if learns and has_parameters
         else None,
@@ -113,6 +124,8 @@ def build_teaching(
         strategy = ExampleGradients(problem)
     elif isinstance(learning, PolicyGradient):
         strategy = Reinforce(problem, learning.baseline_decay)
+    elif isinstance(learning, PeerLearning):
+        strategy = PeerTeaching(problem)
     else:
         strategy = StudentOnly(problem)
     return Teaching(teacher, problem.teacher_optimizer, strategy)

@@ -16,6 +16,7 @@ from (seed, epoch, batch), so a resumed run is the same run.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
@@ -40,7 +41,7 @@ from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext
 from metateach.teaching import build_teaching
 
-__all__ = ["Trainer", "TrainState", "EpochTotals", "train"]
+__all__ = ["Trainer", "TrainState", "EpochTotals", "evaluate_models", "train"]
 
 
 @dataclass
@@ -203,20 +204,9 @@ class Trainer:
             self._loss_average = 0.9 * self._loss_average + 0.1 * batch_loss
         return stats
 
-    @torch.inference_mode()
     def evaluate(self, loader: BatchLoader) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy over a split, in eval mode."""
-        was_training = self.model.training
-        self.model.eval()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for batch in loader:
-            logits = self.model(batch.x)
-            loss_sum += F.cross_entropy(logits, batch.y, reduction="sum")
-            correct += (logits.argmax(dim=1) == batch.y).sum()
-        self.model.train(was_training)
-        n = max(len(loader.split), 1)
-        return float(loss_sum) / n, int(correct) / n  # one device sync per split
+        """The student's mean cross-entropy and accuracy over a split, in eval mode."""
+        return evaluate_models([self.model], loader)[0]
 
     # ------------------------------------------------------------------ #
     # Epoch ends, checkpoints, the end of the run
@@ -259,7 +249,8 @@ class Trainer:
             "best/test_acc": state.test_acc_at_best,
             "lr": self.optimizer.param_groups[0]["lr"],
             "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
-            **self.teaching.strategy.pop_metrics(),
+            **self._evaluate_peers(),
+            **self.teaching.strategy.pop_metrics(epoch=True),
             **(self._diagnostics.measure(self.context()) if self._diagnostics else {}),
         }
         state.history.append(metrics)
@@ -273,6 +264,22 @@ class Trainer:
         state.epoch, state.batch, state.totals = state.epoch + 1, 0, EpochTotals()
         self._save_due = True
         self._save_if_due()
+
+    def _evaluate_peers(self) -> dict[str, float]:
+        """Accuracy of the networks trained beside the student (a peer), and of the ensemble of all.
+
+        The ensemble averages the networks' softmax outputs.
+        """
+        peers = self.teaching.strategy.networks()
+        if not peers:
+            return {}
+        metrics = {}
+        for split, loader in (("val", self.val_loader), ("test", self.test_loader)):
+            *each, ensemble = evaluate_models([self.model, *peers.values()], loader, ensemble=True)
+            for name, (_, acc) in zip(peers, each[1:], strict=True):
+                metrics[f"{name}/{split}_acc"] = acc
+            metrics[f"ensemble/{split}_acc"] = ensemble[1]
+        return metrics
 
     def _save_if_due(self) -> bool:
         """Save ``last.pt`` if one is due and the teaching strategy allows it now; say whether it did.
@@ -408,6 +415,38 @@ class Trainer:
         lr = self.cfg.optim.lr * self.schedule(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+
+@torch.inference_mode()
+def evaluate_models(
+    models: Sequence[nn.Module], loader: BatchLoader, ensemble: bool = False
+) -> list[tuple[float, float]]:
+    """Mean cross-entropy and accuracy of each model over a split, in eval mode.
+
+    With ``ensemble``, one more entry: the models' averaged softmax outputs.
+    """
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    rows = len(models) + ensemble
+    device = next(models[0].parameters()).device
+    loss_sum = torch.zeros(rows, device=device, dtype=torch.float64)
+    correct = torch.zeros(rows, device=device, dtype=torch.long)
+    for batch in loader:
+        outputs = [m(batch.x) for m in models]
+        if ensemble:  # log of the mean probability, so cross-entropy and argmax apply
+            probs = torch.stack([o.float().softmax(dim=1) for o in outputs]).mean(dim=0)
+            outputs.append(probs.clamp(min=1e-12).log())
+        for i, logits in enumerate(outputs):
+            loss_sum[i] += F.cross_entropy(logits, batch.y, reduction="sum")
+            correct[i] += (logits.argmax(dim=1) == batch.y).sum()
+    for m, mode in zip(models, modes, strict=True):
+        m.train(mode)
+    n = max(len(loader.split), 1)
+    # One device sync per split.
+    return [
+        (loss / n, int(c) / n) for loss, c in zip(loss_sum.tolist(), correct.tolist(), strict=True)
+    ]
 
 
 def train(cfg: ExperimentConfig) -> dict[str, float]:

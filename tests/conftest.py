@@ -55,6 +55,32 @@ def write_cifar100(root: Path, train: int, test: int) -> None:
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
 
 
+def write_svhn(
+    root: Path, train: int, test: int, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Small SVHN files in torchvision's layout under ``root``; returns each split's (X, y) as written."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    folder = root / "svhn"
+    folder.mkdir()
+    written = {}
+    for split, n in (("train", train), ("test", test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = (np.arange(n) % 10 + 1).reshape(n, 1)  # SVHN writes digit 0 as label 10
+        scipy.io.savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
+        written[split] = (x, y)
+    return written
+
+
+@pytest.fixture
+def skip_svhn_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torchvision checks the md5 of the official files; the test's small files cannot match it.
+    import torchvision.datasets.svhn as svhn
+
+    monkeypatch.setattr(svhn.SVHN, "_check_integrity", lambda self: True)
+
+
 @pytest.fixture
 def skip_cifar_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
     # torchvision checks the md5 of the official files; the test's small files cannot match it.

@@ -103,12 +103,12 @@ def test_every_shipped_config_loads() -> None:
         ),
         (
             ["teacher.name=oracle"],
-            "unknown teacher 'oracle' (teacher.name); available: constant, ",
+            "unknown teacher 'oracle' (teacher.name); available: co_teaching, constant, ",
         ),
         (["optim.name=lbfgs"], "unknown optimizer 'lbfgs' (optim.name); available: adam, sgd"),
         (
-            ["schedule.name=linear"],
-            "unknown schedule 'linear' (schedule.name); available: constant, cosine, step",
+            ["schedule.name=cyclic"],
+            "unknown schedule 'cyclic' (schedule.name); available: constant, cosine, linear, step",
         ),
         (
             ["model.kwargs.depth=3"],

@@ -20,7 +20,7 @@ from metateach.config import DataConfig, NoiseConfig
 from metateach.data import build_data, load_dataset
 from metateach.errors import ConfigError, DataError
 
-from .conftest import CIFAR10_CLASSES, cifar_batch, write_cifar100
+from .conftest import CIFAR10_CLASSES, cifar_batch, write_cifar100, write_svhn
 
 RNG = np.random.default_rng(0)
 
@@ -98,20 +98,9 @@ def test_cifar100_reads_fine_labels(tmp_path: Path, skip_cifar_checksums: None) 
 
 
 def test_svhn_reads_matlab_files_and_maps_label_10_to_0(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, skip_svhn_checksums: None
 ) -> None:
-    import scipy.io
-    import torchvision.datasets.svhn as svhn
-
-    monkeypatch.setattr(svhn.SVHN, "_check_integrity", lambda self: True)
-    folder = tmp_path / "svhn"
-    folder.mkdir()
-    for split, n in (("train", 40), ("test", 10)):
-        x = RNG.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-        y = (np.arange(n) % 10 + 1).reshape(n, 1)  # SVHN writes digit 0 as label 10
-        scipy.io.savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
-        if split == "train":
-            train_x, train_y = x, y
+    train_x, train_y = write_svhn(tmp_path, train=40, test=10)["train"]
     data = load_dataset("svhn", str(tmp_path))
     assert data.train.targets.tolist() == [int(v) % 10 for v in train_y.flatten()]
     assert torch.equal(

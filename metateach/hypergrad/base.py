@@ -34,7 +34,8 @@ class TeachingStrategy(ABC):
 
     def __init__(self, problem: BilevelProblem) -> None:
         self.problem = problem
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._metrics: dict[str, list[float]] = defaultdict(list)  # since the last pop_metrics()
+        self._epoch_metrics: dict[str, list[float]] = defaultdict(list)  # in this epoch
 
     @abstractmethod
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
@@ -48,24 +49,43 @@ class TeachingStrategy(ABC):
         """Called once when the run has trained all its epochs, with its per-epoch records."""
         _ = history
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Networks the strategy trains besides the student, by name (a peer), for evaluation."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the metrics not yet handed out, and subclasses' state."""
-        return {"metrics": {k: list(v) for k, v in self._metrics.items()}}
+        return {
+            "metrics": {k: list(v) for k, v in self._metrics.items()},
+            "epoch_metrics": {k: list(v) for k, v in self._epoch_metrics.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        self._metrics.clear()
-        self._metrics.update({k: list(v) for k, v in state["metrics"].items()})
+        for mine, saved in (
+            (self._metrics, state["metrics"]),
+            (self._epoch_metrics, state["epoch_metrics"]),
+        ):
+            mine.clear()
+            mine.update({k: list(v) for k, v in saved.items()})
 
     def record(self, **values: float) -> None:
         """Note metrics; :meth:`pop_metrics` hands out their means."""
         for key, value in values.items():
             self._metrics[key].append(float(value))
+            self._epoch_metrics[key].append(float(value))
 
-    def pop_metrics(self) -> dict[str, float]:
-        """The means of the metrics recorded since the last call."""
-        out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+    def pop_metrics(self, epoch: bool = False) -> dict[str, float]:
+        """The means of the metrics recorded since the last call.
+
+        With ``epoch``, the means over everything recorded since the last such
+        call (the epoch's, whatever was handed out at log points meanwhile).
+        """
+        source = self._epoch_metrics if epoch else self._metrics
+        out = {k: sum(v) / len(v) for k, v in source.items() if v}
         self._metrics.clear()
+        if epoch:
+            self._epoch_metrics.clear()
         return out
 
 

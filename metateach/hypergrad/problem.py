@@ -178,11 +178,20 @@ class BilevelProblem:
         ``real=True`` is the pass of a real step: BatchNorm updates its running
         statistics. Any other pass (virtual, replayed) runs on scratch buffers.
         """
+        logits, view = self.forward(params, batch, context, real=real)
+        lesson = self.lesson(batch, view, teacher_grad)
+        return TrainPass(lesson_loss(lesson, logits, batch.y), logits, view, lesson)
+
+    def forward(
+        self, params: Params, batch: Batch, context: TeachingContext, *, real: bool
+    ) -> tuple[Tensor, StudentView]:
+        """The student's logits at ``params`` (with their graph) and the teacher's view of the pass.
+
+        ``real`` as in :meth:`train_loss`.
+        """
         buffers = None if real else scratch_buffers(self.student)
         states = student_forward(self.student, params, batch.x, buffers)
-        view = self.view(states, batch, context)
-        lesson = self.lesson(batch, view, teacher_grad)
-        return TrainPass(lesson_loss(lesson, states.logits, batch.y), states.logits, view, lesson)
+        return states.logits, self.view(states, batch, context)
 
     def val_loss(self, params: Params, batch: Batch) -> Tensor:
         """The outer objective: mean cross-entropy on a clean validation batch at ``params``.
@@ -228,17 +237,24 @@ class BilevelProblem:
         same dropout draws; that pass runs on scratch BatchNorm buffers, so
         the running statistics move once a step.
         """
-        rng = self.rng_state() if isinstance(self.optimizer, SAM) else None
+        rng = self.step_rng()
         step = self.train_loss(self.params(), batch, context, real=True, teacher_grad=False)
-        if rng is None:
-            self.apply_gradients(step.loss)
-        else:
-            self.sharpness_aware_step(step, batch, rng)
+        self.descend(step, batch, rng)
         return self.statistics(step.view, batch)
 
-    def sharpness_aware_step(self, first: TrainPass, batch: Batch, rng: RNGState) -> None:
-        """SAM's step: epsilon from the gradient of ``first``, the gradient at w + epsilon, the base step."""
-        assert isinstance(self.optimizer, SAM)
+    def step_rng(self) -> RNGState | None:
+        """Under SAM, the random state before a real step's forward pass (its second pass replays it)."""
+        return self.rng_state() if isinstance(self.optimizer, SAM) else None
+
+    def descend(self, first: TrainPass, batch: Batch, rng: RNGState | None) -> None:
+        """The real optimizer's step from the real pass ``first``: plain, or SAM's two passes.
+
+        ``rng`` is :meth:`step_rng` taken before ``first`` ran.
+        """
+        if not isinstance(self.optimizer, SAM):
+            self.apply_gradients(first.loss)
+            return
+        assert rng is not None, "a SAM step replays the first pass: take step_rng() before it"
         params = self.params()
         grads = torch.autograd.grad(first.loss, list(params.values()))
         self.optimizer.perturb(grads)

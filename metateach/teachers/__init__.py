@@ -6,6 +6,8 @@
 ``learning_to_reweight``      weights from per-sample validation gradients        Ren et al. 2018
 ``l2t_dln``                   a dynamic loss network, updated by an LSTM teacher  Hai et al. 2023
 ``l2t_dlf``                   loss coefficients from the student's state          Wu et al. 2018
+``co_teaching``               a peer network; each learns from the other's        Han et al. 2018
+                              small-loss samples (SRIT: with ``optim.sam.rho``)
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 from metateach.registry import TEACHERS
+from metateach.teachers.co_teaching import CoTeaching
 from metateach.teachers.constant import ConstantTeacher
 from metateach.teachers.deep_interaction import DeepInteractionTeacher
 from metateach.teachers.dynamic_loss import DynamicLossNetwork, DynamicLossTeacher
@@ -28,6 +31,7 @@ from metateach.teachers.random_filter import RandomFilter
 from metateach.teachers.self_paced import SelfPacedLearning
 
 __all__ = [
+    "CoTeaching",
     "ConstantTeacher",
     "DeepInteractionTeacher",
     "DynamicLossFunctionTeacher",
