@@ -8,6 +8,8 @@ run on it, each a list of ``key=value`` overrides::
     variants:
       none: [teacher.name=none]
       meta_weight_net: [teacher.name=meta_weight_net]
+    paper:                      # optional: published numbers (%) to print beside ours
+      meta_weight_net: 92.9
 
 :func:`run_comparison` trains every (variant, seed) pair in a folder of its
 own, skips pairs already finished and resumes pairs that were cut short, so
@@ -48,6 +50,8 @@ class Comparison:
     variants: dict[str, list[str]]
     name: str = "comparison"
     overrides: list[str] = field(default_factory=list)
+    #: Published test accuracies (%) by variant, for the table.
+    paper: dict[str, float] = field(default_factory=dict)
 
 
 def load_comparison(path: str | Path) -> Comparison:
@@ -56,7 +60,7 @@ def load_comparison(path: str | Path) -> Comparison:
     if not path.is_file():
         raise ConfigError(f"comparison file not found: {path}")
     content = yaml.safe_load(path.read_text()) or {}
-    allowed = {"config", "seeds", "variants", "overrides"}
+    allowed = {"config", "seeds", "variants", "overrides", "paper"}
     if unknown := sorted(set(content) - allowed):
         raise ConfigError(
             f"comparison file {path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}"
@@ -72,12 +76,21 @@ def load_comparison(path: str | Path) -> Comparison:
     seeds = content.get("seeds", [0, 1, 2])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"comparison file {path}: seeds must be a list of integers")
+    paper = content.get("paper", {})
+    if not isinstance(paper, dict) or not all(
+        k in variants and isinstance(v, int | float) for k, v in paper.items()
+    ):
+        raise ConfigError(
+            f"comparison file {path}: paper must map variant names to numbers "
+            f"(variants: {', '.join(variants)})"
+        )
     return Comparison(
         config=path.parent / content["config"],
         seeds=seeds,
         variants={str(k): [str(o) for o in v] for k, v in variants.items()},
         name=path.stem,
         overrides=[str(o) for o in content.get("overrides", [])],
+        paper={str(k): float(v) for k, v in paper.items()},
     )
 
 
@@ -119,6 +132,8 @@ def run_comparison(
                     cfg.train.resume = str(folder)
                 pending.append(cfg)
             runs.append((variant, seed, folder))
+    # Seed by seed: a comparison cut short has its first seeds of every variant.
+    pending.sort(key=lambda cfg: comparison.seeds.index(cfg.train.seed))
     if jobs > 1 and len(pending) > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         for cfg in pending:
@@ -158,11 +173,16 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The summary as a Markdown table, mean +- std (sample std over seeds)."""
-    header = "| variant | seeds | " + " | ".join(METRICS.values()) + " |"
-    lines = [header, "|---|---|" + "---|" * len(METRICS)]
+def markdown_table(rows: Sequence[dict[str, Any]], paper: dict[str, float] | None = None) -> str:
+    """The summary as a Markdown table, mean +- std (sample std over seeds), and ``paper``'s numbers."""
+    columns = list(METRICS.values()) + (["paper (%)"] if paper else [])
+    lines = [
+        "| variant | seeds | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
     for row in rows:
         cells = [f"{row[m]:.2f} ± {row[f'{m} std']:.2f}" for m in METRICS]
+        if paper:
+            cells.append(f"{paper[row['variant']]:.2f}" if row["variant"] in paper else "–")
         lines.append(f"| {row['variant']} | {row['runs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -34,18 +34,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="runs to train at once, in processes of their own (default: 1)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run (and tabulate) only these of the comparison's seeds",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     from metateach.compare import load_comparison, markdown_table, run_comparison, summarize
-    from metateach.errors import MetateachError, first_line
+    from metateach.errors import ConfigError, MetateachError, first_line
     from metateach.plots import plot_comparison
 
     # A polite kill ends the comparison as Ctrl-C does, stopping its workers too.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         comparison = load_comparison(args.comparison)
+        if args.seeds:
+            if unknown := sorted(set(args.seeds) - set(comparison.seeds)):
+                raise ConfigError(
+                    f"--seeds {unknown[0]} is not among the comparison's seeds {comparison.seeds}"
+                )
+            comparison.seeds = [s for s in comparison.seeds if s in args.seeds]
         folder = Path(args.out) / comparison.name
         results = run_comparison(comparison, folder, args.overrides, jobs=args.jobs)
     except MetateachError as e:
@@ -54,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     rows = summarize(results)
-    table = markdown_table(rows)
+    table = markdown_table(rows, comparison.paper)
     (folder / "results.json").write_text(
         json.dumps({"runs": results, "summary": rows}, indent=2) + "\n"
     )
