@@ -13,6 +13,7 @@ paths, relative to the file); the file's own values win::
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ class ModelConfig:
     """The student network."""
 
     name: str = "mlp"
-    #: Extra constructor arguments of the chosen model, e.g. ``{hidden: [256]}``.
+    #: Extra constructor arguments of the chosen model, e.g. ``{hidden: [256]}``
+    #: (a file or override that names another model starts them afresh).
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -188,7 +190,8 @@ class TeacherConfig:
     """Who guides the student. ``none`` trains the student alone."""
 
     name: str = "none"
-    #: Extra constructor arguments of the chosen teacher.
+    #: Extra constructor arguments of the chosen teacher (a file or override that
+    #: names another teacher starts them afresh).
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: Let a learning teacher learn; false keeps it as it is (e.g. loaded from ``checkpoint``).
     learn: bool = True
@@ -294,14 +297,37 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     merged = OmegaConf.create()
     for base in bases:
         base_cfg = _read_with_bases(path.parent / base, (*chain, resolved))
-        merged = OmegaConf.merge(merged, base_cfg)
-    return OmegaConf.merge(merged, OmegaConf.create(content))
+        merged = _layer(merged, base_cfg)
+    return _layer(merged, OmegaConf.create(content))
+
+
+#: Sections whose ``kwargs`` are arguments of the thing their ``name`` names.
+_NAMED_SECTIONS = ("model", "teacher")
+
+
+def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
+    """``above`` merged over ``below``; where ``above`` names another model or teacher, the
+    ``kwargs`` meant for the old one are dropped (``above``'s own apply).
+
+    So ``teacher.name=none`` on a co-teaching config trains the baseline, instead of
+    handing ``gradual_epochs`` to a teacher that has no such option.
+    """
+    for section in _NAMED_SECTIONS:
+        name = OmegaConf.select(above, f"{section}.name")
+        if (
+            name is not None
+            and name != OmegaConf.select(below, f"{section}.name")
+            and OmegaConf.select(below, f"{section}.kwargs")
+        ):
+            below = copy.deepcopy(below)
+            below[section].kwargs = {}
+    return OmegaConf.merge(below, above)
 
 
 def _merge(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
     """Merge ``update`` into the typed ``schema``, turning OmegaConf's errors into one line."""
     try:
-        return OmegaConf.merge(schema, update)
+        return _layer(schema, update)
     except ConfigKeyError as e:
         raise ConfigError(_unknown_key_message(e, origin)) from None
     except ValidationError as e:

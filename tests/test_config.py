@@ -61,6 +61,33 @@ def test_base_files_merge_in_order_and_the_file_wins(tmp_path: Path) -> None:
     assert cfg.train.epochs == 7  # inherited from a through b
 
 
+def test_naming_another_teacher_or_model_starts_its_kwargs_afresh(tmp_path: Path) -> None:
+    # A paper cell's baseline: the co-teaching options do not reach teacher 'none'.
+    cell = CONFIGS / "srit" / "mnist_sym20.yaml"
+    assert load_config(cell).teacher.kwargs == {"gradual_epochs": 10}
+    baseline = load_config(cell, ["teacher.name=none"])
+    assert baseline.teacher.name == "none" and baseline.teacher.kwargs == {}
+    assert baseline.optim.sam.rho == 0.05  # everything else stays
+    cpu = CONFIGS / "cpu" / "srit_mnist.yaml"
+    assert load_config(cpu, ["model.name=lenet"]).model.kwargs == {}
+    # Kwargs set beside the new name are kept; the same name keeps merging.
+    both = load_config(cpu, ["teacher.name=self_paced", "teacher.kwargs.start=0.5"])
+    assert both.teacher.kwargs == {"start": 0.5}
+    same = load_config(cpu, ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=auto"])
+    assert same.teacher.kwargs == {"gradual_epochs": 5, "forget_rate": "auto"}
+    # Between files too: a file naming another teacher does not inherit its base's options.
+    write(
+        tmp_path / "a.yaml", {"teacher": {"name": "co_teaching", "kwargs": {"gradual_epochs": 3}}}
+    )
+    write(tmp_path / "b.yaml", {"base": "a.yaml", "teacher": {"name": "focal"}})
+    write(tmp_path / "c.yaml", {"base": "a.yaml", "teacher": {"kwargs": {"forget_rate": 0.1}}})
+    assert load_config(tmp_path / "b.yaml").teacher.kwargs == {}
+    assert load_config(tmp_path / "c.yaml").teacher.kwargs == {
+        "gradual_epochs": 3,
+        "forget_rate": 0.1,
+    }
+
+
 def test_paper_base_config_holds_the_deep_interaction_settings() -> None:
     cfg = load_config(CONFIGS / "cifar10_resnet32.yaml")
     assert (cfg.data.name, cfg.data.val_size, cfg.model.name) == ("cifar10", 5000, "resnet32")
