@@ -65,23 +65,36 @@ def plot_transition_matrix(
 def plot_training_curves(
     history: Sequence[Mapping[str, float]], title: str, path: str | Path
 ) -> Path:
-    """Loss and accuracy per epoch for the training, validation and test splits."""
+    """Loss and accuracy per epoch for the training, validation and test splits.
+
+    With a peer student (co-teaching, SRIT), the accuracy panel adds the
+    peer's and the ensemble's test accuracy, and a third panel the label
+    precision of both networks' selections and the keep ratio.
+    """
     epochs = [r["epoch"] for r in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    peer = "peer/label_precision_student" in history[0]
+    fig, axes = plt.subplots(1, 3 if peer else 2, figsize=(16 if peer else 11, 4),
+                             constrained_layout=True)  # fmt: skip
+    loss_ax, acc_ax = axes[:2]
+
+    def curve(ax: plt.Axes, key: str, style: str, label: str, scale: float = 100) -> None:
+        if key in history[0]:
+            ax.plot(epochs, [scale * r[key] for r in history], style, label=label)
+
     for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
-        if f"{split}/loss" in history[0]:
-            loss_ax.plot(epochs, [r[f"{split}/loss"] for r in history], style, label=split)
-            acc_ax.plot(epochs, [100 * r[f"{split}/acc"] for r in history], style, label=split)
-    if "train/clean_acc" in history[0]:
-        acc_ax.plot(
-            epochs,
-            [100 * r["train/clean_acc"] for r in history],
-            "-.",
-            label="train (clean labels)",
-        )
+        curve(loss_ax, f"{split}/loss", style, split, scale=1)
+        curve(acc_ax, f"{split}/acc", style, split)
+    curve(acc_ax, "train/clean_acc", "-.", "train (clean labels)")
+    curve(acc_ax, "peer/test_acc", ":", "test (peer)")
+    curve(acc_ax, "ensemble/test_acc", ":", "test (ensemble)")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale="log")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (loss_ax, acc_ax):
+    if peer:
+        curve(axes[2], "peer/label_precision_student", "-", "student's selection")
+        curve(axes[2], "peer/label_precision_peer", "--", "peer's selection")
+        curve(axes[2], "peer/keep_ratio", ":", "keep ratio R(T)")
+        axes[2].set(xlabel="epoch", ylabel="%", title="clean share of the selected samples")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

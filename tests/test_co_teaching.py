@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from metateach.data import Batch
 from metateach.errors import ConfigError
@@ -226,10 +227,13 @@ NOISY = ["noise.type=symmetric", "noise.rate=0.4", "teacher.name=co_teaching", "
 
 
 def test_a_co_teaching_run_selects_cleaner_samples_and_logs_both_networks(make_config) -> None:
-    cfg = make_config(*NOISY, "teacher.kwargs.gradual_epochs=1")
+    cfg = make_config(*NOISY, "teacher.kwargs.gradual_epochs=1", "logging.plots=true")
     trainer = Trainer(cfg)
     trainer.fit()
     last = trainer.state.history[-1]
+    # curves.png gains a third panel, the selections' label precision: 16 x 4 inches, not 11 x 4.
+    with Image.open(trainer.run_dir / "curves.png") as curves:
+        assert curves.width / curves.height == pytest.approx(4.0, rel=0.02)
     for key in ("peer/test_acc", "ensemble/test_acc", "peer/val_acc", "ensemble/val_acc"):
         assert 0.3 < last[key] <= 1.0, key
     # The small-loss samples are cleaner than the batch (60% clean).
