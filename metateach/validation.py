@@ -42,6 +42,8 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.batch_size", *_at_least(1)),
     ("train.eval_batch_size", *_at_least(1)),
     ("train.checkpoint_every_steps", *_at_least(1, optional=True)),
+    ("train.eval_every_steps", *_at_least(1, optional=True)),
+    ("train.target_val_acc", lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
     ("train.threads", *_at_least(1, optional=True)),
     (
         "train.device",
@@ -98,6 +100,10 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.noise.type == "none" and cfg.noise.rate != 0:
         raise ConfigError(
             f"noise.rate={cfg.noise.rate} needs a noise.type to corrupt labels (it is 'none')"
+        )
+    if cfg.train.stop_at_target and cfg.train.target_val_acc is None:
+        raise ConfigError(
+            "train.stop_at_target needs train.target_val_acc, the accuracy to stop at"
         )
     _validate_teacher(cfg)
 
@@ -168,6 +174,9 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         )
 
 
-#: What a teacher's builder may ask for besides its options (``teacher.kwargs``).
-TEACHER_CONTEXT = {"num_classes": None, "student": None}
+#: What a teacher's builder may ask for besides its options (``teacher.kwargs``):
+#: what :func:`metateach.teaching.build_teaching` offers.
+TEACHER_CONTEXT = dict.fromkeys(
+    ("num_classes", "student", "new_student", "noise_rate", "train_size")
+)
 HYPERGRAD_KEYS = ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options")

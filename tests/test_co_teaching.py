@@ -294,7 +294,11 @@ def test_a_peer_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(
         ("teacher.kwargs.forget_rate=1.5", "forget_rate must be in"),
         ("teacher.kwargs.forget_rate=most", "forget_rate must be in"),
         ("teacher.kwargs.gradual_epochs=-1", "gradual_epochs must be"),
-        ("teacher.kwargs.tau=0.2", "unknown option 'tau'"),
+        (
+            "teacher.kwargs.tau=0.2",
+            r"unknown option 'tau' for teacher 'co_teaching' \(teacher.kwargs\); "
+            "valid: forget_rate, gradual_epochs$",
+        ),
     ],
 )
 def test_bad_co_teaching_settings_name_the_key(make_config, override: str, message: str) -> None:
