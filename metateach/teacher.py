@@ -237,6 +237,7 @@ class PeerTeacher(Teacher):
 
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
         """The peer's selection on ``batch``: its forward pass as in training, BatchNorm statistics untouched."""
+        # Imported here: the hypergrad package imports this module.
         from metateach.hypergrad.functional import scratch_buffers, student_forward
 
         params = dict(self.peer.named_parameters())
