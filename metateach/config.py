@@ -153,6 +153,14 @@ class TrainConfig:
     resume: str | None = None
     #: Also checkpoint every this many steps (the end of an epoch always is).
     checkpoint_every_steps: int | None = None
+    #: Also measure validation accuracy every this many steps (the end of an epoch
+    #: always does), for ``target_val_acc`` and ``accuracy_vs_samples.png``.
+    eval_every_steps: int | None = None
+    #: tau: record the step, and the training samples learned from, at which
+    #: validation accuracy first reaches this (L2T's measure of teaching speed).
+    target_val_acc: float | None = None
+    #: End the run once ``target_val_acc`` is reached (an L2T episode).
+    stop_at_target: bool = False
     #: tqdm progress bars.
     progress: bool = True
 

@@ -101,6 +101,30 @@ def plot_training_curves(
     return _save(fig, path)
 
 
+def plot_accuracy_vs_samples(
+    evals: Sequence[Sequence[float]], target: float | None, title: str, path: str | Path
+) -> Path:
+    """Validation accuracy against the training samples learned from (L2T's Figure 2).
+
+    ``evals`` holds [step, samples, accuracy] rows; ``target`` draws tau and
+    marks where the run first reached it.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    samples = [row[1] for row in evals]
+    accuracy = [100 * row[2] for row in evals]
+    ax.plot(samples, accuracy, ".-", label="validation")
+    if target is not None:
+        ax.axhline(100 * target, color="grey", linestyle="--", label=f"target {100 * target:g}%")
+        reached = next((row for row in evals if row[2] >= target), None)
+        if reached is not None:
+            ax.plot([reached[1]], [100 * reached[2]], "o", color="red",
+                    label=f"reached after {int(reached[1]):,} samples")  # fmt: skip
+    ax.set(xlabel="training samples learned from", ylabel="accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def plot_weight_vs_loss(snapshot: WeightSnapshot, title: str, path: str | Path) -> Path:
     """Figure 2(a, d): each sample's weight against its training loss, coloured by class."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)

@@ -35,7 +35,7 @@ from metateach.errors import CheckpointError, MetateachError, first_line
 from metateach.logging import RunLogger, log_run_start
 from metateach.models import create_model
 from metateach.optim import build_schedule, optimizer_from_config
-from metateach.plots import plot_training_curves
+from metateach.plots import plot_accuracy_vs_samples, plot_training_curves
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext
@@ -52,6 +52,7 @@ class EpochTotals:
     correct: int = 0
     clean_correct: int = 0  # predictions that match the true label of a (noisy) sample
     seen: int = 0
+    learned: int = 0  # samples the student learned from (those its lessons kept)
     seconds: float = 0.0  # time spent in student steps
 
 
@@ -62,11 +63,17 @@ class TrainState:
     epoch: int = 0  # the epoch in progress, from 0
     batch: int = 0  # batches of that epoch already done
     step: int = 0  # student steps since the start of the run
+    learned: int = 0  # samples learned from since the start of the run (counted to the last sync)
     totals: EpochTotals = field(default_factory=EpochTotals)
     best_val_acc: float = -1.0
     best_epoch: int = 0
     test_acc_at_best: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)  # one record per finished epoch
+    #: [step, samples learned from, validation accuracy] at every evaluation.
+    evals: list[list[float]] = field(default_factory=list)
+    target_step: int | None = None  # when validation accuracy first reached train.target_val_acc
+    target_samples: int | None = None  # the samples learned from by then
+    stopped: bool = False  # ended at the target (train.stop_at_target)
     finished: bool = False  # all epochs done and the end of the run handled
 
     @classmethod
@@ -112,7 +119,7 @@ class Trainer:
 
         # Step results pile up on the device and are read only at log points:
         # reading them every step would force a CPU-GPU sync per step.
-        self._pending = torch.zeros(3, device=self.device, dtype=torch.float64)
+        self._pending = torch.zeros(4, device=self.device, dtype=torch.float64)
         self._pending_since = time.perf_counter()
         # The running average of the batch losses, a teacher's view of the student's history.
         self._loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -151,7 +158,8 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> dict[str, float]:
         """Train until ``train.epochs`` are done; return the last epoch's metrics.
 
-        With ``max_steps``, stop (with a checkpoint) after that many steps in
+        With ``train.stop_at_target``, the run ends (its last epoch cut short)
+        at the first evaluation that reaches ``train.target_val_acc``. With ``max_steps``, stop (with a checkpoint) after that many steps in
         this call; a later ``train.resume`` continues exactly from there.
         """
         cfg, state = self.cfg, self.state
@@ -160,7 +168,7 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         stop_at = None if max_steps is None else state.step + max_steps
         try:
-            while state.epoch < cfg.train.epochs:
+            while state.epoch < cfg.train.epochs and not state.stopped:
                 self.model.train()
                 bar = tqdm(
                     total=steps_per_epoch, initial=state.batch, unit="batch", leave=False,
@@ -177,6 +185,11 @@ class Trainer:
                     bar.update()
                     if state.step % cfg.logging.every_steps == 0:
                         self._log_running_loss(bar)
+                    evaluate = cfg.train.eval_every_steps
+                    if evaluate and state.step % evaluate == 0 and state.batch < steps_per_epoch:
+                        self._evaluate_progress()  # the epoch's end evaluates anyway
+                        if state.stopped:
+                            break
                     every = cfg.train.checkpoint_every_steps
                     stopping = stop_at is not None and state.step >= stop_at
                     self._save_due |= stopping or (bool(every) and state.step % every == 0)
@@ -187,13 +200,14 @@ class Trainer:
                 self._end_epoch()
             return self._finish()
         finally:
-            if state.epoch < cfg.train.epochs:  # stopped early or failed: release W&B and the file
+            if not state.finished:  # stopped early or failed: release W&B and the file
                 self.logger.close()
 
     def train_step(self, batch: Batch) -> Tensor:
         """One student step (and the teacher's, when due) by the teaching strategy.
 
-        Returns [sum of cross-entropy, correct, correct on clean labels] on the device.
+        Returns [sum of cross-entropy, correct, correct on clean labels, samples learned from]
+        on the device.
         """
         state = self.state
         stats = self.teaching.strategy.step(batch, self.context())
@@ -228,6 +242,8 @@ class Trainer:
         totals = self._collect()
         val_loss, val_acc = self.evaluate(self.val_loader)
         test_loss, test_acc = self.evaluate(self.test_loader)
+        if not state.evals or state.evals[-1][0] != state.step:  # not measured just now
+            self._note_evaluation(val_acc)
         if val_acc > state.best_val_acc:
             state.best_val_acc, state.best_epoch, state.test_acc_at_best = (
                 val_acc,
@@ -249,6 +265,8 @@ class Trainer:
             "best/test_acc": state.test_acc_at_best,
             "lr": self.optimizer.param_groups[0]["lr"],
             "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
+            "train/learned_samples": state.learned,
+            **self._target_metrics(),
             **self._evaluate_peers(),
             **self.teaching.strategy.pop_metrics(epoch=True),
             **(self._diagnostics.measure(self.context()) if self._diagnostics else {}),
@@ -264,6 +282,35 @@ class Trainer:
         state.epoch, state.batch, state.totals = state.epoch + 1, 0, EpochTotals()
         self._save_due = True
         self._save_if_due()
+
+    def _evaluate_progress(self) -> None:
+        """A validation between epoch ends (``train.eval_every_steps``)."""
+        _, val_acc = self.evaluate(self.val_loader)
+        self._note_evaluation(val_acc)
+        self.logger.log(
+            {"eval/val_acc": val_acc, "eval/learned_samples": self.state.learned}, self.state.step
+        )
+
+    def _note_evaluation(self, val_acc: float) -> None:
+        """Record an evaluation, and whether it is the first to reach ``train.target_val_acc``."""
+        state, run = self.state, self.cfg.train
+        self._collect()  # brings state.learned up to this step
+        state.evals.append([state.step, state.learned, val_acc])
+        target = run.target_val_acc
+        if target is not None and state.target_step is None and val_acc >= target:
+            state.target_step, state.target_samples = state.step, state.learned
+            state.stopped = run.stop_at_target
+            tqdm.write(
+                f"validation accuracy {100 * val_acc:.2f}% reached the target {100 * target:g}% "
+                f"at step {state.step}, after {state.learned} samples learned from"
+            )
+
+    def _target_metrics(self) -> dict[str, int]:
+        """When validation accuracy first reached ``train.target_val_acc``, once it has."""
+        state = self.state
+        if state.target_step is None or state.target_samples is None:
+            return {}
+        return {"target/step": state.target_step, "target/samples": state.target_samples}
 
     def _evaluate_peers(self) -> dict[str, float]:
         """Accuracy of the networks trained beside the student (a peer), and of the ensemble of all.
@@ -313,6 +360,13 @@ class Trainer:
                 "best/test_acc": state.test_acc_at_best,
                 "noise/realized_rate": self.data.noise.realized_rate,
                 "steps": state.step,
+                "learned_samples": state.learned,
+                # None: the run never reached its target.
+                **(
+                    {"target/step": state.target_step, "target/samples": state.target_samples}
+                    if self.cfg.train.target_val_acc is not None
+                    else {}
+                ),
             }
         )
         if self._diagnostics is not None and self.cfg.logging.plots:
@@ -326,6 +380,11 @@ class Trainer:
                 state.history, self.run_dir.name, self.run_dir / "curves.png"
             )
             self.logger.log_image("plots/curves", path, state.step)
+            path = plot_accuracy_vs_samples(
+                state.evals, self.cfg.train.target_val_acc, self.run_dir.name,
+                self.run_dir / "accuracy_vs_samples.png",
+            )  # fmt: skip
+            self.logger.log_image("plots/accuracy_vs_samples", path, state.step)
         self.logger.close()
         return metrics
 
@@ -387,13 +446,15 @@ class Trainer:
 
     def _collect(self) -> EpochTotals:
         """Add the device-side step results to the epoch totals (a sync point); stop on a non-finite loss."""
-        loss_sum, correct, clean_correct = self._pending.tolist()
+        loss_sum, correct, clean_correct, learned = self._pending.tolist()
         self._pending.zero_()
         now = time.perf_counter()
         totals = self.state.totals
         totals.loss_sum += loss_sum
         totals.correct += int(correct)
         totals.clean_correct += int(clean_correct)
+        totals.learned += int(learned)
+        self.state.learned += int(learned)
         totals.seconds += now - self._pending_since
         self._pending_since = now
         if not torch.isfinite(torch.tensor(loss_sum)):

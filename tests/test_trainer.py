@@ -67,7 +67,9 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(
     make_config, into_epoch_2: int
 ) -> None:
     # Dropout draws from the global RNG, so this also checks that the RNG state is carried over.
-    common = ("train.epochs=3", "model.kwargs.dropout=0.2", "noise.type=pairflip", "noise.rate=0.3")
+    # Validation between epochs and a target accuracy leave the run as it is.
+    common = ("train.epochs=3", "model.kwargs.dropout=0.2", "noise.type=pairflip", "noise.rate=0.3",
+              "train.eval_every_steps=6", "train.target_val_acc=0.8")  # fmt: skip
     straight = Trainer(make_config(*common, "train.run_name=straight"))
     expected = straight.fit()
 
@@ -91,6 +93,46 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(
     ]
     steps = [r["step"] for r in read_metrics(first.run_dir)]
     assert steps == sorted(steps)  # nothing logged twice
+    assert resumed.state.evals == straight.state.evals
+    assert resumed.state.target_step == straight.state.target_step is not None
+
+
+def test_a_run_measures_when_it_reaches_the_target_and_can_stop_there(make_config) -> None:
+    target = ("train.epochs=4", "train.eval_every_steps=3", "train.target_val_acc=0.8",
+              "logging.plots=true")  # fmt: skip
+    full = Trainer(make_config(*target, "train.run_name=full"))
+    full.fit()
+    state = full.state
+    # Validation every 3 steps and at each epoch's end (20 steps an epoch), samples counted as learned.
+    steps = [int(row[0]) for row in state.evals]
+    assert steps[:8] == [3, 6, 9, 12, 15, 18, 20, 21] and steps[-1] == 80
+    assert [int(row[1]) for row in state.evals] == sorted(int(row[1]) for row in state.evals)
+    assert (
+        state.learned == state.evals[-1][1] == 4 * len(full.data.train)
+    )  # no teacher: every sample
+    first = next(row for row in state.evals if row[2] >= 0.8)
+    assert (state.target_step, state.target_samples) == (first[0], first[1])
+    assert 3 <= state.target_step < 80  # the digits are learned to 80% within the run
+    summary = json.loads((full.run_dir / "summary.json").read_text())
+    assert summary["target/step"] == state.target_step
+    assert (full.run_dir / "accuracy_vs_samples.png").stat().st_size > 10_000
+    evals = [r for r in read_metrics(full.run_dir) if "eval/val_acc" in r]
+    assert [r["step"] for r in evals] == [s for s in steps if s % 20]
+
+    stopped = Trainer(make_config(*target, "train.stop_at_target=true", "train.run_name=stop"))
+    last = stopped.fit()
+    assert stopped.state.stopped and stopped.state.step == state.target_step
+    assert stopped.state.evals == state.evals[: len(stopped.state.evals)]
+    assert last["target/step"] == state.target_step and last["val/acc"] >= 0.8
+    assert stopped.state.history[-1]["epoch"] == state.target_step // 20 + 1  # a partial last epoch
+
+
+def test_samples_learned_from_are_those_the_lessons_keep(make_config) -> None:
+    trainer = Trainer(make_config("teacher.name=random_filter", "teacher.kwargs.keep=0.5"))
+    trainer.fit()
+    seen = 2 * len(trainer.data.train)
+    assert 0.45 * seen < trainer.state.learned < 0.55 * seen
+    assert trainer.state.history[-1]["train/learned_samples"] == trainer.state.learned
 
 
 def test_resuming_with_a_different_experiment_is_refused(make_config) -> None:

@@ -196,7 +196,7 @@ class PerStepMethod(HypergradMethod):
             self.update_teacher(self.teacher_gradient(params, batch, train))
         lesson = problem.lesson(batch, train.view, teacher_grad=False)
         problem.apply_gradients(lesson_loss(lesson, train.logits, batch.y))
-        return problem.statistics(train.view, batch)
+        return problem.statistics(train.view, batch, lesson)
 
 
 class UpdateMeter:

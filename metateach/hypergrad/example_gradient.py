@@ -63,4 +63,4 @@ class ExampleGradients(HypergradMethod):
         lesson = problem.lesson(batch, view, teacher_grad=False)
         problem.apply_gradients(lesson_loss(lesson, states.logits, batch.y))
         self.record(**{"teacher/negative_share": float((grad < 0).double().mean())})
-        return problem.statistics(view, batch)
+        return problem.statistics(view, batch, lesson)

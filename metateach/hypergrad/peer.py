@@ -76,11 +76,11 @@ class PeerTeaching(TeachingStrategy):
             f_selects = self.teacher.select(f_view.losses, context)
             g_selects = self.teacher.select(g_view.losses, context)
         # The exchange: f learns from g's selection, g from f's.
-        for side, logits, view, selection, rng in (
-            (student, f_logits, f_view, g_selects, rngs[0]),
-            (peer, g_logits, g_view, f_selects, rngs[1]),
+        lessons = Lesson(mask=g_selects), Lesson(mask=f_selects)
+        for side, logits, view, lesson, rng in (
+            (student, f_logits, f_view, lessons[0], rngs[0]),
+            (peer, g_logits, g_view, lessons[1], rngs[1]),
         ):
-            lesson = Lesson(mask=selection)
             side.descend(
                 TrainPass(lesson_loss(lesson, logits, batch.y), logits, view, lesson), batch, rng
             )
@@ -92,7 +92,7 @@ class PeerTeaching(TeachingStrategy):
                 "peer/keep_ratio": float(f_selects.float().mean()),
             }
         )
-        return student.statistics(f_view, batch)
+        return student.statistics(f_view, batch, lessons[0])
 
 
 def _precision(selected: Tensor, clean: Tensor) -> float:

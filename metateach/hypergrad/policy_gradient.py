@@ -60,7 +60,7 @@ class Reinforce(TeachingStrategy):
             if g is not None:
                 total += g
         problem.apply_gradients(train.loss)
-        return problem.statistics(train.view, batch)
+        return problem.statistics(train.view, batch, train.lesson)
 
     def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
         assert self.problem.teacher is not None

@@ -240,7 +240,7 @@ class BilevelProblem:
         rng = self.step_rng()
         step = self.train_loss(self.params(), batch, context, real=True, teacher_grad=False)
         self.descend(step, batch, rng)
-        return self.statistics(step.view, batch)
+        return self.statistics(step.view, batch, step.lesson)
 
     def step_rng(self) -> RNGState | None:
         """Under SAM, the random state before a real step's forward pass (its second pass replays it)."""
@@ -293,13 +293,21 @@ class BilevelProblem:
         assert self.teacher is not None
         return [p for p in self.teacher.parameters() if p.requires_grad]
 
-    def statistics(self, view: StudentView, batch: Batch) -> Tensor:
-        """[sum of cross-entropy, correct, correct on clean labels] of a step, on the device."""
+    def statistics(self, view: StudentView, batch: Batch, lesson: Lesson | None) -> Tensor:
+        """[sum of cross-entropy, correct, correct on clean labels, samples learned from] of a step.
+
+        On the device. The samples learned from are those the ``lesson`` kept
+        (all of the batch without a mask).
+        """
         predicted = view.logits.detach().argmax(dim=1)
+        learned = (
+            lesson.mask.sum() if lesson is not None and lesson.mask is not None else batch.y.numel()
+        )
         return torch.stack(
             [
                 view.losses.detach().sum().double(),
                 (predicted == batch.y).sum().double(),
                 (predicted == self.clean_targets[batch.index]).sum().double(),
+                torch.as_tensor(learned, dtype=torch.float64, device=batch.y.device),
             ]
         )

@@ -69,7 +69,7 @@ class Unrolled(HypergradMethod):
             grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
             self._params, self._momentum = problem.sgd_step(self._params, self._momentum, grads)
             problem.write_back(self._params, self._momentum)
-            stats = problem.statistics(train.view, batch)
+            stats = problem.statistics(train.view, batch, train.lesson)
         self.position += 1
         if self.position == self.inner_steps:
             self._update_teacher()
