@@ -44,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; continue with train.resume=<run folder>", file=sys.stderr)
         return 130
     print(
-        f"test accuracy: {100 * metrics['test/acc']:.2f}% after {cfg.train.epochs} epochs; "
+        f"test accuracy: {100 * metrics['test/acc']:.2f}% after {metrics['epoch']} epochs"
+        f"{' (stopped at the target)' if trainer.state.stopped else ''}; "
         f"{100 * trainer.state.test_acc_at_best:.2f}% at the best validation epoch ({trainer.state.best_epoch})"
     )
     print(f"run folder: {trainer.run_dir}")

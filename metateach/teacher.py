@@ -181,8 +181,14 @@ class Teacher(nn.Module, metaclass=ABCMeta):
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
         """The lesson for ``batch``, given what the student makes of it."""
 
-    def episode_reward(self, history: Sequence[Mapping[str, float]]) -> float:
-        """A policy-gradient teacher's score for a finished run, from its per-epoch records."""
+    def episode_reward(
+        self, history: Sequence[Mapping[str, float]], context: TeachingContext
+    ) -> float:
+        """A policy-gradient teacher's score for a finished run.
+
+        ``history`` holds its per-epoch records; ``context`` says where it ended
+        (``context.step`` of ``context.total_steps``).
+        """
         raise NotImplementedError(
             f"{type(self).__name__} learns by policy gradient but defines no episode_reward()"
         )

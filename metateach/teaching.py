@@ -67,6 +67,7 @@ def build_teaching(
             ),
             noise_rate=cfg.noise.rate,
             train_size=len(data.train),
+            target_val_acc=cfg.train.target_val_acc,
         )
     except ValueError as e:  # a teacher that cannot work with these options or this student
         raise ConfigError(

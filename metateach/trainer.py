@@ -344,7 +344,7 @@ class Trainer:
     def _finish(self) -> dict[str, float]:
         state = self.state
         if not state.finished:  # once, even when a finished run is resumed
-            self.teaching.strategy.end_of_run(state.history)
+            self.teaching.strategy.end_of_run(state.history, self.context())
             state.finished = True
             if teacher_metrics := self.teaching.strategy.pop_metrics():
                 self.logger.log(teacher_metrics, state.step)

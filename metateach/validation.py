@@ -177,6 +177,6 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
 #: What a teacher's builder may ask for besides its options (``teacher.kwargs``):
 #: what :func:`metateach.teaching.build_teaching` offers.
 TEACHER_CONTEXT = dict.fromkeys(
-    ("num_classes", "student", "new_student", "noise_rate", "train_size")
+    ("num_classes", "student", "new_student", "noise_rate", "train_size", "target_val_acc")
 )
 HYPERGRAD_KEYS = ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options")

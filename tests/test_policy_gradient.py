@@ -32,7 +32,7 @@ class CoinFilter(Teacher):
         self.score += float((keep.double() - p.detach().double()).sum())
         return Lesson(mask=keep, log_prob=torch.where(keep, p.log(), (1 - p).log()).sum())
 
-    def episode_reward(self, history) -> float:
+    def episode_reward(self, history, context) -> float:
         return history[-1]["val/acc"]
 
 

@@ -45,9 +45,9 @@ class TeachingStrategy(ABC):
         """Whether the run can be saved now (not in the middle of a differentiable window)."""
         return True
 
-    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
-        """Called once when the run has trained all its epochs, with its per-epoch records."""
-        _ = history
+    def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
+        """Called once when the run has ended, with its per-epoch records and where it stopped."""
+        _ = history, context
 
     def networks(self) -> dict[str, torch.nn.Module]:
         """Networks the strategy trains besides the student, by name (a peer), for evaluation."""

@@ -113,10 +113,10 @@ class LearnedOptimizer(Unrolled):
         # Only between meta-windows does nothing live in a graph.
         return super().can_checkpoint() and self.position == 0 and self._phi is None
 
-    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+    def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         # The rounds of an unfinished window still teach the LSTM, and the final
         # checkpoint holds the final network, LSTM and memory.
-        super().end_of_run(history)
+        super().end_of_run(history, context)
         self._leaves = None
         if self._phi is not None:
             self._end_meta_window()

@@ -62,9 +62,9 @@ class Reinforce(TeachingStrategy):
         problem.apply_gradients(train.loss)
         return problem.statistics(train.view, batch, train.lesson)
 
-    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+    def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         assert self.problem.teacher is not None
-        reward = float(self.problem.teacher.episode_reward(history))
+        reward = float(self.problem.teacher.episode_reward(history, context))
         advantage = reward - self.baseline
         updated = self.problem.teacher_step([-advantage * s for s in self.score])
         self.record(

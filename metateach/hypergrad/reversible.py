@@ -70,7 +70,7 @@ class Reversible(HypergradMethod):
     def can_checkpoint(self) -> bool:
         return not self._recorded  # recorded batches are not part of a checkpoint
 
-    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+    def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         # The last window is cut short, so that the final checkpoint holds the final state.
         self._recorded.clear()
         self._start_params = None

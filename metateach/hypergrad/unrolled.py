@@ -44,7 +44,7 @@ class Unrolled(HypergradMethod):
     def can_checkpoint(self) -> bool:
         return self._params is None  # a graph in the making cannot be saved
 
-    def end_of_run(self, history: Sequence[Mapping[str, float]]) -> None:
+    def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         # The last window is cut short: its steps stand, its teacher step is dropped,
         # and the final checkpoint holds the final state.
         if self._params is not None:

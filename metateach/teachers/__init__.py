@@ -8,6 +8,8 @@
 ``l2t_dlf``                   loss coefficients from the student's state          Wu et al. 2018
 ``co_teaching``               a peer network; each learns from the other's        Han et al. 2018
                               small-loss samples (SRIT: with ``optim.sam.rho``)
+``l2t``                       a data filter trained by REINFORCE to speed up      Fan et al. 2018
+                              reaching a target accuracy
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
@@ -25,6 +27,7 @@ from metateach.teachers.deep_interaction import DeepInteractionTeacher
 from metateach.teachers.dynamic_loss import DynamicLossNetwork, DynamicLossTeacher
 from metateach.teachers.dynamic_loss_function import DynamicLossFunctionTeacher
 from metateach.teachers.focal import FocalLoss
+from metateach.teachers.l2t import L2TFilter
 from metateach.teachers.learning_to_reweight import LearningToReweight
 from metateach.teachers.meta_weight_net import MetaWeightNet
 from metateach.teachers.random_filter import RandomFilter
@@ -38,6 +41,7 @@ __all__ = [
     "DynamicLossNetwork",
     "DynamicLossTeacher",
     "FocalLoss",
+    "L2TFilter",
     "LearningToReweight",
     "MetaWeightNet",
     "RandomFilter",

@@ -1,0 +1,180 @@
+"""L2T: the data filter's state, its draws and their log-probability, its reward, and REINFORCE."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metateach.data import Batch
+from metateach.errors import ConfigError
+from metateach.hypergrad import Reinforce
+from metateach.lesson import Lesson
+from metateach.logging import read_metrics
+from metateach.registry import TEACHERS
+from metateach.teacher import PolicyGradient, StudentView, Teacher, TeachingContext
+from metateach.teachers.l2t import L2TFilter, l2t_features, speed_reward
+from metateach.trainer import Trainer
+
+
+def context(step: int = 30, total: int = 120) -> TeachingContext:
+    return TeachingContext(step, 1, total, torch.tensor(0.7, dtype=torch.float64), 0.85)
+
+
+def view_of(logits: torch.Tensor, y: torch.Tensor, step: int = 30) -> StudentView:
+    losses = F.cross_entropy(logits, y, reduction="none")
+    return StudentView(logits, losses, logits, (), context(step))
+
+
+def test_the_state_holds_the_papers_features_per_sample() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 1, 5, 5), torch.tensor([0, 3, 9, 3])
+    logits = torch.randn(4, 10)
+    batch = Batch(x, y, torch.arange(4))
+    state = l2t_features(batch, view_of(logits, y), 10, image_stats=False)
+    assert state.shape == (4, 25)  # L2T's MNIST teacher is 25-12-1
+    probs = logits.softmax(dim=1)
+    assert torch.equal(state[:, :10], F.one_hot(y, 10).float())
+    assert torch.allclose(state[:, 10:13], torch.tensor([30 / 120, 0.7, 0.85]).expand(4, 3))
+    assert torch.allclose(state[:, 13:23], probs)
+    assert torch.allclose(state[:, 23], F.cross_entropy(logits, y, reduction="none"))
+    for i in range(4):
+        rest = torch.cat([probs[i, : y[i]], probs[i, y[i] + 1 :]])
+        assert state[i, 24].item() == pytest.approx((probs[i, y[i]] - rest.max()).item(), abs=1e-6)
+    with_stats = l2t_features(batch, view_of(logits, y), 10, image_stats=True)
+    assert with_stats.shape == (4, 27)
+    assert torch.allclose(with_stats[:, 10], x.flatten(1).mean(dim=1))
+    assert torch.allclose(with_stats[:, 11], x.flatten(1).std(dim=1))
+
+
+def test_the_reward_is_minus_log_of_the_share_of_the_budget_used() -> None:
+    assert speed_reward(100, 1000) == pytest.approx(math.log(10))
+    assert speed_reward(1000, 1000) == 0.0
+    assert speed_reward(None, 1000) == 0.0  # never reached
+    assert speed_reward(0, 1000) == pytest.approx(math.log(1000))  # reached before any step
+    assert speed_reward(50, 1000) > speed_reward(100, 1000)
+
+
+def test_the_filter_draws_from_its_policy_and_reports_the_draws_log_probability() -> None:
+    torch.manual_seed(0)
+    teacher = L2TFilter(num_classes=10, target_val_acc=0.9, init_keep=0.7)
+    y = torch.randint(0, 10, (4000,))
+    batch = Batch(torch.zeros(4000, 1), y, torch.arange(4000))
+    view = view_of(torch.zeros(4000, 10), y)
+    p = teacher.keep_probability(batch, view)
+    mean = float(p.detach().mean())
+    # The untrained policy starts near init_keep: the hidden layer moves it only a little.
+    assert 0.55 < mean < 0.85
+    lesson = teacher(batch, view)
+    assert abs(float(lesson.mask.float().mean()) - mean) < 0.03
+    expected = torch.where(lesson.mask, p.log(), (1 - p).log()).sum()
+    assert lesson.log_prob.item() == pytest.approx(expected.item(), rel=1e-5)
+    # d log pi / d theta flows into the policy.
+    lesson.log_prob.backward()
+    assert (
+        teacher.policy[0].weight.grad is not None and teacher.policy[0].weight.grad.abs().sum() > 0
+    )
+    # The draws follow (seed, step): the same step draws the same mask, another step another.
+    assert torch.equal(teacher(batch, view).mask, lesson.mask)
+    assert not torch.equal(teacher(batch, view_of(view.logits, y, step=31)).mask, lesson.mask)
+    greedy = L2TFilter(num_classes=10, target_val_acc=0.9, greedy=True)
+    greedy.load_state_dict(teacher.state_dict())
+    assert torch.equal(greedy(batch, view).mask, p.detach() >= 0.5)
+
+
+@TEACHERS.register("test_two_armed")
+class TwoArmedBandit(Teacher):
+    """Each step pulls arm 1 with probability sigmoid(logit), arm 0 otherwise; arm 1 pays more.
+
+    The lesson keeps every sample, so the student is the same whatever the
+    arms: the reward depends on the teacher's choices alone.
+    """
+
+    learns = PolicyGradient(baseline_decay=0.8)
+    payoff = (0.2, 0.8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(0.0))
+        self.pulls: list[int] = []
+        self.noise = torch.Generator().manual_seed(1)
+
+    def forward(self, batch: Batch, view: StudentView) -> Lesson:
+        p = torch.sigmoid(self.logit)
+        arm = int(torch.rand((), generator=self.noise) < p.detach())
+        self.pulls.append(arm)
+        log_prob = p.log() if arm else (1 - p).log()
+        return Lesson(mask=torch.ones(len(batch.y), dtype=torch.bool), log_prob=log_prob)
+
+    def episode_reward(self, history, context) -> float:
+        paid = [
+            self.payoff[a] + 0.1 * float(torch.randn((), generator=self.noise)) for a in self.pulls
+        ]
+        self.pulls.clear()
+        return sum(paid) / len(paid)
+
+
+@pytest.mark.parametrize("better", [1, 0])
+def test_reinforce_moves_a_two_armed_policy_toward_the_better_arm(make_config, better: int) -> None:
+    trainer = Trainer(
+        make_config(
+            "teacher.name=test_two_armed",
+            "teacher.optim.name=sgd",
+            "teacher.optim.lr=0.5",
+            "teacher.optim.momentum=0",
+            "logging.diagnostics=false",
+        )
+    )
+    strategy, bandit = trainer.teaching.strategy, trainer.teaching.teacher
+    assert isinstance(strategy, Reinforce)
+    bandit.payoff = (0.2, 0.8) if better == 1 else (0.8, 0.2)
+    batches = list(trainer.train_loader.epoch(0))[:5]
+    chose_better = []
+    for _ in range(40):  # episodes of 5 steps
+        for step, batch in enumerate(batches):
+            strategy.step(batch, context(step, len(batches)))
+        chose_better.append(sum(a == better for a in bandit.pulls) / len(bandit.pulls))
+        strategy.end_of_run([], context(len(batches), len(batches)))
+    p_better = (
+        torch.sigmoid(bandit.logit).item() if better else 1 - torch.sigmoid(bandit.logit).item()
+    )
+    assert p_better > 0.8  # from 0.5
+    assert sum(chose_better[-10:]) / 10 > sum(chose_better[:10]) / 10 + 0.2
+    # The moving-average baseline tracks the rewards of the better arm.
+    assert 0.6 < strategy.baseline < 0.85
+
+
+def test_an_l2t_run_filters_stops_at_the_target_and_is_rewarded_for_speed(make_config) -> None:
+    cfg = make_config(
+        "teacher.name=l2t",
+        "train.epochs=4",
+        "train.eval_every_steps=4",
+        "train.target_val_acc=0.8",
+        "train.stop_at_target=true",
+        "logging.diagnostics=false",
+    )
+    trainer = Trainer(cfg)
+    start = [p.detach().clone() for p in trainer.teaching.teacher.parameters()]
+    trainer.fit()
+    state = trainer.state
+    assert state.stopped and state.step == state.target_step
+    # About half the samples are kept (init_keep 0.5), in batches of 64.
+    assert 0.3 < state.learned / (state.step * 64) < 0.7
+    # One REINFORCE step at the end, on r = -log(i_tau / T'), T' = 4 epochs of 20 steps.
+    (reward,) = [
+        r["teacher/reward"] for r in read_metrics(trainer.run_dir) if "teacher/reward" in r
+    ]
+    assert reward == pytest.approx(-math.log(state.step / (4 * 20))) and reward > 0
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(start, trainer.teaching.teacher.parameters(), strict=True)
+    ]
+    assert any(moved)
+
+
+def test_l2t_needs_a_target_accuracy(make_config) -> None:
+    with pytest.raises(ConfigError, match="train.target_val_acc"):
+        Trainer(make_config("teacher.name=l2t"))
