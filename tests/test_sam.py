@@ -113,3 +113,18 @@ def test_sam_is_a_config_setting_for_students_only(make_config) -> None:
         make_config("optim.sam.rho=0.05", "teacher.name=meta_weight_net")
     with pytest.raises(ConfigError, match=r"teacher.optim.sam.rho must be 0"):
         make_config("teacher.optim.sam.rho=0.05")
+
+
+def test_a_loaded_sam_still_sets_the_learning_rate_and_state_of_its_base() -> None:
+    # load_state_dict replaces the base's param_groups and state; SAM must follow (a resumed
+    # run's schedule sets the rate through SAM's groups).
+    model = student("mlp")
+    sam = SAM(torch.optim.Adam(model.parameters(), lr=1e-3), rho=0.05)
+    trained = problem(model, sam)
+    trained.real_step(batches("mlp")[0], context())
+    other = SAM(torch.optim.Adam(model.parameters(), lr=1e-3), rho=0.05)
+    other.load_state_dict(sam.state_dict())
+    for group in other.param_groups:
+        group["lr"] = 0.5
+    assert [g["lr"] for g in other.base.param_groups] == [0.5]
+    assert other.state is other.base.state and len(other.state) == len(sam.state) > 0

@@ -10,6 +10,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,13 +55,20 @@ class SAM(torch.optim.Optimizer):
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         self.base, self.rho, self.adaptive = base, rho, adaptive
-        self.param_groups = base.param_groups
-        self.state = base.state
         self.defaults = base.defaults
         self._origin: list[Tensor] | None = None  # w while the parameters sit at w + epsilon
         # Hooks and the rest of the Optimizer machinery act on the base.
         self._optimizer_step_pre_hooks = base._optimizer_step_pre_hooks
         self._optimizer_step_post_hooks = base._optimizer_step_post_hooks
+
+    # The base's, read through: its load_state_dict replaces both objects.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base.param_groups
+
+    @property
+    def state(self) -> dict[Any, Any]:  # type: ignore[override]
+        return self.base.state
 
     def params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
