@@ -161,6 +161,10 @@ class TrainConfig:
     target_val_acc: float | None = None
     #: End the run once ``target_val_acc`` is reached (an L2T episode).
     stop_at_target: bool = False
+    #: Students taught one after another by the same teacher, each from a fresh
+    #: start with a seed of its own; a policy-gradient teacher (L2T) learns at the
+    #: end of each. Every episode runs ``epochs`` (or stops at its target).
+    episodes: int = 1
     #: tqdm progress bars.
     progress: bool = True
 

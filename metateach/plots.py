@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 if TYPE_CHECKING:
@@ -122,6 +123,32 @@ def plot_accuracy_vs_samples(
     ax.set(xlabel="training samples learned from", ylabel="accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_episodes(records: Sequence[Mapping[str, float]], title: str, path: str | Path) -> Path:
+    """A teacher trained over episodes: its reward, and how soon each student reached the target."""
+    episodes = [r["episode"] for r in records]
+    fig, (reward_ax, steps_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for key, style, label in (
+        ("teacher/reward", ".-", "reward"),
+        ("teacher/baseline", "--", "baseline"),
+    ):
+        if key in records[0]:
+            reward_ax.plot(episodes, [r[key] for r in records], style, label=label)
+    steps_ax.plot(episodes, [r["episode/steps"] for r in records], ".-", label="steps trained")
+    reached = [
+        (r["episode"], r["episode/target_step"]) for r in records if "episode/target_step" in r
+    ]
+    if reached:
+        steps_ax.plot(*zip(*reached, strict=True), "o", label="steps to the target")
+    reward_ax.set(xlabel="episode", ylabel="reward", title="the teacher's reward")
+    steps_ax.set(xlabel="episode", ylabel="student steps", title="each student")
+    for ax in (reward_ax, steps_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
     return _save(fig, path)
 
 

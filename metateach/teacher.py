@@ -60,6 +60,7 @@ class TeachingContext(NamedTuple):
     total_steps: int  # steps the whole run will take
     avg_train_loss: Tensor  # running (exponential) average of the batch losses, a 0-dim tensor
     best_val_acc: float  # best validation accuracy so far (0 before the first evaluation)
+    episode: int = 0  # which student of the run (train.episodes), from 0
 
     @property
     def progress(self) -> float:

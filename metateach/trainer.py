@@ -35,7 +35,7 @@ from metateach.errors import CheckpointError, MetateachError, first_line
 from metateach.logging import RunLogger, log_run_start
 from metateach.models import create_model
 from metateach.optim import build_schedule, optimizer_from_config
-from metateach.plots import plot_accuracy_vs_samples, plot_training_curves
+from metateach.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext
@@ -62,8 +62,10 @@ class TrainState:
 
     epoch: int = 0  # the epoch in progress, from 0
     batch: int = 0  # batches of that epoch already done
-    step: int = 0  # student steps since the start of the run
-    learned: int = 0  # samples learned from since the start of the run (counted to the last sync)
+    step: int = 0  # student steps since the start of the episode
+    learned: int = (
+        0  # samples learned from since the start of the episode (counted to the last sync)
+    )
     totals: EpochTotals = field(default_factory=EpochTotals)
     best_val_acc: float = -1.0
     best_epoch: int = 0
@@ -75,6 +77,11 @@ class TrainState:
     target_samples: int | None = None  # the samples learned from by then
     stopped: bool = False  # ended at the target (train.stop_at_target)
     finished: bool = False  # all epochs done and the end of the run handled
+    episode: int = 0  # the student in training (train.episodes), from 0
+    steps_before: int = 0  # steps of the earlier episodes: logs count steps across all
+    episodes: list[dict[str, float]] = field(
+        default_factory=list
+    )  # one record per finished episode
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainState:
@@ -139,6 +146,10 @@ class Trainer:
         self.state = TrainState()
         if resumed is not None:
             self._restore(resumed)
+            if self.state.episode > 0:  # that episode's data order
+                self.train_loader = self.data.train_loader(
+                    run.batch_size, episode_seed(run.seed, self.state.episode), self.device
+                )
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -147,7 +158,7 @@ class Trainer:
             resolved,
             cfg.logging,
             self.run_dir.name,
-            resume_step=self.state.step if resumed is not None else None,
+            resume_step=self._global_step() if resumed is not None else None,
             wandb_id=resumed.get("wandb_id") if resumed is not None else None,
         )
 
@@ -158,50 +169,63 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> dict[str, float]:
         """Train until ``train.epochs`` are done; return the last epoch's metrics.
 
-        With ``train.stop_at_target``, the run ends (its last epoch cut short)
-        at the first evaluation that reaches ``train.target_val_acc``. With ``max_steps``, stop (with a checkpoint) after that many steps in
-        this call; a later ``train.resume`` continues exactly from there.
+        With ``train.stop_at_target``, a student's training ends (its last
+        epoch cut short) at the first evaluation that reaches
+        ``train.target_val_acc``. With ``train.episodes``, a fresh student
+        follows, taught by the same teacher, until all have trained. With
+        ``max_steps``, stop (with a checkpoint) after that many steps in this
+        call; a later ``train.resume`` continues exactly from there.
         """
-        cfg, state = self.cfg, self.state
-        if state.step == 0:
+        cfg = self.cfg
+        if self._global_step() == 0:
             log_run_start(self.cfg, self.data, self.model, self.device, self.run_dir, self.logger)
-        steps_per_epoch = len(self.train_loader)
-        stop_at = None if max_steps is None else state.step + max_steps
+        stop_at = None if max_steps is None else self._global_step() + max_steps
         try:
-            while state.epoch < cfg.train.epochs and not state.stopped:
-                self.model.train()
-                bar = tqdm(
-                    total=steps_per_epoch, initial=state.batch, unit="batch", leave=False,
-                    desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
-                    disable=None if cfg.train.progress else True,  # None: only on a terminal
-                )  # fmt: skip
-                self._pending_since = time.perf_counter()
-                for batch in self.train_loader.epoch(state.epoch, start=state.batch):
-                    self._set_lr(state.epoch + state.batch / steps_per_epoch)
-                    self._pending += self.train_step(batch)
-                    state.batch += 1
-                    state.step += 1
-                    state.totals.seen += len(batch.y)
-                    bar.update()
-                    if state.step % cfg.logging.every_steps == 0:
-                        self._log_running_loss(bar)
-                    evaluate = cfg.train.eval_every_steps
-                    if evaluate and state.step % evaluate == 0 and state.batch < steps_per_epoch:
-                        self._evaluate_progress()  # the epoch's end evaluates anyway
-                        if state.stopped:
-                            break
-                    every = cfg.train.checkpoint_every_steps
-                    stopping = stop_at is not None and state.step >= stop_at
-                    self._save_due |= stopping or (bool(every) and state.step % every == 0)
-                    if self._save_if_due() and stopping:
-                        bar.close()
-                        return self._latest_metrics()
-                bar.close()
-                self._end_epoch()
-            return self._finish()
+            while True:  # one student an episode
+                if self._train_student(stop_at):
+                    return self._latest_metrics()  # paused at max_steps, with a checkpoint
+                if self.state.episode + 1 >= cfg.train.episodes:
+                    return self._finish()
+                self._next_episode()
         finally:
-            if not state.finished:  # stopped early or failed: release W&B and the file
+            if not self.state.finished:  # stopped early or failed: release W&B and the file
                 self.logger.close()
+
+    def _train_student(self, stop_at: int | None) -> bool:
+        """Train this episode's student through its epochs; True if paused at ``stop_at`` instead."""
+        cfg, state = self.cfg, self.state
+        steps_per_epoch = len(self.train_loader)
+        while state.epoch < cfg.train.epochs and not state.stopped:
+            self.model.train()
+            bar = tqdm(
+                total=steps_per_epoch, initial=state.batch, unit="batch", leave=False,
+                desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
+                disable=None if cfg.train.progress else True,  # None: only on a terminal
+            )  # fmt: skip
+            self._pending_since = time.perf_counter()
+            for batch in self.train_loader.epoch(state.epoch, start=state.batch):
+                self._set_lr(state.epoch + state.batch / steps_per_epoch)
+                self._pending += self.train_step(batch)
+                state.batch += 1
+                state.step += 1
+                state.totals.seen += len(batch.y)
+                bar.update()
+                if state.step % cfg.logging.every_steps == 0:
+                    self._log_running_loss(bar)
+                evaluate = cfg.train.eval_every_steps
+                if evaluate and state.step % evaluate == 0 and state.batch < steps_per_epoch:
+                    self._evaluate_progress()  # the epoch's end evaluates anyway
+                    if state.stopped:
+                        break
+                every = cfg.train.checkpoint_every_steps
+                stopping = stop_at is not None and self._global_step() >= stop_at
+                self._save_due |= stopping or (bool(every) and state.step % every == 0)
+                if self._save_if_due() and stopping:
+                    bar.close()
+                    return True
+            bar.close()
+            self._end_epoch()
+        return False
 
     def train_step(self, batch: Batch) -> Tensor:
         """One student step (and the teacher's, when due) by the teaching strategy.
@@ -235,6 +259,7 @@ class Trainer:
             total_steps=self.cfg.train.epochs * len(self.train_loader),
             avg_train_loss=self._loss_average,
             best_val_acc=max(state.best_val_acc, 0.0),
+            episode=state.episode,
         )
 
     def _end_epoch(self) -> None:
@@ -271,8 +296,10 @@ class Trainer:
             **self.teaching.strategy.pop_metrics(epoch=True),
             **(self._diagnostics.measure(self.context()) if self._diagnostics else {}),
         }
+        if self.cfg.train.episodes > 1:
+            metrics["episode"] = state.episode + 1
         state.history.append(metrics)
-        self.logger.log(metrics, state.step)
+        self.logger.log(metrics, self._global_step())
         tqdm.write(
             f"epoch {metrics['epoch']:>3}/{self.cfg.train.epochs}  "
             f"train loss {metrics['train/loss']:.4f} acc {100 * metrics['train/acc']:.2f}%  "
@@ -288,7 +315,8 @@ class Trainer:
         _, val_acc = self.evaluate(self.val_loader)
         self._note_evaluation(val_acc)
         self.logger.log(
-            {"eval/val_acc": val_acc, "eval/learned_samples": self.state.learned}, self.state.step
+            {"eval/val_acc": val_acc, "eval/learned_samples": self.state.learned},
+            self._global_step(),
         )
 
     def _note_evaluation(self, val_acc: float) -> None:
@@ -341,13 +369,69 @@ class Trainer:
         self._save_due = False
         return True
 
+    def _next_episode(self) -> None:
+        """End this student's episode (the teacher learns from it), then start a fresh student.
+
+        The new student and its optimizer are initialized in place (the
+        teaching strategy holds them) from the episode's own seed, which also
+        orders its data; the teacher, its optimizer and the strategy go on.
+        """
+        self._end_of_run()
+        done, run = self.state, self.cfg.train
+        self.state = TrainState(
+            episode=done.episode + 1, steps_before=done.steps_before + done.step,
+            episodes=done.episodes,
+        )  # fmt: skip
+        seed = episode_seed(run.seed, self.state.episode)
+        seed_everything(seed, run.deterministic, self.device)
+        fresh = create_model(
+            self.cfg.model.name, self.data.num_classes, self.data.input_shape, self.cfg.model.kwargs
+        )
+        self.model.load_state_dict(fresh.state_dict())
+        self.optimizer.load_state_dict(
+            optimizer_from_config(self.cfg.optim, fresh.parameters()).state_dict()
+        )
+        self.train_loader = self.data.train_loader(run.batch_size, seed, self.device)
+        self._loss_average.zero_()
+        self._save_due = True
+        self._save_if_due()
+
+    def _end_of_run(self) -> None:
+        """The strategy's end of a student's training (a policy-gradient teacher learns), logged.
+
+        With ``train.episodes``, the episode's record joins ``state.episodes``.
+        """
+        state = self.state
+        strategy = self.teaching.strategy
+        strategy.end_of_run(state.history, self.context())
+        metrics: dict[str, float] = strategy.pop_metrics()
+        if self.cfg.train.episodes > 1:
+            last = self._latest_metrics()
+            metrics = {
+                "episode": state.episode + 1,
+                "episode/steps": state.step,
+                "episode/learned_samples": state.learned,
+                "episode/val_acc": last.get("val/acc", 0.0),
+                "episode/test_acc": last.get("test/acc", 0.0),
+                **{
+                    k.replace("target/", "episode/target_"): v
+                    for k, v in self._target_metrics().items()
+                },  # fmt: skip
+                **metrics,
+            }
+            state.episodes.append(metrics)
+        if metrics:
+            self.logger.log(metrics, self._global_step())
+
+    def _global_step(self) -> int:
+        """Steps since the run began, over all episodes: the step logs are kept at."""
+        return self.state.steps_before + self.state.step
+
     def _finish(self) -> dict[str, float]:
         state = self.state
         if not state.finished:  # once, even when a finished run is resumed
-            self.teaching.strategy.end_of_run(state.history, self.context())
+            self._end_of_run()
             state.finished = True
-            if teacher_metrics := self.teaching.strategy.pop_metrics():
-                self.logger.log(teacher_metrics, state.step)
             self._save_due = True
             self._save_if_due()
         metrics = self._latest_metrics()
@@ -361,6 +445,7 @@ class Trainer:
                 "noise/realized_rate": self.data.noise.realized_rate,
                 "steps": state.step,
                 "learned_samples": state.learned,
+                "episodes": state.episode + 1,
                 # None: the run never reached its target.
                 **(
                     {"target/step": state.target_step, "target/samples": state.target_samples}
@@ -374,17 +459,23 @@ class Trainer:
                 self.context(), state.history, self.run_dir.name, self.run_dir / "diagnostics"
             )
             for name, path in figures.items():
-                self.logger.log_image(f"diagnostics/{name}", path, state.step)
+                self.logger.log_image(f"diagnostics/{name}", path, self._global_step())
         if self.cfg.logging.plots:
-            path = plot_training_curves(
-                state.history, self.run_dir.name, self.run_dir / "curves.png"
-            )
-            self.logger.log_image("plots/curves", path, state.step)
-            path = plot_accuracy_vs_samples(
-                state.evals, self.cfg.train.target_val_acc, self.run_dir.name,
-                self.run_dir / "accuracy_vs_samples.png",
-            )  # fmt: skip
-            self.logger.log_image("plots/accuracy_vs_samples", path, state.step)
+            plots = {
+                "curves": plot_training_curves(
+                    state.history, self.run_dir.name, self.run_dir / "curves.png"
+                ),
+                "accuracy_vs_samples": plot_accuracy_vs_samples(
+                    state.evals, self.cfg.train.target_val_acc, self.run_dir.name,
+                    self.run_dir / "accuracy_vs_samples.png",
+                ),
+            }  # fmt: skip
+            if len(state.episodes) > 1:
+                plots["episodes"] = plot_episodes(
+                    state.episodes, self.run_dir.name, self.run_dir / "episodes.png"
+                )
+            for name, path in plots.items():
+                self.logger.log_image(f"plots/{name}", path, self._global_step())
         self.logger.close()
         return metrics
 
@@ -470,7 +561,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
         metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
-        self.logger.log(metrics, self.state.step)
+        self.logger.log(metrics, self._global_step())
 
     def _set_lr(self, epoch: float) -> None:
         lr = self.cfg.optim.lr * self.schedule(epoch)
@@ -508,6 +599,11 @@ def evaluate_models(
     return [
         (loss / n, int(c) / n) for loss, c in zip(loss_sum.tolist(), correct.tolist(), strict=True)
     ]
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The seed of an episode's student and data order: the run's own for the first."""
+    return seed if episode == 0 else derive_seed(seed, episode)
 
 
 def train(cfg: ExperimentConfig) -> dict[str, float]:

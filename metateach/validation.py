@@ -43,6 +43,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.eval_batch_size", *_at_least(1)),
     ("train.checkpoint_every_steps", *_at_least(1, optional=True)),
     ("train.eval_every_steps", *_at_least(1, optional=True)),
+    ("train.episodes", *_at_least(1)),
     ("train.target_val_acc", lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
     ("train.threads", *_at_least(1, optional=True)),
     (
@@ -129,6 +130,12 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         exclude=TEACHER_CONTEXT,
     )
     learning = effective_learning(teacher)
+    if cfg.train.episodes > 1 and not isinstance(learning, PolicyGradient):
+        raise ConfigError(
+            f"train.episodes={cfg.train.episodes} trains one teacher over several students, which "
+            f"only a learning policy-gradient teacher (l2t) learns from; teacher {teacher.name!r} "
+            "does not"
+        )
     if (
         isinstance(learning, PolicyGradient)
         and getattr(builder, "episode_reward", None) is Teacher.episode_reward

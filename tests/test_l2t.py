@@ -19,6 +19,8 @@ from metateach.teacher import PolicyGradient, StudentView, Teacher, TeachingCont
 from metateach.teachers.l2t import L2TFilter, l2t_features, speed_reward
 from metateach.trainer import Trainer
 
+from .test_trainer import without_measurements
+
 
 def context(step: int = 30, total: int = 120) -> TeachingContext:
     return TeachingContext(step, 1, total, torch.tensor(0.7, dtype=torch.float64), 0.85)
@@ -178,3 +180,46 @@ def test_an_l2t_run_filters_stops_at_the_target_and_is_rewarded_for_speed(make_c
 def test_l2t_needs_a_target_accuracy(make_config) -> None:
     with pytest.raises(ConfigError, match="train.target_val_acc"):
         Trainer(make_config("teacher.name=l2t"))
+
+
+EPISODES = (
+    "teacher.name=l2t", "train.epochs=2", "train.episodes=3", "train.eval_every_steps=4",
+    "train.target_val_acc=0.8", "train.stop_at_target=true", "logging.diagnostics=false",
+)  # fmt: skip
+
+
+def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(make_config) -> None:
+    straight = Trainer(make_config(*EPISODES, "train.run_name=straight", "logging.plots=true"))
+    straight.fit()
+    episodes = straight.state.episodes
+    assert [r["episode"] for r in episodes] == [1, 2, 3]
+    assert straight.teaching.strategy.episodes == 3  # one REINFORCE step each
+    for record in episodes:  # each student stopped at its target, rewarded for its speed
+        assert record["episode/steps"] == record["episode/target_step"]
+        assert record["teacher/reward"] == pytest.approx(-math.log(record["episode/steps"] / 40))
+    logged = read_metrics(straight.run_dir)
+    assert [r["step"] for r in logged] == sorted(r["step"] for r in logged)
+    assert straight._global_step() == sum(r["episode/steps"] for r in episodes)
+    # Each student starts afresh: its first evaluation is far below where the last one ended.
+    first_evals = [r["eval/val_acc"] for r in logged if "eval/val_acc" in r and r["step"] in (
+        4, episodes[0]["episode/steps"] + 4, episodes[0]["episode/steps"] + episodes[1]["episode/steps"] + 4)]  # fmt: skip
+    assert len(first_evals) == 3 and max(first_evals) < 0.8
+    assert (straight.run_dir / "episodes.png").stat().st_size > 10_000
+
+    cut = Trainer(make_config(*EPISODES, "train.run_name=cut"))
+    cut.fit(max_steps=episodes[0]["episode/steps"] + 3)
+    assert cut.state.episode == 1 and cut.state.step == 3
+    resumed = Trainer(make_config(*EPISODES, f"train.resume={cut.run_dir}"))
+    resumed.fit()
+    assert [without_measurements(r) for r in resumed.state.episodes] == [
+        without_measurements(r) for r in episodes
+    ]
+    for a, b in zip(
+        straight.teaching.teacher.parameters(), resumed.teaching.teacher.parameters(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_episodes_need_a_teacher_that_learns_from_them(make_config) -> None:
+    with pytest.raises(ConfigError, match="train.episodes=3 trains one teacher over several"):
+        make_config("train.episodes=3", "teacher.name=random_filter")

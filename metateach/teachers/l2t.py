@@ -69,8 +69,8 @@ class L2TFilter(Teacher):
         hidden: units of the hidden layer.
         image_stats: add the input's mean and standard deviation to the state.
         init_keep: the keep probability the untrained policy starts at.
-        seed: the draws come from a generator seeded by (``seed``, step), so a
-            resumed run and a diagnostic pass draw as before.
+        seed: the draws come from a generator seeded by (``seed``, episode,
+            step), so a resumed run and a diagnostic pass draw as before.
         greedy: keep exactly the samples whose probability is at least 1/2
             (a deployed teacher), instead of drawing.
     """
@@ -115,7 +115,10 @@ class L2TFilter(Teacher):
         if self.greedy:
             keep = p.detach() >= 0.5
         else:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, view.context.step))
+            where = view.context
+            generator = torch.Generator().manual_seed(
+                derive_seed(self.seed, where.episode, where.step)
+            )
             keep = torch.rand(len(p), generator=generator).to(p.device) < p.detach()
         log_prob = torch.where(keep, p.clamp(min=1e-12).log(), (1 - p).clamp(min=1e-12).log())
         return Lesson(mask=keep, log_prob=log_prob.sum())
