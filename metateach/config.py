@@ -209,6 +209,10 @@ class TeacherConfig:
     learn: bool = True
     #: A metateach checkpoint whose teacher weights to load.
     checkpoint: str | None = None
+    #: A filtering teacher's batches are refilled with the samples it keeps from
+    #: further training batches until they are full (L2T); for teachers that learn
+    #: by policy gradient or not at all.
+    refill: bool = False
     optim: TeacherOptimConfig = field(default_factory=TeacherOptimConfig)
     hypergrad: HypergradConfig = field(default_factory=HypergradConfig)
 

@@ -8,7 +8,7 @@ import torch
 
 from metateach.checkpoint import load_checkpoint
 from metateach.config import ExperimentConfig
-from metateach.data import DataBundle, derive_seed
+from metateach.data import BatchStream, DataBundle, derive_seed
 from metateach.errors import CheckpointError, ConfigError, first_line
 from metateach.hypergrad import (
     BilevelProblem,
@@ -100,6 +100,11 @@ def build_teaching(
         else None,
         clean_targets=data.train.clean_targets.to(device),
         keep_weight_grad=isinstance(learning, Hypergradient) and learning.keep_weight_grad,
+        refill=BatchStream(
+            data.train_loader(cfg.train.batch_size, derive_seed(cfg.train.seed, 3), device)
+        )
+        if settings.refill and teacher is not None
+        else None,
     )
     strategy: TeachingStrategy
     if isinstance(learning, Hypergradient):

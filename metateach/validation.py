@@ -114,6 +114,7 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
     from metateach.registry import HYPERGRADS, TEACHERS, check_options
     from metateach.teacher import (
         ExampleGradient,
+        FixedRule,
         Hypergradient,
         PolicyGradient,
         Teacher,
@@ -130,6 +131,12 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         exclude=TEACHER_CONTEXT,
     )
     learning = effective_learning(teacher)
+    if teacher.refill and not isinstance(learning, PolicyGradient | FixedRule):
+        raise ConfigError(
+            f"teacher.refill fills batches with the samples a filter keeps: teacher {teacher.name!r} "
+            "learns by gradient or as a peer; use a fixed or policy-gradient filter (l2t, "
+            "random_filter, self_paced)"
+        )
     if cfg.train.episodes > 1 and not isinstance(learning, PolicyGradient):
         raise ConfigError(
             f"train.episodes={cfg.train.episodes} trains one teacher over several students, which "

@@ -79,9 +79,14 @@ def test_the_filter_draws_from_its_policy_and_reports_the_draws_log_probability(
     assert (
         teacher.policy[0].weight.grad is not None and teacher.policy[0].weight.grad.abs().sum() > 0
     )
-    # The draws follow (seed, step): the same step draws the same mask, another step another.
-    assert torch.equal(teacher(batch, view).mask, lesson.mask)
-    assert not torch.equal(teacher(batch, view_of(view.logits, y, step=31)).mask, lesson.mask)
+    # The draws follow (seed, episode, step): the same step draws the same mask afresh (a
+    # resumed run), a second batch of one step continues the stream (a refill), another
+    # step draws anew.
+    again = L2TFilter(num_classes=10, target_val_acc=0.9)
+    again.load_state_dict(teacher.state_dict())
+    assert torch.equal(again(batch, view).mask, lesson.mask)
+    assert not torch.equal(teacher(batch, view).mask, lesson.mask)
+    assert not torch.equal(again(batch, view_of(view.logits, y, step=31)).mask, lesson.mask)
     greedy = L2TFilter(num_classes=10, target_val_acc=0.9, greedy=True)
     greedy.load_state_dict(teacher.state_dict())
     assert torch.equal(greedy(batch, view).mask, p.detach() >= 0.5)
@@ -183,8 +188,9 @@ def test_l2t_needs_a_target_accuracy(make_config) -> None:
 
 
 EPISODES = (
-    "teacher.name=l2t", "train.epochs=2", "train.episodes=3", "train.eval_every_steps=4",
-    "train.target_val_acc=0.8", "train.stop_at_target=true", "logging.diagnostics=false",
+    "teacher.name=l2t", "teacher.refill=true", "train.epochs=2", "train.episodes=3",
+    "train.eval_every_steps=4", "train.target_val_acc=0.8", "train.stop_at_target=true",
+    "logging.diagnostics=false",
 )  # fmt: skip
 
 
@@ -223,3 +229,48 @@ def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(ma
 def test_episodes_need_a_teacher_that_learns_from_them(make_config) -> None:
     with pytest.raises(ConfigError, match="train.episodes=3 trains one teacher over several"):
         make_config("train.episodes=3", "teacher.name=random_filter")
+
+
+@TEACHERS.register("test_low_labels")
+class LowLabels(Teacher):
+    """Keeps the samples of labels 0-4, with log-probability -(the number of decisions)."""
+
+    learns = PolicyGradient()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, batch: Batch, view: StudentView) -> Lesson:
+        return Lesson(mask=batch.y < 5, log_prob=-self.scale * len(batch.y))
+
+    def episode_reward(self, history, context) -> float:
+        return 0.0
+
+
+def test_a_refilled_batch_is_full_of_kept_samples_and_counts_every_decision(make_config) -> None:
+    trainer = Trainer(make_config("teacher.name=test_low_labels", "teacher.refill=true"))
+    problem = trainer.teaching.strategy.problem
+    batch = next(iter(trainer.train_loader))
+    full, log_prob = problem.refilled(batch, trainer.context(), teacher_grad=True)
+    assert len(full.y) == len(batch.y) == 64 and bool((full.y < 5).all())
+    # The batch's own kept samples come first, in order; then those of further batches.
+    own = batch.index[batch.y < 5]
+    assert torch.equal(full.index[: len(own)], own)
+    assert len(set(full.index.tolist())) == 64
+    drawn = problem.refill.position  # candidate batches beyond the first
+    assert drawn >= 1 and log_prob.item() == -64 * (drawn + 1)
+
+
+def test_refilled_filters_train_on_full_batches(make_config) -> None:
+    plain = Trainer(make_config("teacher.name=random_filter", "teacher.kwargs.keep=0.5"))
+    plain.fit()
+    refilled = Trainer(
+        make_config("teacher.name=random_filter", "teacher.kwargs.keep=0.5", "teacher.refill=true")
+    )
+    refilled.fit()
+    seen = 2 * len(plain.data.train)
+    assert plain.state.learned < 0.6 * seen
+    assert refilled.state.learned == seen  # every step as full as its batch
+    with pytest.raises(ConfigError, match="teacher.refill fills batches"):
+        make_config("teacher.name=meta_weight_net", "optim.name=sgd", "teacher.refill=true")

@@ -55,9 +55,11 @@ class TeachingStrategy(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the metrics not yet handed out, and subclasses' state."""
+        refill = self.problem.refill
         return {
             "metrics": {k: list(v) for k, v in self._metrics.items()},
             "epoch_metrics": {k: list(v) for k, v in self._epoch_metrics.items()},
+            "refill_position": None if refill is None else refill.position,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -68,6 +70,8 @@ class TeachingStrategy(ABC):
         ):
             mine.clear()
             mine.update({k: list(v) for k, v in saved.items()})
+        if self.problem.refill is not None:
+            self.problem.refill.position = state["refill_position"]
 
     def record(self, **values: float) -> None:
         """Note metrics; :meth:`pop_metrics` hands out their means."""

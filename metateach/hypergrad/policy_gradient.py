@@ -30,7 +30,8 @@ class Reinforce(TeachingStrategy):
     over the episode right away (S = sum_t grad log pi_t, the size of the
     teacher, not a graph per step). At the end of the run the teacher scores
     it with ``episode_reward`` and steps on -(r - b) S, where the baseline b
-    is a moving average of the rewards (0 before the first).
+    is a moving average of the rewards (0 before the first). With
+    ``teacher.refill``, every decision on every candidate batch counts.
 
     Args:
         problem: the bilevel problem.
@@ -48,13 +49,20 @@ class Reinforce(TeachingStrategy):
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem
-        train = problem.train_loss(problem.params(), batch, context, real=True, teacher_grad=True)
-        if train.lesson is None or train.lesson.log_prob is None:
+        if problem.refill is not None:
+            batch, log_prob = problem.refilled(batch, context, teacher_grad=True)
+            train = problem.plain_loss(batch, context)
+        else:
+            train = problem.train_loss(
+                problem.params(), batch, context, real=True, teacher_grad=True
+            )
+            log_prob = None if train.lesson is None else train.lesson.log_prob
+        if log_prob is None:
             raise RuntimeError(
                 f"{type(problem.teacher).__name__} learns by policy gradient: its lessons need log_prob"
             )
         grads = autograd.grad(
-            train.lesson.log_prob, problem.teacher_params(), retain_graph=True, allow_unused=True
+            log_prob, problem.teacher_params(), retain_graph=True, allow_unused=True
         )
         for total, g in zip(self.score, grads, strict=True):
             if g is not None:

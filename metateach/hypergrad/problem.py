@@ -34,6 +34,10 @@ from metateach.teacher import StudentView, Teacher, TeachingContext
 __all__ = ["BilevelProblem", "SGDSettings", "RNGState", "TrainPass"]
 
 
+#: Candidate batches a refilled batch may draw beyond the first (``teacher.refill``).
+MAX_REFILLS = 100
+
+
 class TrainPass(NamedTuple):
     """A training forward pass: the lesson's loss, the logits (with their graph), the view, the lesson."""
 
@@ -82,6 +86,8 @@ class BilevelProblem:
         clean_targets: the training split's true labels (for statistics only).
         keep_weight_grad: the teacher sees states that keep their graph to the
             student's parameters (dw/dtheta kept); otherwise they are detached.
+        refill: further training batches, for a filtering teacher whose batches
+            are refilled until they are full (``teacher.refill``, L2T).
     """
 
     student: Student
@@ -91,6 +97,7 @@ class BilevelProblem:
     val_stream: BatchStream | None
     clean_targets: Tensor
     keep_weight_grad: bool = False
+    refill: BatchStream | None = None
 
     # ------------------------------------------------------------------ #
     # The student's state as parameter dicts
@@ -237,10 +244,52 @@ class BilevelProblem:
         same dropout draws; that pass runs on scratch BatchNorm buffers, so
         the running statistics move once a step.
         """
-        rng = self.step_rng()
-        step = self.train_loss(self.params(), batch, context, real=True, teacher_grad=False)
+        if self.refill is not None:
+            batch, _ = self.refilled(batch, context, teacher_grad=False)
+            rng = self.step_rng()
+            step = self.plain_loss(batch, context)
+        else:
+            rng = self.step_rng()
+            step = self.train_loss(self.params(), batch, context, real=True, teacher_grad=False)
         self.descend(step, batch, rng)
         return self.statistics(step.view, batch, step.lesson)
+
+    def refilled(
+        self, batch: Batch, context: TeachingContext, teacher_grad: bool
+    ) -> tuple[Batch, Tensor | None]:
+        """A full batch of samples the teacher keeps: from ``batch``, then from the refill stream.
+
+        Each candidate batch is shown to the teacher with the student's view
+        of it (a pass on scratch BatchNorm buffers); the kept samples gather
+        until there are ``len(batch)`` (L2T's "refilled until M are kept").
+        Returns them and the summed log-probability of every decision (None
+        when the lessons carry none), with its graph to the teacher when
+        ``teacher_grad``.
+        """
+        assert self.refill is not None
+        size, kept, parts = len(batch.y), 0, []
+        log_prob: Tensor | None = None
+        for _ in range(MAX_REFILLS + 1):
+            with torch.no_grad():
+                _, view = self.forward(self.params(), batch, context, real=False)
+            lesson = self.lesson(batch, view, teacher_grad)
+            if lesson is None or lesson.mask is None:
+                raise RuntimeError("teacher.refill needs a teacher whose lessons are masks")
+            if lesson.log_prob is not None:
+                log_prob = lesson.log_prob if log_prob is None else log_prob + lesson.log_prob
+            parts.append(Batch(*(t[lesson.mask] for t in batch)))
+            kept += int(lesson.mask.sum())
+            if kept >= size:
+                break
+            batch = self.refill.next()
+        if kept == 0:
+            raise RuntimeError(f"the teacher kept no sample of {MAX_REFILLS + 1} batches")
+        return Batch(*(torch.cat(t)[:size] for t in zip(*parts, strict=True))), log_prob
+
+    def plain_loss(self, batch: Batch, context: TeachingContext) -> TrainPass:
+        """A real pass with no lesson: the mean cross-entropy of every sample (a refilled batch)."""
+        logits, view = self.forward(self.params(), batch, context, real=True)
+        return TrainPass(lesson_loss(None, logits, batch.y), logits, view, None)
 
     def step_rng(self) -> RNGState | None:
         """Under SAM, the random state before a real step's forward pass (its second pass replays it)."""

@@ -70,7 +70,8 @@ class L2TFilter(Teacher):
         image_stats: add the input's mean and standard deviation to the state.
         init_keep: the keep probability the untrained policy starts at.
         seed: the draws come from a generator seeded by (``seed``, episode,
-            step), so a resumed run and a diagnostic pass draw as before.
+            step), so a resumed run draws as before; the candidate batches
+            of one refilled step continue its stream.
         greedy: keep exactly the samples whose probability is at least 1/2
             (a deployed teacher), instead of drawing.
     """
@@ -101,6 +102,7 @@ class L2TFilter(Teacher):
         self.seed = seed
         self.greedy = greedy
         inputs = 2 * num_classes + 5 + (2 if image_stats else 0)
+        self._draws: tuple[tuple[int, int], torch.Generator] | None = None
         self.policy = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         with torch.no_grad():
             self.policy[-1].bias.fill_(math.log(init_keep / (1 - init_keep)))
@@ -115,13 +117,17 @@ class L2TFilter(Teacher):
         if self.greedy:
             keep = p.detach() >= 0.5
         else:
-            where = view.context
-            generator = torch.Generator().manual_seed(
-                derive_seed(self.seed, where.episode, where.step)
-            )
+            generator = self._generator(view.context)
             keep = torch.rand(len(p), generator=generator).to(p.device) < p.detach()
         log_prob = torch.where(keep, p.clamp(min=1e-12).log(), (1 - p).clamp(min=1e-12).log())
         return Lesson(mask=keep, log_prob=log_prob.sum())
+
+    def _generator(self, context: TeachingContext) -> torch.Generator:
+        """The draws' generator: seeded anew at each step, continued within one (refilled batches)."""
+        key = (context.episode, context.step)
+        if self._draws is None or self._draws[0] != key:
+            self._draws = key, torch.Generator().manual_seed(derive_seed(self.seed, *key))
+        return self._draws[1]
 
     def episode_reward(
         self, history: Sequence[Mapping[str, float]], context: TeachingContext
