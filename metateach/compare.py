@@ -20,6 +20,7 @@ summaries into mean and standard deviation per variant.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -33,12 +34,22 @@ import yaml
 from metateach.checkpoint import LAST
 from metateach.config import config_to_dict, load_config
 from metateach.errors import ConfigError
+from metateach.logging import read_metrics
 from metateach.rundir import check_same_experiment
 
-__all__ = ["Comparison", "load_comparison", "run_comparison", "summarize", "markdown_table"]
+__all__ = [
+    "Comparison",
+    "load_comparison",
+    "run_comparison",
+    "summarize",
+    "markdown_table",
+    "accuracy_curve",
+]
 
 #: What each run reports, and the table's column for it.
 METRICS = {"test/acc": "test accuracy (%)", "best/test_acc": "test accuracy at best val (%)"}
+#: Teaching speed, for runs with ``train.target_val_acc``: what reaching it took.
+SPEED = {"target/step": "steps to the target", "target/samples": "samples to the target"}
 
 
 @dataclass
@@ -147,41 +158,81 @@ def run_comparison(
         for cfg in pending:
             train(cfg)
     return [
-        {"variant": variant, "seed": seed, **json.loads((folder / "summary.json").read_text())}
+        {"variant": variant, "seed": seed, "folder": str(folder),
+         **json.loads((folder / "summary.json").read_text())}
         for variant, seed, folder in runs
-    ]
+    ]  # fmt: skip
+
+
+def accuracy_curve(folder: str | Path) -> list[tuple[float, float]]:
+    """(training samples learned from, validation accuracy) at each evaluation of a run."""
+    points = []
+    for record in read_metrics(folder):
+        if "eval/val_acc" in record:
+            points.append((record["eval/learned_samples"], record["eval/val_acc"]))
+        elif "val/acc" in record and "train/learned_samples" in record:
+            points.append((record["train/learned_samples"], record["val/acc"]))
+    return points
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant, in order of first appearance: runs, and mean and std of each of :data:`METRICS`."""
-    rows: dict[str, dict[str, Any]] = {}
+    """Per variant, in order of first appearance: runs, and mean and std of each of :data:`METRICS`.
+
+    Runs with a target accuracy (``train.target_val_acc``) add how many
+    reached it and the mean and std, over those, of the steps and training
+    samples it took (:data:`SPEED`).
+    """
+    grouped: dict[str, list[dict[str, Any]]] = {}
     for result in results:
-        row = rows.setdefault(
-            result["variant"], {"variant": result["variant"], "runs": 0, **{m: [] for m in METRICS}}
-        )
-        row["runs"] += 1
-        for metric in METRICS:
-            row[metric].append(100 * result[metric])
+        grouped.setdefault(result["variant"], []).append(result)
     table = []
-    for row in rows.values():
-        entry: dict[str, Any] = {"variant": row["variant"], "runs": row["runs"]}
+    for variant, runs in grouped.items():
+        entry: dict[str, Any] = {"variant": variant, "runs": len(runs)}
         for metric in METRICS:
-            values = row[metric]
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            entry.update(_mean_std(metric, [100 * r[metric] for r in runs]))
+        if any(key in r for r in runs for key in SPEED):
+            reached = [r for r in runs if r.get("target/step") is not None]
+            entry["reached"] = len(reached)
+            for key in SPEED:
+                entry.update(_mean_std(key, [r[key] for r in reached]))
         table.append(entry)
     return table
 
 
+def _mean_std(key: str, values: Sequence[float]) -> dict[str, float]:
+    """``key`` and ``key std``: the mean and sample std of ``values`` (nan without any)."""
+    return {
+        key: statistics.fmean(values) if values else math.nan,
+        f"{key} std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], paper: dict[str, float] | None = None) -> str:
-    """The summary as a Markdown table, mean +- std (sample std over seeds), and ``paper``'s numbers."""
-    columns = list(METRICS.values()) + (["paper (%)"] if paper else [])
+    """The summary as a Markdown table, mean +- std (sample std over seeds), and ``paper``'s numbers.
+
+    With teaching speed measured, columns for the runs that reached the
+    target and the steps and samples they took.
+    """
+    speed = any("reached" in row for row in rows)
+    columns = (
+        list(METRICS.values())
+        + (["reached the target", *SPEED.values()] if speed else [])
+        + (["paper (%)"] if paper else [])
+    )
     lines = [
         "| variant | seeds | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
     for row in rows:
         cells = [f"{row[m]:.2f} ± {row[f'{m} std']:.2f}" for m in METRICS]
+        if speed:
+            cells.append(f"{row.get('reached', 0)}/{row['runs']}")
+            cells += [
+                "–"
+                if math.isnan(row.get(k, math.nan))
+                else f"{row[k]:,.0f} ± {row[f'{k} std']:,.0f}"
+                for k in SPEED
+            ]
         if paper:
             cells.append(f"{paper[row['variant']]:.2f}" if row["variant"] in paper else "–")
         lines.append(f"| {row['variant']} | {row['runs']} | " + " | ".join(cells) + " |")

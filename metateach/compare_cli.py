@@ -2,7 +2,9 @@
 
 Results go to ``<train.out_dir or runs>/<comparison>/``: one run folder per
 (variant, seed), ``results.json`` with every run's summary, ``results.md``
-with the table (mean +- std over seeds), and ``results.png``. Run it again
+with the table (mean +- std over seeds), and ``results.png``; runs with a
+target accuracy add how fast each got there, and ``results_speed.png``, the
+validation accuracy against training samples of every run. Run it again
 to finish an interrupted comparison: completed runs are reused. ``--jobs N``
 trains N runs at once.
 """
@@ -44,9 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
-    from metateach.compare import load_comparison, markdown_table, run_comparison, summarize
+    from metateach.compare import (
+        accuracy_curve,
+        load_comparison,
+        markdown_table,
+        run_comparison,
+        summarize,
+    )
+    from metateach.config import load_config
     from metateach.errors import ConfigError, MetateachError, first_line
-    from metateach.plots import plot_comparison
+    from metateach.plots import plot_comparison, plot_speed_comparison
 
     # A polite kill ends the comparison as Ctrl-C does, stopping its workers too.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -72,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (folder / "results.md").write_text(table + "\n")
     plot_comparison(rows, comparison.name, folder / "results.png")
+    if any("reached" in row for row in rows):  # teaching speed: the accuracy curves
+        curves: dict[str, list] = {}
+        for result in results:
+            curves.setdefault(result["variant"], []).append(accuracy_curve(result["folder"]))
+        common = [*comparison.overrides, *args.overrides]
+        target = load_config(comparison.config, common).train.target_val_acc
+        plot_speed_comparison(curves, target, comparison.name, folder / "results_speed.png")
     print(table)
     print(f"\nresults: {folder}/results.md, results.json, results.png")
     return 0

@@ -314,6 +314,28 @@ def plot_comparison(rows: Sequence[Mapping[str, float]], title: str, path: str |
     return _save(fig, path)
 
 
+def plot_speed_comparison(
+    curves: Mapping[str, Sequence[Sequence[tuple[float, float]]]],
+    target: float | None,
+    title: str,
+    path: str | Path,
+) -> Path:
+    """Validation accuracy against training samples learned from, one colour per variant, a line per seed."""
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for i, (variant, runs) in enumerate(curves.items()):
+        for j, points in enumerate(runs):
+            if points:
+                samples, accuracy = zip(*points, strict=True)
+                ax.plot(samples, [100 * a for a in accuracy], color=f"C{i % 10}", alpha=0.8,
+                        linewidth=1.2, label=variant if j == 0 else None)  # fmt: skip
+    if target is not None:
+        ax.axhline(100 * target, color="grey", linestyle="--", label=f"target {100 * target:g}%")
+    ax.set(xlabel="training samples learned from", ylabel="validation accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

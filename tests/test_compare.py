@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metateach.compare import Comparison, load_comparison, markdown_table, run_comparison, summarize
+from metateach.compare import (
+    Comparison,
+    accuracy_curve,
+    load_comparison,
+    markdown_table,
+    run_comparison,
+    summarize,
+)
 from metateach.compare_cli import main
 from metateach.config import load_config
 from metateach.errors import CheckpointError, ConfigError
@@ -105,3 +112,37 @@ def test_every_shipped_comparison_loads() -> None:
         comparison = load_comparison(path)
         for overrides in comparison.variants.values():
             load_config(comparison.config, [*comparison.overrides, *overrides])
+
+
+def test_teaching_speed_is_tabulated_over_the_runs_that_reached_the_target() -> None:
+    run = {"test/acc": 0.9, "best/test_acc": 0.9}
+    results = [
+        {"variant": "l2t", "seed": 0, **run, "target/step": 10, "target/samples": 600},
+        {"variant": "l2t", "seed": 1, **run, "target/step": 20, "target/samples": 1000},
+        {"variant": "l2t", "seed": 2, **run, "target/step": None, "target/samples": None},
+        {"variant": "none", "seed": 0, **run, "target/step": None, "target/samples": None},
+    ]
+    l2t, none = summarize(results)
+    assert l2t["reached"] == 2 and l2t["target/samples"] == 800
+    assert l2t["target/samples std"] == pytest.approx(282.84, abs=0.01)
+    assert none["reached"] == 0
+    lines = markdown_table([l2t, none]).splitlines()
+    assert "| reached the target | steps to the target | samples to the target |" in lines[0]
+    assert lines[2].endswith("| 2/3 | 15 ± 7 | 800 ± 283 |")
+    assert lines[3].endswith("| 0/1 | – | – |")
+    assert "reached" not in markdown_table(summarize([{"variant": "a", "seed": 0, **run}]))
+
+
+def test_a_speed_comparison_draws_every_runs_accuracy_curve(tmp_path: Path) -> None:
+    spec = write(tmp_path / "speed.yaml", {
+        "config": str(CONFIGS / "quickstart.yaml"), "seeds": [0],
+        "overrides": ["train.target_val_acc=0.3", "train.eval_every_steps=2"],
+        "variants": {"none": ["teacher.name=none"],
+                     "rand": ["teacher.name=random_filter", "teacher.refill=true"]},
+    })  # fmt: skip
+    assert main([str(spec), *QUICK, "train.epochs=12", "--out", str(tmp_path / "runs")]) == 0
+    folder = tmp_path / "runs" / "speed"
+    assert "| 1/1 |" in (folder / "results.md").read_text()
+    assert (folder / "results_speed.png").stat().st_size > 10_000
+    curve = accuracy_curve(folder / "none-seed0")
+    assert len(curve) > 2 and [s for s, _ in curve] == sorted(s for s, _ in curve)
