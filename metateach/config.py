@@ -58,7 +58,10 @@ class DataConfig:
     #: Clean validation samples taken from the training set, class-balanced;
     #: unset means the data set's usual size (5,000 on CIFAR and MNIST).
     val_size: int | None = None
-    #: Keep only this many training samples (after the validation split).
+    #: Keep one half of the training samples (after the validation split), 0 or 1:
+    #: L2T trains its teacher on one half and teaches new students on the other.
+    train_half: int | None = None
+    #: Keep only this many training samples (after the validation split and the half).
     train_subset: int | None = None
     #: Keep only this many test samples.
     test_subset: int | None = None

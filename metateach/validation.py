@@ -32,6 +32,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("noise.rate", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("noise.imbalance_factor", *_at_least(1)),
     ("data.val_size", *_at_least(0, optional=True)),
+    ("data.train_half", lambda v: v in (None, 0, 1), "0 or 1 (or unset: all)"),
     ("data.train_subset", *_at_least(1, optional=True)),
     ("data.test_subset", *_at_least(1, optional=True)),
     ("data.image_size", *_at_least(1, optional=True)),

@@ -85,6 +85,15 @@ def test_subsets_and_imbalance() -> None:
         digits(train_subset=5000)
 
 
+def test_the_two_halves_split_the_training_pool_and_share_the_validation_split() -> None:
+    whole, first, second = digits(), digits(train_half=0), digits(train_half=1)
+    a, b = set(first.train.pool_index.tolist()), set(second.train.pool_index.tolist())
+    assert not a & b and a | b == set(whole.train.pool_index.tolist())
+    assert abs(len(a) - len(b)) <= 1
+    assert torch.equal(first.val.pool_index, whole.val.pool_index)
+    assert len(digits(train_half=1, train_subset=100).train) == 100
+
+
 def test_validation_taking_everything_is_an_error() -> None:
     with pytest.raises(DataError, match="class-balanced split of 1797 needs"):
         digits(val_size=1797)

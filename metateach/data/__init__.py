@@ -106,9 +106,10 @@ def build_data(data: DataConfig, noise: NoiseConfig) -> DataBundle:
     """Load ``data.name``, split off clean validation, subsample, and corrupt the training labels.
 
     The order is fixed: (1) a class-balanced clean validation split from the
-    training pool, (2) long-tailed imbalance, (3) the training subset, (4)
-    label noise on what remains. Steps 1 and 3 draw from ``data.seed``,
-    steps 2 and 4 from ``noise.seed``; neither depends on the training seed.
+    training pool, (2) long-tailed imbalance, (3) one half of the rest, (4) the
+    training subset, (5) label noise on what remains. Steps 1, 3 and 4 draw
+    from ``data.seed``, steps 2 and 5 from ``noise.seed``; none depends on the
+    training seed.
     """
     dataset = load_dataset(data.name, data.root, data.download, data.image_size)
     info = dataset.info
@@ -123,6 +124,12 @@ def build_data(data: DataConfig, noise: NoiseConfig) -> DataBundle:
             pool_targets[train_index], info.num_classes, noise.imbalance_factor, noise_rng
         )
         train_index = train_index[keep]
+    if data.train_half is not None:  # two disjoint halves, from a draw of their own
+        order = torch.randperm(
+            len(train_index), generator=torch.Generator().manual_seed(derive_seed(data.seed, 1))
+        )
+        half = order[: len(order) // 2] if data.train_half == 0 else order[len(order) // 2 :]
+        train_index = train_index[half.sort().values]
     if data.train_subset is not None:
         train_index = train_index[
             random_subset(len(train_index), data.train_subset, split_rng, "data.train_subset")
