@@ -274,3 +274,32 @@ def test_refilled_filters_train_on_full_batches(make_config) -> None:
     assert refilled.state.learned == seen  # every step as full as its batch
     with pytest.raises(ConfigError, match="teacher.refill fills batches"):
         make_config("teacher.name=meta_weight_net", "optim.name=sgd", "teacher.refill=true")
+
+
+def test_a_trained_teacher_teaches_a_new_student_of_another_architecture_frozen(
+    make_config,
+) -> None:
+    taught = ("train.eval_every_steps=4", "train.target_val_acc=0.8", "logging.diagnostics=false")
+    teacher_run = Trainer(make_config("teacher.name=l2t", "train.run_name=teacher", *taught))
+    teacher_run.fit()
+    saved = {k: v.clone() for k, v in teacher_run.teaching.teacher.state_dict().items()}
+    student = Trainer(
+        make_config(
+            "teacher.name=l2t",
+            "teacher.learn=false",
+            "teacher.refill=true",
+            f"teacher.checkpoint={teacher_run.run_dir / 'checkpoints' / 'last.pt'}",
+            "model.kwargs.hidden=[64, 32]",
+            "data.train_half=1",
+            "train.run_name=student",
+            *taught,
+        )  # fmt: skip
+    )
+    assert not isinstance(student.teaching.strategy, Reinforce)  # frozen: a fixed rule
+    student.fit()
+    for key, value in student.teaching.teacher.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    # It filtered (batches were refilled, to full) and the new student learned.
+    assert student.teaching.strategy.problem.refill.position > 0
+    assert student.state.learned == 2 * len(student.data.train)
+    assert student.state.target_step is not None
