@@ -24,7 +24,10 @@ class CoinFilter(Teacher):
     def __init__(self) -> None:
         super().__init__()
         self.logit = nn.Parameter(torch.tensor(0.3))
-        self.score = 0.0  # sum over all choices of d log pi / d logit = (kept - p), kept by hand
+        self.score = (
+            0.0  # sum over an episode's choices of d log pi / d logit = (kept - p), by hand
+        )
+        self.scores: list[float] = []  # each finished episode's
 
     def forward(self, batch, view) -> Lesson:
         p = torch.sigmoid(self.logit).expand(len(batch.y))
@@ -33,6 +36,8 @@ class CoinFilter(Teacher):
         return Lesson(mask=keep, log_prob=torch.where(keep, p.log(), (1 - p).log()).sum())
 
     def episode_reward(self, history, context) -> float:
+        self.scores.append(self.score)
+        self.score = 0.0
         return history[-1]["val/acc"]
 
 
@@ -41,32 +46,34 @@ class Unrewarded(CoinFilter):
     episode_reward = Teacher.episode_reward
 
 
-def test_reinforce_steps_the_teacher_once_per_run_on_the_episode_score(make_config) -> None:
+def test_reinforce_steps_the_teacher_once_per_episode_on_its_score(make_config) -> None:
     teacher = (
         "teacher.name=test_coin_filter",
         "teacher.optim.name=sgd",
         "teacher.optim.lr=0.01",
         "teacher.optim.momentum=0",
+        "train.episodes=2",
         # The coin keeps its own tally of every draw; diagnostic passes would add to it.
         "logging.diagnostics=false",
     )
     trainer = Trainer(make_config(*teacher, "train.run_name=pg"))
     assert isinstance(trainer.teaching.strategy, Reinforce)
     start = trainer.teaching.teacher.logit.item()
-    metrics = trainer.fit()
+    trainer.fit()
     coin = trainer.teaching.teacher
-    reward = metrics["val/acc"]
-    # One SGD step on -(r - b) S with b = 0 before the first episode: logit += lr * r * S.
-    assert coin.logit.item() == pytest.approx(start + 0.01 * reward * coin.score, rel=1e-5)
-    assert trainer.teaching.strategy.baseline == pytest.approx(0.5 * reward)
-    logged = (trainer.run_dir / "metrics.jsonl").read_text()
-    assert '"teacher/reward"' in logged and '"teacher/advantage"' in logged
-    # Resuming the finished run does not reward the episode twice.
+    r1, r2 = [record["teacher/reward"] for record in trainer.state.episodes]
+    assert (r1, r2) == tuple(e["episode/val_acc"] for e in trainer.state.episodes)
+    # The baseline starts at the first reward, so the first episode does not step; the
+    # second is one SGD step on -(r - b) S: logit += lr * (r2 - r1) * S2.
+    assert coin.logit.item() == pytest.approx(start + 0.01 * (r2 - r1) * coin.scores[1], rel=1e-5)
+    assert trainer.state.episodes[0]["teacher/advantage"] == 0.0
+    assert trainer.teaching.strategy.baseline == pytest.approx(0.5 * r1 + 0.5 * r2)
+    # Resuming the finished run does not reward the last episode twice.
     after = coin.logit.item()
     again = Trainer(make_config(*teacher, f"train.resume={trainer.run_dir}"))
     again.fit()
     assert again.teaching.teacher.logit.item() == after
-    assert again.teaching.strategy.episodes == 1
+    assert again.teaching.strategy.episodes == 2
 
 
 def test_a_policy_gradient_teacher_needs_a_reward() -> None:

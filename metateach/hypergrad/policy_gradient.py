@@ -30,7 +30,9 @@ class Reinforce(TeachingStrategy):
     over the episode right away (S = sum_t grad log pi_t, the size of the
     teacher, not a graph per step). At the end of the run the teacher scores
     it with ``episode_reward`` and steps on -(r - b) S, where the baseline b
-    is a moving average of the rewards (0 before the first). With
+    is a moving average of the rewards. It starts at the first reward, so
+    the first episode does not step: a baseline of 0 would reinforce every
+    choice of the early episodes by the whole reward. With
     ``teacher.refill``, every decision on every candidate batch counts.
 
     Args:
@@ -44,7 +46,7 @@ class Reinforce(TeachingStrategy):
             raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
         self.baseline_decay = baseline_decay
         self.score = [torch.zeros_like(p) for p in problem.teacher_params()]
-        self.baseline = 0.0
+        self.baseline: float | None = None  # before the first episode, none
         self.episodes = 0
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
@@ -73,18 +75,19 @@ class Reinforce(TeachingStrategy):
     def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         assert self.problem.teacher is not None
         reward = float(self.problem.teacher.episode_reward(history, context))
-        advantage = reward - self.baseline
+        baseline = reward if self.baseline is None else self.baseline
+        advantage = reward - baseline
         updated = self.problem.teacher_step([-advantage * s for s in self.score])
         self.record(
             **{
                 "teacher/reward": reward,
-                "teacher/baseline": self.baseline,
+                "teacher/baseline": baseline,
                 "teacher/advantage": advantage,
             }
         )
         if not updated:
             self.record(**{"teacher/skipped_steps": 1})
-        self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * reward
+        self.baseline = self.baseline_decay * baseline + (1 - self.baseline_decay) * reward
         self.episodes += 1
         for s in self.score:
             s.zero_()
