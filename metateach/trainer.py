@@ -2,7 +2,8 @@
 
 :class:`Trainer` builds a run from an :class:`~metateach.config.ExperimentConfig`
 and :meth:`Trainer.fit` reads top to bottom: for every epoch, for every
-batch, one student step; then evaluation, logging and a checkpoint. The
+batch, one student step; then evaluation, logging and a checkpoint. With
+``train.episodes``, that is one episode, and fresh students follow. The
 loop knows no teaching method by name. A batch's per-sample losses are
 taken by the run's teaching strategy (:mod:`metateach.hypergrad`): a plain
 step under the teacher's lesson, or a step in which the teacher learns too.
@@ -197,9 +198,12 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         while state.epoch < cfg.train.epochs and not state.stopped:
             self.model.train()
+            episode = f"episode {state.episode + 1}/{cfg.train.episodes} " * (
+                cfg.train.episodes > 1
+            )
             bar = tqdm(
                 total=steps_per_epoch, initial=state.batch, unit="batch", leave=False,
-                desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
+                desc=f"{episode}epoch {state.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
                 disable=None if cfg.train.progress else True,  # None: only on a terminal
             )  # fmt: skip
             self._pending_since = time.perf_counter()
@@ -300,8 +304,9 @@ class Trainer:
             metrics["episode"] = state.episode + 1
         state.history.append(metrics)
         self.logger.log(metrics, self._global_step())
+        episode = f"episode {state.episode + 1}  " * (self.cfg.train.episodes > 1)
         tqdm.write(
-            f"epoch {metrics['epoch']:>3}/{self.cfg.train.epochs}  "
+            f"{episode}epoch {metrics['epoch']:>3}/{self.cfg.train.epochs}  "
             f"train loss {metrics['train/loss']:.4f} acc {100 * metrics['train/acc']:.2f}%  "
             f"val acc {100 * val_acc:.2f}%  test acc {100 * test_acc:.2f}%  "
             f"lr {metrics['lr']:.4g}  {metrics['throughput/samples_per_s']:.0f} samples/s"
