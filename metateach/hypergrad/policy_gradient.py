@@ -51,26 +51,19 @@ class Reinforce(TeachingStrategy):
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem
-        if problem.refill is not None:
-            batch, log_prob = problem.refilled(batch, context, teacher_grad=True)
-            train = problem.plain_loss(batch, context)
-        else:
-            train = problem.train_loss(
-                problem.params(), batch, context, real=True, teacher_grad=True
-            )
-            log_prob = None if train.lesson is None else train.lesson.log_prob
-        if log_prob is None:
+        real = problem.real_pass(batch, context, teacher_grad=True)
+        if real.log_prob is None:
             raise RuntimeError(
                 f"{type(problem.teacher).__name__} learns by policy gradient: its lessons need log_prob"
             )
         grads = autograd.grad(
-            log_prob, problem.teacher_params(), retain_graph=True, allow_unused=True
+            real.log_prob, problem.teacher_params(), retain_graph=True, allow_unused=True
         )
         for total, g in zip(self.score, grads, strict=True):
             if g is not None:
                 total += g
-        problem.apply_gradients(train.loss)
-        return problem.statistics(train.view, batch, train.lesson)
+        problem.descend(real.train, real.batch, real.rng)
+        return problem.statistics(real.train.view, real.batch, real.train.lesson)
 
     def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         assert self.problem.teacher is not None

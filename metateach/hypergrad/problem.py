@@ -31,7 +31,7 @@ from metateach.optim.sam import SAM
 from metateach.student import Student, StudentStates
 from metateach.teacher import StudentView, Teacher, TeachingContext
 
-__all__ = ["BilevelProblem", "SGDSettings", "RNGState", "TrainPass"]
+__all__ = ["BilevelProblem", "SGDSettings", "RNGState", "TrainPass", "RealPass"]
 
 
 #: Candidate batches a refilled batch may draw beyond the first (``teacher.refill``).
@@ -45,6 +45,15 @@ class TrainPass(NamedTuple):
     logits: Tensor
     view: StudentView
     lesson: Lesson | None
+
+
+class RealPass(NamedTuple):
+    """A real step's pass: the batch the student learns from, the pass, and what the step needs."""
+
+    batch: Batch  # refilled with the teacher's choices under ``teacher.refill``
+    train: TrainPass
+    log_prob: Tensor | None  # of the teacher's draws, on every candidate batch
+    rng: RNGState | None  # under SAM, the random state its second pass replays
 
 
 class RNGState(NamedTuple):
@@ -244,15 +253,30 @@ class BilevelProblem:
         same dropout draws; that pass runs on scratch BatchNorm buffers, so
         the running statistics move once a step.
         """
-        if self.refill is not None:
-            batch, _ = self.refilled(batch, context, teacher_grad=False)
+        real = self.real_pass(batch, context, teacher_grad=False)
+        self.descend(real.train, real.batch, real.rng)
+        return self.statistics(real.train.view, real.batch, real.train.lesson)
+
+    def real_pass(self, batch: Batch, context: TeachingContext, teacher_grad: bool) -> RealPass:
+        """A real step's forward pass under the teacher's lesson, for :meth:`descend`.
+
+        With ``refill`` the teacher's choices fill a batch of their own
+        (:meth:`refilled`), on which the pass is plain cross-entropy.
+        """
+        if self.refill is None:
             rng = self.step_rng()
-            step = self.plain_loss(batch, context)
-        else:
-            rng = self.step_rng()
-            step = self.train_loss(self.params(), batch, context, real=True, teacher_grad=False)
-        self.descend(step, batch, rng)
-        return self.statistics(step.view, batch, step.lesson)
+            train = self.train_loss(
+                self.params(), batch, context, real=True, teacher_grad=teacher_grad
+            )
+            return RealPass(
+                batch, train, None if train.lesson is None else train.lesson.log_prob, rng
+            )
+        batch, log_prob = self.refilled(batch, context, teacher_grad)
+        rng = self.step_rng()  # after the teacher's passes: SAM replays the real one
+        logits, view = self.forward(self.params(), batch, context, real=True)
+        return RealPass(
+            batch, TrainPass(lesson_loss(None, logits, batch.y), logits, view, None), log_prob, rng
+        )
 
     def refilled(
         self, batch: Batch, context: TeachingContext, teacher_grad: bool
@@ -285,11 +309,6 @@ class BilevelProblem:
         if kept == 0:
             raise RuntimeError(f"the teacher kept no sample of {MAX_REFILLS + 1} batches")
         return Batch(*(torch.cat(t)[:size] for t in zip(*parts, strict=True))), log_prob
-
-    def plain_loss(self, batch: Batch, context: TeachingContext) -> TrainPass:
-        """A real pass with no lesson: the mean cross-entropy of every sample (a refilled batch)."""
-        logits, view = self.forward(self.params(), batch, context, real=True)
-        return TrainPass(lesson_loss(None, logits, batch.y), logits, view, None)
 
     def step_rng(self) -> RNGState | None:
         """Under SAM, the random state before a real step's forward pass (its second pass replays it)."""
