@@ -19,7 +19,7 @@ from metateach.hypergrad import (
 )
 from metateach.hypergrad.learned_optimizer import LearnedUpdates
 from metateach.hypergrad.peer import PeerTeaching
-from metateach.models import create_model
+from metateach.models import model_for
 from metateach.optim import optimizer_from_config
 from metateach.registry import HYPERGRADS, TEACHERS
 from metateach.student import Student
@@ -62,9 +62,7 @@ def build_teaching(
             num_classes=data.num_classes,
             student=student,
             # A fresh network of the student's kind, initialized anew (a peer student).
-            new_student=lambda: create_model(
-                cfg.model.name, data.num_classes, data.input_shape, cfg.model.kwargs
-            ),
+            new_student=lambda: model_for(cfg.model, data),
             noise_rate=cfg.noise.rate,
             train_size=len(data.train),
             target_val_acc=cfg.train.target_val_acc,

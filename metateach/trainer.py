@@ -34,7 +34,7 @@ from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_se
 from metateach.diagnostics import TeacherDiagnostics
 from metateach.errors import CheckpointError, MetateachError, first_line
 from metateach.logging import RunLogger, log_run_start
-from metateach.models import create_model
+from metateach.models import model_for
 from metateach.optim import build_schedule, optimizer_from_config
 from metateach.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
@@ -111,9 +111,7 @@ class Trainer:
         self.run_dir = resumed_run_dir(run.resume) if resumed is not None else new_run_dir(cfg)
 
         self.data = data if data is not None else build_data(cfg.data, cfg.noise)
-        self.model = create_model(
-            cfg.model.name, self.data.num_classes, self.data.input_shape, cfg.model.kwargs
-        ).to(self.device)
+        self.model = model_for(cfg.model, self.data).to(self.device)
         self.optimizer = optimizer_from_config(cfg.optim, self.model.parameters())
         s = cfg.schedule
         self.schedule = build_schedule(
@@ -121,7 +119,6 @@ class Trainer:
             min_factor=s.min_lr / cfg.optim.lr, warmup_epochs=s.warmup_epochs,
         )  # fmt: skip
         self.teaching = build_teaching(cfg, self.model, self.optimizer, self.data, self.device)
-        self.train_loader = self.data.train_loader(run.batch_size, run.seed, self.device)
         self.val_loader = self.data.eval_loader("val", run.eval_batch_size, self.device)
         self.test_loader = self.data.eval_loader("test", run.eval_batch_size, self.device)
 
@@ -147,10 +144,7 @@ class Trainer:
         self.state = TrainState()
         if resumed is not None:
             self._restore(resumed)
-            if self.state.episode > 0:  # that episode's data order
-                self.train_loader = self.data.train_loader(
-                    run.batch_size, episode_seed(run.seed, self.state.episode), self.device
-                )
+        self.train_loader = self._episode_loader()
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -387,19 +381,23 @@ class Trainer:
             episode=done.episode + 1, steps_before=done.steps_before + done.step,
             episodes=done.episodes,
         )  # fmt: skip
-        seed = episode_seed(run.seed, self.state.episode)
-        seed_everything(seed, run.deterministic, self.device)
-        fresh = create_model(
-            self.cfg.model.name, self.data.num_classes, self.data.input_shape, self.cfg.model.kwargs
-        )
+        seed_everything(episode_seed(run.seed, self.state.episode), run.deterministic, self.device)
+        fresh = model_for(self.cfg.model, self.data)
         self.model.load_state_dict(fresh.state_dict())
         self.optimizer.load_state_dict(
             optimizer_from_config(self.cfg.optim, fresh.parameters()).state_dict()
         )
-        self.train_loader = self.data.train_loader(run.batch_size, seed, self.device)
+        self.train_loader = self._episode_loader()
         self._loss_average.zero_()
         self._save_due = True
         self._save_if_due()
+
+    def _episode_loader(self) -> BatchLoader:
+        """The training batches of the episode in progress, in its own order."""
+        run = self.cfg.train
+        return self.data.train_loader(
+            run.batch_size, episode_seed(run.seed, self.state.episode), self.device
+        )
 
     def _end_of_run(self) -> None:
         """The strategy's end of a student's training (a policy-gradient teacher learns), logged.
@@ -418,10 +416,14 @@ class Trainer:
                 "episode/learned_samples": state.learned,
                 "episode/val_acc": last.get("val/acc", 0.0),
                 "episode/test_acc": last.get("test/acc", 0.0),
-                **{
-                    k.replace("target/", "episode/target_"): v
-                    for k, v in self._target_metrics().items()
-                },  # fmt: skip
+                **(
+                    {
+                        "episode/target_step": state.target_step,
+                        "episode/target_samples": state.target_samples,
+                    }
+                    if state.target_step is not None
+                    else {}
+                ),  # fmt: skip
                 **metrics,
             }
             state.episodes.append(metrics)

@@ -10,7 +10,7 @@ function taking ``num_classes`` and ``in_shape`` and returning a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metateach.errors import ConfigError
 from metateach.models.cifar_resnet import CifarResNet
@@ -21,7 +21,11 @@ from metateach.models.wide_resnet import WideResNet
 from metateach.registry import MODELS
 from metateach.student import Student
 
-__all__ = ["CifarResNet", "CNN9", "LeNet", "MLP", "WideResNet", "create_model"]
+if TYPE_CHECKING:
+    from metateach.config import ModelConfig
+    from metateach.data import DataBundle
+
+__all__ = ["CifarResNet", "CNN9", "LeNet", "MLP", "WideResNet", "create_model", "model_for"]
 
 
 def create_model(
@@ -41,3 +45,8 @@ def create_model(
             f"model {name!r} must build a metateach.Student, got {type(model).__name__}"
         )
     return model
+
+
+def model_for(model: ModelConfig, data: DataBundle) -> Student:
+    """A freshly initialized student of the configured ``model`` for ``data``'s task."""
+    return create_model(model.name, data.num_classes, data.input_shape, model.kwargs)
