@@ -49,7 +49,11 @@ __all__ = [
 #: What each run reports, and the table's column for it.
 METRICS = {"test/acc": "test accuracy (%)", "best/test_acc": "test accuracy at best val (%)"}
 #: Teaching speed, for runs with ``train.target_val_acc``: what reaching it took.
-SPEED = {"target/step": "steps to the target", "target/samples": "samples to the target"}
+SPEED = {
+    "target/step": "steps to the target",
+    "target/samples": "samples to the target",
+    "target/examined_samples": "samples examined to the target",
+}
 
 
 @dataclass

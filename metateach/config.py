@@ -196,7 +196,9 @@ class HypergradConfig:
     keep_weight_grad: bool | None = None
     #: Clean validation samples per teacher step.
     val_batch_size: int = 100
-    #: The method's own settings, e.g. ``{solver: neumann, iterations: 20}`` for ``implicit``.
+    #: The method's own settings, e.g. ``{solver: neumann, iterations: 20}`` for ``implicit``;
+    #: for a policy-gradient teacher (l2t), those of REINFORCE, e.g.
+    #: ``{exploration: parameters, noise_std: 0.1, mirrored: true}``.
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from metateach.data import Batch
+from metateach.errors import ConfigError
 from metateach.lesson import Lesson
 
 if TYPE_CHECKING:
@@ -126,15 +127,39 @@ class Hypergradient:
 
 @dataclass(frozen=True)
 class PolicyGradient:
-    """Learn by REINFORCE: each lesson is sampled, and a run's reward reinforces its choices.
+    """Learn by REINFORCE: a run's reward reinforces the teacher's random choices in it.
 
-    The teacher's lessons carry ``log_prob``; at the end of a run (an
-    episode) the teacher's :meth:`Teacher.episode_reward` scores it, and
-    the teacher steps on -(r - b) * sum_t grad log pi(lesson_t), with b a
-    moving average of past rewards (decay ``baseline_decay``).
+    At the end of a run (an episode) the teacher's
+    :meth:`Teacher.episode_reward` scores it, and the teacher steps on
+    -(r - b) * S, with b a moving average of past rewards (decay
+    ``baseline_decay``) and S the score of the run's exploration:
+
+    * ``exploration="actions"`` (L2T): each lesson is sampled and carries
+      its ``log_prob``; S = sum_t grad log pi(lesson_t).
+    * ``exploration="parameters"`` (PGPE, Sehnke et al. 2010): each run the
+      teacher acts with its parameters theta + eps, eps ~ N(0, noise_std^2),
+      and S = eps / noise_std^2, the score of that draw. The randomness is
+      one draw per run instead of one per decision, so the estimate's
+      variance does not grow with the run's tens of thousands of decisions.
+      With ``mirrored``, runs come in pairs with +eps and -eps.
+
+    A config's ``teacher.hypergrad.options`` may set these fields.
     """
 
     baseline_decay: float = 0.9
+    exploration: str = "actions"
+    noise_std: float = 0.1
+    mirrored: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.baseline_decay < 1:
+            raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        if self.exploration not in ("actions", "parameters"):
+            raise ValueError(
+                f"exploration must be 'actions' or 'parameters', got {self.exploration!r}"
+            )
+        if not self.noise_std > 0:
+            raise ValueError(f"noise_std must be > 0, got {self.noise_std}")
 
 
 @dataclass(frozen=True)
@@ -200,12 +225,20 @@ def effective_learning(settings: TeacherConfig) -> Learning:
 
     ``teacher.learn=false`` freezes any teacher into a fixed rule.
     """
-    from metateach.registry import TEACHERS
+    from metateach.registry import TEACHERS, check_options
 
     declared = getattr(TEACHERS.get(settings.name), "learns", FixedRule())
     if not settings.learn or isinstance(declared, FixedRule):
         return FixedRule()
-    if isinstance(declared, PolicyGradient | ExampleGradient | PeerLearning):
+    if isinstance(declared, PolicyGradient):
+        options = settings.hypergrad.options
+        what = f"policy-gradient teacher {settings.name!r}"
+        check_options(PolicyGradient, options, what, "teacher.hypergrad.options")
+        try:
+            return replace(declared, **options)
+        except ValueError as e:
+            raise ConfigError(f"teacher.hypergrad.options of {what}: {e}") from None
+    if isinstance(declared, ExampleGradient | PeerLearning):
         return declared
     asked = settings.hypergrad
     # The declared options belong to the declared method; another method starts from none.

@@ -127,7 +127,7 @@ def build_teaching(
     elif isinstance(learning, ExampleGradient):
         strategy = ExampleGradients(problem)
     elif isinstance(learning, PolicyGradient):
-        strategy = Reinforce(problem, learning.baseline_decay)
+        strategy = Reinforce(problem, learning, seed=derive_seed(cfg.train.seed, 4))
     elif isinstance(learning, PeerLearning):
         strategy = PeerTeaching(problem)
     else:

@@ -67,6 +67,7 @@ class TrainState:
     learned: int = (
         0  # samples learned from since the start of the episode (counted to the last sync)
     )
+    examined: int = 0  # samples looked at for them (a refilling filter's candidates), likewise
     totals: EpochTotals = field(default_factory=EpochTotals)
     best_val_acc: float = -1.0
     best_epoch: int = 0
@@ -76,6 +77,7 @@ class TrainState:
     evals: list[list[float]] = field(default_factory=list)
     target_step: int | None = None  # when validation accuracy first reached train.target_val_acc
     target_samples: int | None = None  # the samples learned from by then
+    target_examined: int | None = None  # the samples examined by then
     stopped: bool = False  # ended at the target (train.stop_at_target)
     finished: bool = False  # all epochs done and the end of the run handled
     episode: int = 0  # the student in training (train.episodes), from 0
@@ -124,7 +126,7 @@ class Trainer:
 
         # Step results pile up on the device and are read only at log points:
         # reading them every step would force a CPU-GPU sync per step.
-        self._pending = torch.zeros(4, device=self.device, dtype=torch.float64)
+        self._pending = torch.zeros(5, device=self.device, dtype=torch.float64)
         self._pending_since = time.perf_counter()
         # The running average of the batch losses, a teacher's view of the student's history.
         self._loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -228,8 +230,8 @@ class Trainer:
     def train_step(self, batch: Batch) -> Tensor:
         """One student step (and the teacher's, when due) by the teaching strategy.
 
-        Returns [sum of cross-entropy, correct, correct on clean labels, samples learned from]
-        on the device.
+        Returns [sum of cross-entropy, correct, correct on clean labels, samples learned from,
+        samples examined] on the device.
         """
         state = self.state
         stats = self.teaching.strategy.step(batch, self.context())
@@ -289,6 +291,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
             "train/learned_samples": state.learned,
+            "train/examined_samples": state.examined,
             **self._target_metrics(),
             **self._evaluate_peers(),
             **self.teaching.strategy.pop_metrics(epoch=True),
@@ -326,6 +329,7 @@ class Trainer:
         target = run.target_val_acc
         if target is not None and state.target_step is None and val_acc >= target:
             state.target_step, state.target_samples = state.step, state.learned
+            state.target_examined = state.examined
             state.stopped = run.stop_at_target
             tqdm.write(
                 f"validation accuracy {100 * val_acc:.2f}% reached the target {100 * target:g}% "
@@ -335,9 +339,13 @@ class Trainer:
     def _target_metrics(self) -> dict[str, int]:
         """When validation accuracy first reached ``train.target_val_acc``, once it has."""
         state = self.state
-        if state.target_step is None or state.target_samples is None:
+        if state.target_step is None:
             return {}
-        return {"target/step": state.target_step, "target/samples": state.target_samples}
+        return {
+            "target/step": state.target_step,
+            "target/samples": state.target_samples,
+            "target/examined_samples": state.target_examined,
+        }
 
     def _evaluate_peers(self) -> dict[str, float]:
         """Accuracy of the networks trained beside the student (a peer), and of the ensemble of all.
@@ -414,6 +422,7 @@ class Trainer:
                 "episode": state.episode + 1,
                 "episode/steps": state.step,
                 "episode/learned_samples": state.learned,
+                "episode/examined_samples": state.examined,
                 "episode/val_acc": last.get("val/acc", 0.0),
                 "episode/test_acc": last.get("test/acc", 0.0),
                 **(
@@ -452,10 +461,15 @@ class Trainer:
                 "noise/realized_rate": self.data.noise.realized_rate,
                 "steps": state.step,
                 "learned_samples": state.learned,
+                "examined_samples": state.examined,
                 "episodes": state.episode + 1,
                 # None: the run never reached its target.
                 **(
-                    {"target/step": state.target_step, "target/samples": state.target_samples}
+                    {
+                        "target/step": state.target_step,
+                        "target/samples": state.target_samples,
+                        "target/examined_samples": state.target_examined,
+                    }
                     if self.cfg.train.target_val_acc is not None
                     else {}
                 ),
@@ -544,7 +558,7 @@ class Trainer:
 
     def _collect(self) -> EpochTotals:
         """Add the device-side step results to the epoch totals (a sync point); stop on a non-finite loss."""
-        loss_sum, correct, clean_correct, learned = self._pending.tolist()
+        loss_sum, correct, clean_correct, learned, examined = self._pending.tolist()
         self._pending.zero_()
         now = time.perf_counter()
         totals = self.state.totals
@@ -553,6 +567,7 @@ class Trainer:
         totals.clean_correct += int(clean_correct)
         totals.learned += int(learned)
         self.state.learned += int(learned)
+        self.state.examined += int(examined)
         totals.seconds += now - self._pending_since
         self._pending_since = now
         if not torch.isfinite(torch.tensor(loss_sum)):

@@ -164,6 +164,8 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
     asked = [
         k for k, v in vars(teacher.hypergrad).items() if k in HYPERGRAD_KEYS and v not in (None, {})
     ]
+    if isinstance(learning, PolicyGradient):  # options of its own, checked by effective_learning
+        asked = [k for k in asked if k != "options"]
     if not isinstance(learning, Hypergradient):
         if asked and teacher.learn:
             raise ConfigError(

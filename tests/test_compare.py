@@ -117,19 +117,26 @@ def test_every_shipped_comparison_loads() -> None:
 def test_teaching_speed_is_tabulated_over_the_runs_that_reached_the_target() -> None:
     run = {"test/acc": 0.9, "best/test_acc": 0.9}
     results = [
-        {"variant": "l2t", "seed": 0, **run, "target/step": 10, "target/samples": 600},
-        {"variant": "l2t", "seed": 1, **run, "target/step": 20, "target/samples": 1000},
-        {"variant": "l2t", "seed": 2, **run, "target/step": None, "target/samples": None},
-        {"variant": "none", "seed": 0, **run, "target/step": None, "target/samples": None},
-    ]
+        {"variant": "l2t", "seed": 0, **run, "target/step": 10, "target/samples": 600,
+         "target/examined_samples": 1200},
+        {"variant": "l2t", "seed": 1, **run, "target/step": 20, "target/samples": 1000,
+         "target/examined_samples": 3000},
+        {"variant": "l2t", "seed": 2, **run, "target/step": None, "target/samples": None,
+         "target/examined_samples": None},
+        {"variant": "none", "seed": 0, **run, "target/step": None, "target/samples": None,
+         "target/examined_samples": None},
+    ]  # fmt: skip
     l2t, none = summarize(results)
     assert l2t["reached"] == 2 and l2t["target/samples"] == 800
     assert l2t["target/samples std"] == pytest.approx(282.84, abs=0.01)
     assert none["reached"] == 0
     lines = markdown_table([l2t, none]).splitlines()
-    assert "| reached the target | steps to the target | samples to the target |" in lines[0]
-    assert lines[2].endswith("| 2/3 | 15 ± 7 | 800 ± 283 |")
-    assert lines[3].endswith("| 0/1 | – | – |")
+    assert (
+        "| reached the target | steps to the target | samples to the target "
+        "| samples examined to the target |" in lines[0]
+    )
+    assert lines[2].endswith("| 2/3 | 15 ± 7 | 800 ± 283 | 2,100 ± 1,273 |")
+    assert lines[3].endswith("| 0/1 | – | – | – |")
     assert "reached" not in markdown_table(summarize([{"variant": "a", "seed": 0, **run}]))
 
 

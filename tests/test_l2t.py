@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -124,8 +125,20 @@ class TwoArmedBandit(Teacher):
         return sum(paid) / len(paid)
 
 
+EXPLORATION = {
+    "actions": [],  # L2T: the score of each pull
+    "parameters": ["teacher.hypergrad.options={exploration: parameters, noise_std: 1.0}"],
+    "mirrored": [
+        "teacher.hypergrad.options={exploration: parameters, noise_std: 1.0, mirrored: true}"
+    ],
+}
+
+
+@pytest.mark.parametrize("exploration", list(EXPLORATION))
 @pytest.mark.parametrize("better", [1, 0])
-def test_reinforce_moves_a_two_armed_policy_toward_the_better_arm(make_config, better: int) -> None:
+def test_reinforce_moves_a_two_armed_policy_toward_the_better_arm(
+    make_config, better: int, exploration: str
+) -> None:
     trainer = Trainer(
         make_config(
             "teacher.name=test_two_armed",
@@ -133,6 +146,7 @@ def test_reinforce_moves_a_two_armed_policy_toward_the_better_arm(make_config, b
             "teacher.optim.lr=0.5",
             "teacher.optim.momentum=0",
             "logging.diagnostics=false",
+            *EXPLORATION[exploration],
         )
     )
     strategy, bandit = trainer.teaching.strategy, trainer.teaching.teacher
@@ -140,11 +154,11 @@ def test_reinforce_moves_a_two_armed_policy_toward_the_better_arm(make_config, b
     bandit.payoff = (0.2, 0.8) if better == 1 else (0.8, 0.2)
     batches = list(trainer.train_loader.epoch(0))[:5]
     chose_better = []
-    for _ in range(40):  # episodes of 5 steps
+    for episode in range(40):  # episodes of 5 steps
         for step, batch in enumerate(batches):
-            strategy.step(batch, context(step, len(batches)))
+            strategy.step(batch, context(step, len(batches))._replace(episode=episode))
         chose_better.append(sum(a == better for a in bandit.pulls) / len(bandit.pulls))
-        strategy.end_of_run([], context(len(batches), len(batches)))
+        strategy.end_of_run([], context(len(batches), len(batches))._replace(episode=episode))
     p_better = (
         torch.sigmoid(bandit.logit).item() if better else 1 - torch.sigmoid(bandit.logit).item()
     )
@@ -192,8 +206,12 @@ EPISODES = (
 )  # fmt: skip
 
 
-def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(make_config) -> None:
-    straight = Trainer(make_config(*EPISODES, "train.run_name=straight", "logging.plots=true"))
+@pytest.mark.parametrize("exploration", ["actions", "mirrored"])
+def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(
+    make_config, exploration: str
+) -> None:
+    episodes_of = (*EPISODES, *EXPLORATION[exploration])
+    straight = Trainer(make_config(*episodes_of, "train.run_name=straight", "logging.plots=true"))
     start = [p.detach().clone() for p in straight.teaching.teacher.parameters()]
     straight.fit()
     moved = zip(start, straight.teaching.teacher.parameters(), strict=True)
@@ -213,10 +231,10 @@ def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(ma
     assert len(first_evals) == 3 and max(first_evals) < 0.8
     assert (straight.run_dir / "episodes.png").stat().st_size > 10_000
 
-    cut = Trainer(make_config(*EPISODES, "train.run_name=cut"))
+    cut = Trainer(make_config(*episodes_of, "train.run_name=cut"))
     cut.fit(max_steps=episodes[0]["episode/steps"] + 3)
     assert cut.state.episode == 1 and cut.state.step == 3
-    resumed = Trainer(make_config(*EPISODES, f"train.resume={cut.run_dir}"))
+    resumed = Trainer(make_config(*episodes_of, f"train.resume={cut.run_dir}"))
     resumed.fit()
     assert [without_measurements(r) for r in resumed.state.episodes] == [
         without_measurements(r) for r in episodes
@@ -225,6 +243,60 @@ def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(ma
         straight.teaching.teacher.parameters(), resumed.teaching.teacher.parameters(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_exploring_in_parameters_acts_with_theta_plus_eps_and_steps_from_theta(make_config) -> None:
+    trainer = Trainer(
+        make_config(
+            "teacher.name=l2t",
+            "train.target_val_acc=0.8",
+            "teacher.hypergrad.options={exploration: parameters, noise_std: 0.05, mirrored: true}",
+        )
+    )
+    strategy, teacher = trainer.teaching.strategy, trainer.teaching.teacher
+    theta = [p.detach().clone() for p in teacher.parameters()]
+    batch = next(iter(trainer.train_loader))
+    seen = []
+    for episode in range(2):  # a mirrored pair: +eps, then -eps
+        for step in range(3):
+            strategy.step(batch, context(step)._replace(episode=episode))
+            seen.append([p.detach().clone() for p in teacher.parameters()])
+        eps = [a - b for a, b in zip(seen[-1], theta, strict=True)]
+        # Constant through the episode, of the asked size, and its score is eps / sigma^2.
+        assert all(torch.equal(x, y) for x, y in zip(seen[-3], seen[-1], strict=True))
+        flat = torch.cat([e.flatten() for e in eps])
+        assert flat.std().item() == pytest.approx(0.05, rel=0.2)
+        for e, score in zip(eps, strategy.score, strict=True):
+            torch.testing.assert_close(score, e / 0.05**2)
+        strategy.end_of_run([], context(3)._replace(episode=episode))
+        if episode == 0:
+            first = flat
+            # The first reward sets the baseline: no step, and theta is back exactly.
+            for a, b in zip(teacher.parameters(), theta, strict=True):
+                assert torch.equal(a, b)
+    torch.testing.assert_close(flat, -first)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            "{explore: parameters}",
+            "unknown option 'explore'.*teacher.hypergrad.options.*exploration",
+        ),
+        ("{exploration: weights}", "teacher.hypergrad.options.*'actions' or 'parameters'"),
+        ("{exploration: parameters, noise_std: 0}", "noise_std must be > 0"),
+    ],
+)
+def test_bad_policy_gradient_options_name_the_key(make_config, options: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Trainer(
+            make_config(
+                "teacher.name=l2t",
+                "train.target_val_acc=0.8",
+                f"teacher.hypergrad.options={options}",
+            )
+        )
 
 
 def test_episodes_need_a_teacher_that_learns_from_them(make_config) -> None:
@@ -253,7 +325,7 @@ def test_a_refilled_batch_is_full_of_kept_samples_and_counts_every_decision(make
     trainer = Trainer(make_config("teacher.name=test_low_labels", "teacher.refill=true"))
     problem = trainer.teaching.strategy.problem
     batch = next(iter(trainer.train_loader))
-    full, log_prob = problem.refilled(batch, trainer.context(), teacher_grad=True)
+    full, log_prob, examined = problem.refilled(batch, trainer.context(), teacher_grad=True)
     assert len(full.y) == len(batch.y) == 64 and bool((full.y < 5).all())
     # The batch's own kept samples come first, in order; then those of further batches.
     own = batch.index[batch.y < 5]
@@ -261,6 +333,7 @@ def test_a_refilled_batch_is_full_of_kept_samples_and_counts_every_decision(make
     assert len(set(full.index.tolist())) == 64
     drawn = problem.refill.position  # candidate batches beyond the first
     assert drawn >= 1 and log_prob.item() == -64 * (drawn + 1)
+    assert examined == 64 * (drawn + 1)
 
 
 def test_refilled_filters_train_on_full_batches(make_config) -> None:
@@ -273,6 +346,12 @@ def test_refilled_filters_train_on_full_batches(make_config) -> None:
     seen = 2 * len(plain.data.train)
     assert plain.state.learned < 0.6 * seen
     assert refilled.state.learned == seen  # every step as full as its batch
+    # Without refilling a step examines its batch; with it, every candidate batch it drew
+    # (at keep 0.5 about 2 per kept sample, and the last one whole).
+    assert plain.state.examined == seen
+    assert 2 * seen < refilled.state.examined < 3 * seen
+    summary = json.loads((refilled.run_dir / "summary.json").read_text())
+    assert summary["examined_samples"] == refilled.state.examined
     with pytest.raises(ConfigError, match="teacher.refill fills batches"):
         make_config("teacher.name=meta_weight_net", "optim.name=sgd", "teacher.refill=true")
 

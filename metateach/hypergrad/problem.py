@@ -54,6 +54,7 @@ class RealPass(NamedTuple):
     train: TrainPass
     log_prob: Tensor | None  # of the teacher's draws, on every candidate batch
     rng: RNGState | None  # under SAM, the random state its second pass replays
+    examined: int  # the samples the step looked at: every candidate under ``teacher.refill``
 
 
 class RNGState(NamedTuple):
@@ -255,7 +256,7 @@ class BilevelProblem:
         """
         real = self.real_pass(batch, context, teacher_grad=False)
         self.descend(real.train, real.batch, real.rng)
-        return self.statistics(real.train.view, real.batch, real.train.lesson)
+        return self.statistics(real.train.view, real.batch, real.train.lesson, real.examined)
 
     def real_pass(self, batch: Batch, context: TeachingContext, teacher_grad: bool) -> RealPass:
         """A real step's forward pass under the teacher's lesson, for :meth:`descend`.
@@ -268,30 +269,28 @@ class BilevelProblem:
             train = self.train_loss(
                 self.params(), batch, context, real=True, teacher_grad=teacher_grad
             )
-            return RealPass(
-                batch, train, None if train.lesson is None else train.lesson.log_prob, rng
-            )
-        batch, log_prob = self.refilled(batch, context, teacher_grad)
+            log_prob = None if train.lesson is None else train.lesson.log_prob
+            return RealPass(batch, train, log_prob, rng, len(batch.y))
+        batch, log_prob, examined = self.refilled(batch, context, teacher_grad)
         rng = self.step_rng()  # after the teacher's passes: SAM replays the real one
         logits, view = self.forward(self.params(), batch, context, real=True)
-        return RealPass(
-            batch, TrainPass(lesson_loss(None, logits, batch.y), logits, view, None), log_prob, rng
-        )
+        train = TrainPass(lesson_loss(None, logits, batch.y), logits, view, None)
+        return RealPass(batch, train, log_prob, rng, examined)
 
     def refilled(
         self, batch: Batch, context: TeachingContext, teacher_grad: bool
-    ) -> tuple[Batch, Tensor | None]:
+    ) -> tuple[Batch, Tensor | None, int]:
         """A full batch of samples the teacher keeps: from ``batch``, then from the refill stream.
 
         Each candidate batch is shown to the teacher with the student's view
         of it (a pass on scratch BatchNorm buffers); the kept samples gather
         until there are ``len(batch)`` (L2T's "refilled until M are kept").
-        Returns them and the summed log-probability of every decision (None
+        Returns them, the summed log-probability of every decision (None
         when the lessons carry none), with its graph to the teacher when
-        ``teacher_grad``.
+        ``teacher_grad``, and the number of candidates examined.
         """
         assert self.refill is not None
-        size, kept, parts = len(batch.y), 0, []
+        size, kept, examined, parts = len(batch.y), 0, 0, []
         log_prob: Tensor | None = None
         for _ in range(MAX_REFILLS + 1):
             with torch.no_grad():
@@ -303,12 +302,14 @@ class BilevelProblem:
                 log_prob = lesson.log_prob if log_prob is None else log_prob + lesson.log_prob
             parts.append(Batch(*(t[lesson.mask] for t in batch)))
             kept += int(lesson.mask.sum())
+            examined += len(batch.y)
             if kept >= size:
                 break
             batch = self.refill.next()
         if kept == 0:
             raise RuntimeError(f"the teacher kept no sample of {MAX_REFILLS + 1} batches")
-        return Batch(*(torch.cat(t)[:size] for t in zip(*parts, strict=True))), log_prob
+        full = Batch(*(torch.cat(t)[:size] for t in zip(*parts, strict=True)))
+        return full, log_prob, examined
 
     def step_rng(self) -> RNGState | None:
         """Under SAM, the random state before a real step's forward pass (its second pass replays it)."""
@@ -361,11 +362,14 @@ class BilevelProblem:
         assert self.teacher is not None
         return [p for p in self.teacher.parameters() if p.requires_grad]
 
-    def statistics(self, view: StudentView, batch: Batch, lesson: Lesson | None) -> Tensor:
-        """[sum of cross-entropy, correct, correct on clean labels, samples learned from] of a step.
+    def statistics(
+        self, view: StudentView, batch: Batch, lesson: Lesson | None, examined: int | None = None
+    ) -> Tensor:
+        """[sum of cross-entropy, correct, correct on clean labels, samples learned from, samples examined] of a step.
 
         On the device. The samples learned from are those the ``lesson`` kept
-        (all of the batch without a mask).
+        (all of the batch without a mask); those examined, ``examined``
+        (default: the batch; a refilled batch's candidates, see :meth:`refilled`).
         """
         predicted = view.logits.detach().argmax(dim=1)
         learned = (
@@ -377,5 +381,10 @@ class BilevelProblem:
                 (predicted == batch.y).sum().double(),
                 (predicted == self.clean_targets[batch.index]).sum().double(),
                 torch.as_tensor(learned, dtype=torch.float64, device=batch.y.device),
+                torch.as_tensor(
+                    len(batch.y) if examined is None else examined,
+                    dtype=torch.float64,
+                    device=batch.y.device,
+                ),
             ]
         )
