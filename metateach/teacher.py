@@ -141,7 +141,9 @@ class PolicyGradient:
       and S = eps / noise_std^2, the score of that draw. The randomness is
       one draw per run instead of one per decision, so the estimate's
       variance does not grow with the run's tens of thousands of decisions.
-      With ``mirrored``, runs come in pairs with +eps and -eps.
+      With ``mirrored``, runs come in pairs with +eps and -eps. A checkpoint
+      taken mid-episode holds the teacher at theta + eps (and theta in the
+      strategy's state); the one at the end of a run holds theta.
 
     A config's ``teacher.hypergrad.options`` may set these fields.
     """
