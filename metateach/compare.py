@@ -198,7 +198,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             reached = [r for r in runs if r.get("target/step") is not None]
             entry["reached"] = len(reached)
             for key in SPEED:
-                entry.update(_mean_std(key, [r[key] for r in reached]))
+                entry.update(_mean_std(key, [r[key] for r in reached if r.get(key) is not None]))
         table.append(entry)
     return table
 

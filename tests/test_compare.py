@@ -138,6 +138,11 @@ def test_teaching_speed_is_tabulated_over_the_runs_that_reached_the_target() -> 
     assert lines[2].endswith("| 2/3 | 15 ± 7 | 800 ± 283 | 2,100 ± 1,273 |")
     assert lines[3].endswith("| 0/1 | – | – | – |")
     assert "reached" not in markdown_table(summarize([{"variant": "a", "seed": 0, **run}]))
+    # A run recorded before samples examined were counted leaves that cell empty.
+    (old,) = summarize(
+        [{"variant": "old", "seed": 0, **run, "target/step": 5, "target/samples": 300}]
+    )
+    assert markdown_table([old]).splitlines()[2].endswith("| 1/1 | 5 ± 0 | 300 ± 0 | – |")
 
 
 def test_a_speed_comparison_draws_every_runs_accuracy_curve(tmp_path: Path) -> None:
