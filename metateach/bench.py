@@ -1,0 +1,209 @@
+"""The cost of a teaching step against a plain training step, as ratios measured in one process.
+
+Every figure is time(subject) / time(reference), both measured here, after
+warm-up, as the median of repeated measurements. The student and the data
+are random tensors of the asked shape (timing does not need real images);
+the subjects run through the library's own trainer and teaching strategies.
+
+``tools/bench.py`` prints the table (and with ``--json`` a JSON line).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from metateach.config import load_config
+from metateach.data import DataBundle, Split
+from metateach.data.datasets import DatasetInfo
+from metateach.data.noise import apply_label_noise
+from metateach.data.transforms import Normalize
+from metateach.trainer import Trainer
+
+__all__ = [
+    "BenchSettings", "random_bundle", "median_seconds", "run_bench", "bare_sgd_steps", "trainer_for",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What the bench measures on: the student, the batch, the repeats."""
+
+    model: str = "resnet32"
+    model_kwargs: str = "{}"
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = 10
+    batch_size: int = 100
+    steps: int = 5  # timed student steps per measurement
+    repeats: int = 5  # measurements; the median is reported
+    warmup: int = 2  # untimed steps before the first measurement
+
+
+def random_bundle(
+    train: int, val: int, shape: tuple[int, int, int], num_classes: int, seed: int = 0
+) -> DataBundle:
+    """Random uint8 images with random labels, as a data set the trainer takes (no augmentation)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+        targets = torch.randint(0, num_classes, (n,), generator=g)
+        return Split(images, targets, targets.clone(), torch.arange(n))
+
+    channels = shape[0]
+    info = DatasetInfo(num_classes, (0.5,) * channels, (0.25,) * channels)
+    train_split = split(train)
+    noise = apply_label_noise("none", train_split.targets, num_classes, 0.0, g, train_split.images)
+    return DataBundle(
+        train=train_split,
+        val=split(val),
+        test=split(val),
+        info=info,
+        noise=noise,
+        normalize=Normalize(torch.tensor(info.mean), torch.tensor(info.std)),
+        augment=False,
+    )
+
+
+def median_seconds(run: Callable[[], None], settings: BenchSettings) -> float:
+    """Seconds per step of ``run`` (one step a call): warm-up, then the median of ``repeats``."""
+    for _ in range(settings.warmup):
+        run()
+    times = []
+    for _ in range(settings.repeats):
+        start = time.perf_counter()
+        for _ in range(settings.steps):
+            run()
+        times.append((time.perf_counter() - start) / settings.steps)
+    return statistics.median(times)
+
+
+def trainer_for(settings: BenchSettings, overrides: Sequence[str], data: DataBundle) -> Trainer:
+    """A trainer of the bench's student (momentum SGD, lr 0.1) on ``data``, quiet, with ``overrides``."""
+    cfg = load_config(
+        None,
+        [
+            f"model.name={settings.model}",
+            f"model.kwargs={settings.model_kwargs}",
+            "optim.name=sgd",
+            "optim.lr=0.1",
+            "optim.momentum=0.9",
+            "schedule.name=constant",
+            f"train.batch_size={settings.batch_size}",
+            f"teacher.hypergrad.val_batch_size={settings.batch_size}",
+            "train.progress=false",
+            "logging.wandb=disabled",
+            "logging.plots=false",
+            "logging.diagnostics=false",
+            *overrides,
+        ],
+    )
+    return Trainer(cfg, data=data)
+
+
+def bare_sgd_steps(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[tuple]
+) -> None:
+    """The reference: a bare PyTorch loop (forward, cross-entropy, backward, step) over ``batches``."""
+    model.train()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+#: The teaching steps timed against a plain step: key -> the trainer's teacher overrides.
+SUBJECTS = {
+    "lookahead_vs_plain": ["teacher.name=meta_weight_net"],  # one-step lookahead, as in its paper
+    "l2rw_vs_plain": ["teacher.name=learning_to_reweight"],
+}
+
+
+def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, float]:
+    """Measure ``framework_overhead`` and the teaching steps of :data:`SUBJECTS` (all, or ``keys``)."""
+    n = settings.batch_size * (settings.warmup + settings.repeats * settings.steps + 1)
+    data = random_bundle(n, 2 * settings.batch_size, settings.image_shape, settings.num_classes)
+    results: dict[str, float] = {}
+
+    # The plain step through the trainer and its data path, against a bare loop on the same tensors.
+    plain = trainer_for(settings, ["teacher.name=none"], data)
+    batches = iter(plain.train_loader.epoch(0))
+    trainer_step = median_seconds(lambda: plain.train_step(next(batches)), settings)
+    tensors = [(b.x, b.y) for b in plain.train_loader.epoch(1)]
+    model, optimizer = plain.model, torch.optim.SGD(plain.model.parameters(), lr=0.1, momentum=0.9)
+    position = iter(range(10**9))
+
+    def bare() -> None:
+        i = next(position) % len(tensors)
+        bare_sgd_steps(model, optimizer, tensors[i : i + 1])
+
+    bare_step = median_seconds(bare, settings)
+    results["plain_step_ms"] = 1000 * bare_step
+    results["framework_overhead"] = trainer_step / bare_step
+
+    for key, overrides in SUBJECTS.items():
+        if keys is not None and key not in keys:
+            continue
+        trainer = trainer_for(settings, overrides, data)
+        stream = iter(trainer.train_loader.epoch(0))
+        step = median_seconds(
+            lambda t=trainer, s=stream: t.teaching.strategy.step(next(s), t.context()), settings
+        )
+        results[key] = step / bare_step
+    return results
+
+
+#: What each figure is, for the table.
+DESCRIPTIONS = {
+    "plain_step_ms": "one plain SGD step, bare PyTorch (ms): the reference",
+    "framework_overhead": "metateach's plain step (trainer, data path, no teacher) / bare step",
+    "lookahead_vs_plain": "Meta-Weight-Net iteration (one-step lookahead + student step) / plain",
+    "l2rw_vs_plain": "Learning-to-Reweight iteration / plain",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python tools/bench.py [--json] [--model NAME] [--batch-size N] ...``: the table of ratios."""
+    import argparse
+    import json
+
+    defaults = BenchSettings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="end with the figures as a JSON line")
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument(
+        "--model-kwargs", default=defaults.model_kwargs, help="YAML, e.g. '{hidden: [64]}'"
+    )
+    parser.add_argument("--image-shape", type=int, nargs=3, default=defaults.image_shape)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per measurement")
+    parser.add_argument(
+        "--repeats", type=int, default=defaults.repeats, help="measurements (median)"
+    )
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
+    parser.add_argument("--keys", nargs="*", choices=list(SUBJECTS), help="teaching steps to time")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = BenchSettings(
+        args.model, args.model_kwargs, tuple(args.image_shape), defaults.num_classes,
+        args.batch_size, args.steps, args.repeats, args.warmup,
+    )  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} threads"
+    print(
+        f"{settings.model} on batches of {settings.batch_size} {tuple(settings.image_shape)} "
+        f"({device}); median of {settings.repeats} x {settings.steps} steps after {settings.warmup}"
+    )
+    results = run_bench(settings, args.keys)
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:8.2f}  {DESCRIPTIONS[key]}")
+    if args.json:
+        print(json.dumps(results))
+    return 0
