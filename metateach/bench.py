@@ -10,6 +10,7 @@ the subjects run through the library's own trainer and teaching strategies.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from metateach.data.transforms import Normalize
 from metateach.trainer import Trainer
 
 __all__ = [
-    "BenchSettings", "random_bundle", "median_seconds", "run_bench", "bare_sgd_steps", "trainer_for",
+    "BenchSettings", "random_bundle", "paired_seconds", "run_bench", "bare_sgd_steps", "trainer_for",
 ]  # fmt: skip
 
 
@@ -70,17 +71,27 @@ def random_bundle(
     )
 
 
-def median_seconds(run: Callable[[], None], settings: BenchSettings) -> float:
-    """Seconds per step of ``run`` (one step a call): warm-up, then the median of ``repeats``."""
-    for _ in range(settings.warmup):
-        run()
-    times = []
-    for _ in range(settings.repeats):
+def paired_seconds(
+    subject: Callable[[], None], reference: Callable[[], None], settings: BenchSettings
+) -> tuple[float, float]:
+    """Seconds per step of ``subject`` and of ``reference`` (one step a call), measured in turn.
+
+    Warm-up, then ``repeats`` measurements of ``steps`` steps each, alternating
+    between the two so that a drift of the machine's speed falls on both;
+    the medians.
+    """
+
+    def timed(run: Callable[[], None]) -> float:
         start = time.perf_counter()
         for _ in range(settings.steps):
             run()
-        times.append((time.perf_counter() - start) / settings.steps)
-    return statistics.median(times)
+        return (time.perf_counter() - start) / settings.steps
+
+    for _ in range(settings.warmup):
+        subject()
+        reference()
+    pairs = [(timed(subject), timed(reference)) for _ in range(settings.repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def trainer_for(settings: BenchSettings, overrides: Sequence[str], data: DataBundle) -> Trainer:
@@ -131,31 +142,28 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
     data = random_bundle(n, 2 * settings.batch_size, settings.image_shape, settings.num_classes)
     results: dict[str, float] = {}
 
-    # The plain step through the trainer and its data path, against a bare loop on the same tensors.
+    # The reference: a bare loop on the tensors the plain trainer's data path gives.
     plain = trainer_for(settings, ["teacher.name=none"], data)
-    batches = iter(plain.train_loader.epoch(0))
-    trainer_step = median_seconds(lambda: plain.train_step(next(batches)), settings)
     tensors = [(b.x, b.y) for b in plain.train_loader.epoch(1)]
-    model, optimizer = plain.model, torch.optim.SGD(plain.model.parameters(), lr=0.1, momentum=0.9)
-    position = iter(range(10**9))
+    optimizer = torch.optim.SGD(plain.model.parameters(), lr=0.1, momentum=0.9)
+    position = itertools.count()
 
     def bare() -> None:
         i = next(position) % len(tensors)
-        bare_sgd_steps(model, optimizer, tensors[i : i + 1])
+        bare_sgd_steps(plain.model, optimizer, tensors[i : i + 1])
 
-    bare_step = median_seconds(bare, settings)
-    results["plain_step_ms"] = 1000 * bare_step
-    results["framework_overhead"] = trainer_step / bare_step
-
+    # The plain step through the trainer and its data path, then each teaching step.
+    subjects = {"framework_overhead": (plain, plain.train_step)}
     for key, overrides in SUBJECTS.items():
-        if keys is not None and key not in keys:
-            continue
-        trainer = trainer_for(settings, overrides, data)
+        if keys is None or key in keys:
+            trainer = trainer_for(settings, overrides, data)
+            subjects[key] = (trainer, lambda b, t=trainer: t.teaching.strategy.step(b, t.context()))
+    for key, (trainer, step) in subjects.items():
         stream = iter(trainer.train_loader.epoch(0))
-        step = median_seconds(
-            lambda t=trainer, s=stream: t.teaching.strategy.step(next(s), t.context()), settings
-        )
-        results[key] = step / bare_step
+        seconds, reference = paired_seconds(lambda s=stream, f=step: f(next(s)), bare, settings)
+        if key == "framework_overhead":
+            results["plain_step_ms"] = 1000 * reference
+        results[key] = seconds / reference
     return results
 
 
