@@ -1,7 +1,8 @@
 """The cost of a teaching step against a plain training step, as ratios measured in one process.
 
-Every figure is time(subject) / time(reference), both measured here, after
-warm-up, as the median of repeated measurements. The student and the data
+Every figure is time(subject) / time(reference), both measured here: after
+warm-up, the subject's measurements alternate with the reference's, and the
+ratio is of the medians. The student and the data
 are random tensors of the asked shape (timing does not need real images);
 the subjects run through the library's own trainer and teaching strategies.
 

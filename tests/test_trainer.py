@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,13 @@ def test_wandb_offline_run_receives_config_and_metrics(make_config) -> None:
     runs = list((trainer.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     assert trainer.logger.wandb_dir == str(runs[0].parent)
-    content = runs[0].read_bytes()
+    # W&B's own service process writes the transaction log; under load it may land after
+    # finish() has returned, so wait for it (up to 30 s) before reading.
+    deadline = time.monotonic() + 30
+    while b"noise/realized_rate" not in (content := runs[0].read_bytes()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert b"tridiagonal" in content  # the resolved config
     assert b"test/acc" in content and b"noise/realized_rate" in content  # the metrics
 
