@@ -15,7 +15,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -130,16 +130,37 @@ def bare_sgd_steps(
         optimizer.step()
 
 
-#: The teaching steps timed against a plain step: key -> the trainer's teacher overrides.
-SUBJECTS = {
-    "lookahead_vs_plain": ["teacher.name=meta_weight_net"],  # one-step lookahead, as in its paper
-    "l2rw_vs_plain": ["teacher.name=learning_to_reweight"],
+#: The teaching steps timed against a plain step: key -> (the trainer's teacher overrides, the
+#: student steps a teacher step spans: a measurement covers whole spans, so their cost is amortized).
+SUBJECTS: dict[str, tuple[list[str], int]] = {
+    "lookahead_vs_plain": (["teacher.name=meta_weight_net"], 1),  # one-step lookahead, its paper's
+    "l2rw_vs_plain": (["teacher.name=learning_to_reweight"], 1),
+    # Truncated reverse mode over K = 20 student steps, through the last B = 2.
+    "deep_interaction_vs_plain": (
+        [
+            "teacher.name=deep_interaction",
+            "teacher.hypergrad.inner_steps=20",
+            "teacher.hypergrad.backprop_steps=2",
+        ],
+        20,
+    ),  # fmt: skip
 }
+
+
+def _whole_spans(settings: BenchSettings, span: int) -> BenchSettings:
+    """``settings`` with the warm-up and each measurement rounded up to whole teacher steps of ``span``."""
+    return replace(
+        settings,
+        steps=span * -(-settings.steps // span),
+        warmup=span * -(-settings.warmup // span),
+    )
 
 
 def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, float]:
     """Measure ``framework_overhead`` and the teaching steps of :data:`SUBJECTS` (all, or ``keys``)."""
-    n = settings.batch_size * (settings.warmup + settings.repeats * settings.steps + 1)
+    spans = {key: span for key, (_, span) in SUBJECTS.items() if keys is None or key in keys}
+    longest = _whole_spans(settings, max([1, *spans.values()]))
+    n = settings.batch_size * (longest.warmup + longest.repeats * longest.steps + 1)
     data = random_bundle(n, 2 * settings.batch_size, settings.image_shape, settings.num_classes)
     results: dict[str, float] = {}
 
@@ -154,14 +175,15 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
         bare_sgd_steps(plain.model, optimizer, tensors[i : i + 1])
 
     # The plain step through the trainer and its data path, then each teaching step.
-    subjects = {"framework_overhead": (plain, plain.train_step)}
-    for key, overrides in SUBJECTS.items():
-        if keys is None or key in keys:
-            trainer = trainer_for(settings, overrides, data)
-            subjects[key] = (trainer, lambda b, t=trainer: t.teaching.strategy.step(b, t.context()))
-    for key, (trainer, step) in subjects.items():
+    subjects = {"framework_overhead": (plain, plain.train_step, 1)}
+    for key, span in spans.items():
+        trainer = trainer_for(settings, SUBJECTS[key][0], data)
+        step = lambda b, t=trainer: t.teaching.strategy.step(b, t.context())  # noqa: E731
+        subjects[key] = (trainer, step, span)
+    for key, (trainer, step, span) in subjects.items():
         stream = iter(trainer.train_loader.epoch(0))
-        seconds, reference = paired_seconds(lambda s=stream, f=step: f(next(s)), bare, settings)
+        timing = _whole_spans(settings, span)
+        seconds, reference = paired_seconds(lambda s=stream, f=step: f(next(s)), bare, timing)
         if key == "framework_overhead":
             results["plain_step_ms"] = 1000 * reference
         results[key] = seconds / reference
@@ -174,6 +196,7 @@ DESCRIPTIONS = {
     "framework_overhead": "metateach's plain step (trainer, data path, no teacher) / bare step",
     "lookahead_vs_plain": "Meta-Weight-Net iteration (one-step lookahead + student step) / plain",
     "l2rw_vs_plain": "Learning-to-Reweight iteration / plain",
+    "deep_interaction_vs_plain": "deep-interaction teacher, K = 20, B = 2, per student step / plain",
 }
 
 

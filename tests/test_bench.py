@@ -28,6 +28,7 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
         "framework_overhead",
         "lookahead_vs_plain",
         "l2rw_vs_plain",
+        "deep_interaction_vs_plain",
     }
     assert all(v > 0 for v in figures.values())
     # Each figure has its row in the table.
