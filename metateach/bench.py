@@ -16,12 +16,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from metateach.config import load_config
-from metateach.data import DataBundle, Split
+from metateach.data import Batch, DataBundle, Split
 from metateach.data.datasets import DatasetInfo
 from metateach.data.noise import apply_label_noise
 from metateach.data.transforms import Normalize
@@ -143,7 +144,7 @@ SUBJECTS: dict[str, tuple[list[str], int]] = {
             "teacher.hypergrad.backprop_steps=2",
         ],
         20,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -154,6 +155,11 @@ def _whole_spans(settings: BenchSettings, span: int) -> BenchSettings:
         steps=span * -(-settings.steps // span),
         warmup=span * -(-settings.warmup // span),
     )
+
+
+def _teaching_step(trainer: Trainer, batch: Batch) -> None:
+    """One step of ``trainer``'s teaching strategy (the student's, and the teacher's when due)."""
+    trainer.teaching.strategy.step(batch, trainer.context())
 
 
 def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, float]:
@@ -178,8 +184,7 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
     subjects = {"framework_overhead": (plain, plain.train_step, 1)}
     for key, span in spans.items():
         trainer = trainer_for(settings, SUBJECTS[key][0], data)
-        step = lambda b, t=trainer: t.teaching.strategy.step(b, t.context())  # noqa: E731
-        subjects[key] = (trainer, step, span)
+        subjects[key] = (trainer, partial(_teaching_step, trainer), span)
     for key, (trainer, step, span) in subjects.items():
         stream = iter(trainer.train_loader.epoch(0))
         timing = _whole_spans(settings, span)

@@ -336,16 +336,18 @@ class Trainer:
                 f"at step {state.step}, after {state.learned} samples learned from"
             )
 
-    def _target_metrics(self) -> dict[str, int]:
-        """When validation accuracy first reached ``train.target_val_acc``, once it has."""
+    def _target_record(self) -> dict[str, int | None]:
+        """What reaching ``train.target_val_acc`` took: the step, samples learned from and examined (None before)."""
         state = self.state
-        if state.target_step is None:
-            return {}
         return {
             "target/step": state.target_step,
             "target/samples": state.target_samples,
             "target/examined_samples": state.target_examined,
         }
+
+    def _target_metrics(self) -> dict[str, int | None]:
+        """:meth:`_target_record` once the target is reached (epoch records carry no None)."""
+        return self._target_record() if self.state.target_step is not None else {}
 
     def _evaluate_peers(self) -> dict[str, float]:
         """Accuracy of the networks trained beside the student (a peer), and of the ensemble of all.
@@ -464,15 +466,7 @@ class Trainer:
                 "examined_samples": state.examined,
                 "episodes": state.episode + 1,
                 # None: the run never reached its target.
-                **(
-                    {
-                        "target/step": state.target_step,
-                        "target/samples": state.target_samples,
-                        "target/examined_samples": state.target_examined,
-                    }
-                    if self.cfg.train.target_val_acc is not None
-                    else {}
-                ),
+                **(self._target_record() if self.cfg.train.target_val_acc is not None else {}),
             }
         )
         if self._diagnostics is not None and self.cfg.logging.plots:
