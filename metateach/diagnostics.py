@@ -178,10 +178,11 @@ def weight_snapshot(
             )
             params = problem.params()
             with torch.enable_grad():
+                rng = problem.rng_state()
                 states = student_forward(student, params, batch.x, scratch_buffers(student))
                 view = problem.view(states, batch, context)
                 if val_batch is not None and _needs_example_grad(problem):
-                    grad = example_gradient(problem, states.logits, batch, val_batch)
+                    grad = example_gradient(problem, batch, rng, val_batch)
                     view = view._replace(example_grad=grad.detach())
             with torch.no_grad():
                 lesson = teacher(batch, view)

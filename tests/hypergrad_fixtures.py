@@ -71,9 +71,11 @@ class Setup:
         momentum: float = 0.9,
         weight_decay: float = 1e-3,
         teacher: Callable[[Student], Teacher] | None = None,
+        nesterov: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         torch.manual_seed(0)
-        kwargs = {"hidden": [6, 5]} if model == "mlp" else {}
+        kwargs = {"hidden": [6, 5], "dropout": dropout} if model == "mlp" else {}
         self.shape = SHAPE if model == "mlp" else (1, 8, 8)
         self.student = create_model(model, CLASSES, self.shape, kwargs).double()
         self.teacher = (teacher or (lambda s: FeatureTeacher(s.feature_dim)))(self.student).double()
@@ -84,6 +86,7 @@ class Setup:
                 if not p.any():
                     p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         self.settings = (lr, momentum, weight_decay)
+        self.nesterov = nesterov
         self.batches = [self._batch(8, 100 + i) for i in range(12)]
         self.val = self._batch(10, 7)
         self.optimizer = self._optimizer()
@@ -100,7 +103,13 @@ class Setup:
 
     def _optimizer(self) -> torch.optim.SGD:
         lr, momentum, wd = self.settings
-        return torch.optim.SGD(self.student.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+        return torch.optim.SGD(
+            self.student.parameters(),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=wd,
+            nesterov=self.nesterov,
+        )
 
     def problem(self, keep_weight_grad: bool = False) -> BilevelProblem:
         # The teacher's optimizer has lr 0: a teacher step leaves it as it is, so runs can be compared.

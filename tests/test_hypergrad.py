@@ -86,31 +86,94 @@ def test_reversible_reports_its_reconstruction_error(mlp: Setup) -> None:
     assert metrics["teacher/graph_mb"] > 0 and metrics["teacher/update_seconds"] > 0
 
 
-def test_unrolled_matches_higher(mlp: Setup) -> None:
-    k = 4
-    ours = mlp.hypergradient(lambda p: Unrolled(p, k, k), k)
+def higher_hypergradient(setup: Setup, k: int, b: int, keep_weight_grad: bool = False):
+    """The hypergradient of K steps truncated to the last B, computed independently with ``higher``.
 
-    mlp.reset()
-    problem = mlp.problem()
-    lr, momentum, wd = mlp.settings
-    teacher_params = list(mlp.teacher.parameters())
-    optimizer = torch.optim.SGD(mlp.student.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    for name, p in mlp.student.named_parameters():
-        optimizer.state[p]["momentum_buffer"] = mlp.snapshot["momentum"][name].clone()
-    with higher.innerloop_ctx(mlp.student, optimizer, copy_initial_weights=True) as (
+    K - B plain steps with torch's SGD under the teacher's lessons, then B
+    steps of higher's differentiable SGD from a copy of the weights, then
+    the validation loss differentiated to the teacher. Dropout draws from
+    the global stream in the engine's order (each step's pass, then the
+    validation pass).
+    """
+    setup.reset()
+    problem = setup.problem(keep_weight_grad)
+    teacher_params = list(setup.teacher.parameters())
+
+    def lesson_loss_of(model, t: int) -> torch.Tensor:
+        batch = setup.batches[t]
+        states = model(batch.x, return_states=True)
+        view = problem.view(states, batch, context(t))
+        return lesson_loss(setup.teacher(batch, view), states.logits, batch.y)
+
+    for t in range(k - b):
+        setup.optimizer.zero_grad()
+        lesson_loss_of(setup.student, t).backward()
+        setup.optimizer.step()
+    with higher.innerloop_ctx(setup.student, setup.optimizer, copy_initial_weights=True) as (
         fmodel,
         diffopt,
     ):
-        for t in range(k):
-            batch = mlp.batches[t]
-            states = fmodel(batch.x, return_states=True)
-            view = problem.view(states, batch, context(t))
-            diffopt.step(lesson_loss(mlp.teacher(batch, view), states.logits, batch.y))
-        val_loss = F.cross_entropy(fmodel(mlp.val.x), mlp.val.y)
-        reference = torch.cat(
-            [g.reshape(-1) for g in torch.autograd.grad(val_loss, teacher_params)]
-        )
-    assert relative_error(ours, reference) < 1e-8
+        for t in range(k - b, k):
+            diffopt.step(lesson_loss_of(fmodel, t))
+        val_loss = F.cross_entropy(fmodel(setup.val.x), setup.val.y)
+        grads = torch.autograd.grad(val_loss, teacher_params)
+    setup.reset()
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_unrolled_matches_higher(mlp: Setup) -> None:
+    k = 4
+    ours = mlp.hypergradient(lambda p: Unrolled(p, k, k), k)
+    assert relative_error(ours, higher_hypergradient(mlp, k, k)) < 1e-8
+
+
+@pytest.mark.parametrize(
+    ("model", "nesterov", "dropout"),
+    [("resnet8", False, 0.0), ("resnet8", True, 0.0), ("mlp", True, 0.3)],
+    ids=["batchnorm", "batchnorm-nesterov", "dropout-nesterov"],
+)
+@pytest.mark.parametrize("keep_weight_grad", [False, True], ids=["dw/dtheta=0", "dw/dtheta-kept"])
+@pytest.mark.parametrize(
+    ("name", "make", "k", "b"),
+    [
+        ("lookahead", lambda p: Lookahead(p), 1, 1),
+        ("unrolled K=B=1", lambda p: Unrolled(p, 1, 1), 1, 1),
+        ("unrolled K=3 B=2", lambda p: Unrolled(p, 3, 2), 3, 2),
+    ],
+)
+def test_forward_mode_teacher_terms_match_higher(
+    name: str,
+    make,
+    k: int,
+    b: int,
+    model: str,
+    nesterov: bool,
+    dropout: float,
+    keep_weight_grad: bool,
+) -> None:
+    # The first differentiated step's teacher term is taken in forward mode (lookahead's only
+    # step; unrolled's first of B). Against higher's graph through the same steps: BatchNorm
+    # couples the samples, Nesterov changes the step's scale, dropout must draw the same masks.
+    setup = Setup(model, nesterov=nesterov, dropout=dropout)
+    torch.manual_seed(1)
+    reference = higher_hypergradient(setup, k, b, keep_weight_grad)
+    torch.manual_seed(1)
+    ours = setup.hypergradient(make, k, keep_weight_grad)
+    assert reference.norm() > 1e-6
+    assert relative_error(ours, reference) < 1e-9, name
+
+
+@pytest.mark.parametrize(("model", "dropout"), [("resnet8", 0.0), ("mlp", 0.3)])
+def test_reversible_with_its_forward_mode_first_step_matches_higher(
+    model: str, dropout: float
+) -> None:
+    # The reversed run's last step (the window's first) is taken in forward mode too.
+    setup = Setup(model, dropout=dropout)
+    torch.manual_seed(1)
+    reference = higher_hypergradient(setup, 4, 3)
+    torch.manual_seed(1)
+    ours = setup.hypergradient(lambda p: Reversible(p, 4, 3), 4)
+    assert relative_error(ours, reference) < 1e-7
 
 
 def test_finite_difference_approximates_lookahead(mlp: Setup) -> None:
@@ -244,8 +307,7 @@ def test_example_gradients_match_finite_differences_of_per_sample_weights(mlp: S
     mlp.reset()
     batch = mlp.batches[0]
     problem = mlp.problem()
-    logits = mlp.student(batch.x)
-    exact = example_gradient(problem, logits, batch)
+    exact = example_gradient(problem, batch, problem.rng_state())
 
     def val_after_step(eps: torch.Tensor) -> float:
         mlp.reset()

@@ -206,28 +206,49 @@ class PerStepMethod(HypergradMethod):
 class UpdateMeter:
     """Time and memory of a teacher update, which may span several student steps.
 
-    ``teacher/graph_mb`` is the size of the distinct tensors autograd saves
-    for backward between :meth:`start` and :meth:`stop`: the memory the
-    update's graphs hold, measured the same way on any device. On CUDA,
-    ``teacher/peak_cuda_mb`` is the allocator's peak as well.
+    Memory is counted in the tensors autograd saves for backward between
+    :meth:`start` and :meth:`stop` (distinct storages), the same way on any
+    device: ``teacher/graph_mb`` is all of them, ``teacher/graph_peak_mb``
+    the most held at one moment (a graph's tensors stop counting when the
+    graph is freed). On CUDA, ``teacher/peak_cuda_mb`` is the allocator's
+    peak as well.
     """
 
     def __init__(self, student: torch.nn.Module) -> None:
         self.cuda = next(student.parameters()).is_cuda
-        self._saved: dict[tuple[int, str], int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved: dict[tuple[int, str], int] = {}  # storage -> bytes, every one saved
+        self._held: dict[tuple[int, str], int] = {}  # storage -> saved tensors alive on it
+        self._held_bytes = 0
+        self._peak_bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._start = 0.0
 
-    def _pack(self, t: Tensor) -> Tensor:
+    def _pack(self, t: Tensor) -> _Held | Tensor:
+        if t._is_zerotensor():  # forward mode's symbolic zeros own no memory
+            return t
         storage = t.untyped_storage()
-        self._saved[(storage.data_ptr(), str(t.device))] = storage.nbytes()
+        key = (storage.data_ptr(), str(t.device))
+        self._saved[key] = storage.nbytes()
+        if key not in self._held:
+            self._held[key] = 0
+            self._held_bytes += storage.nbytes()
+            self._peak_bytes = max(self._peak_bytes, self._held_bytes)
+        self._held[key] += 1
         # Detached: a saved output held with its grad_fn would form a cycle
         # through C++ that no garbage collection frees. Autograd restores
         # the grad_fn on unpacking.
-        return t.detach()
+        return _Held(t.detach(), key, self)
+
+    def _release(self, key: tuple[int, str]) -> None:
+        self._held[key] -= 1
+        if not self._held[key]:
+            del self._held[key]
+            self._held_bytes -= self._saved.get(key, 0)
 
     def start(self) -> None:
         self._saved.clear()
+        self._held.clear()
+        self._held_bytes = self._peak_bytes = 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self._start = time.perf_counter()
@@ -235,9 +256,28 @@ class UpdateMeter:
 
     def stop(self) -> dict[str, float]:
         self._hooks.__exit__(None, None, None)
-        metrics = {"teacher/graph_mb": sum(self._saved.values()) / 2**20}
+        metrics = {
+            "teacher/graph_mb": sum(self._saved.values()) / 2**20,
+            "teacher/graph_peak_mb": self._peak_bytes / 2**20,
+        }
         if self.cuda:
             torch.cuda.synchronize()
             metrics["teacher/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         metrics["teacher/update_seconds"] = time.perf_counter() - self._start
         return metrics
+
+
+class _Held:
+    """A tensor autograd saved under an :class:`UpdateMeter`; it stops counting when the graph lets go."""
+
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor: Tensor, key: tuple[int, str], meter: UpdateMeter) -> None:
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+def _unpack(packed: _Held | Tensor) -> Tensor:
+    return packed.tensor if isinstance(packed, _Held) else packed

@@ -8,12 +8,13 @@ References:
 from __future__ import annotations
 
 import torch
-from torch import Tensor, autograd
+from torch import Tensor
 
 from metateach.data import Batch
 from metateach.hypergrad.base import HypergradMethod
-from metateach.hypergrad.functional import student_forward
-from metateach.hypergrad.problem import BilevelProblem
+from metateach.hypergrad.functional import Params, scratch_buffers, student_forward
+from metateach.hypergrad.lookahead import lookahead_gradient
+from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.lesson import Lesson, lesson_loss
 from metateach.teacher import TeachingContext
 
@@ -21,25 +22,30 @@ __all__ = ["ExampleGradients", "example_gradient"]
 
 
 def example_gradient(
-    problem: BilevelProblem, logits: Tensor, batch: Batch, val_batch: Batch | None = None
+    problem: BilevelProblem, batch: Batch, rng: RNGState | None, val_batch: Batch | None = None
 ) -> Tensor:
     """d L_val(theta'(eps)) / d eps at eps = 0, one value per sample of ``batch``.
 
     theta'(eps) is one step of the student's optimizer on sum_k eps_k l_k / n
-    from the current parameters, ``logits`` the current forward pass (with
-    its graph), ``val_batch`` the validation batch (the stream's next by
-    default). Negative entries mark samples whose up-weighting would lower
-    the validation loss.
+    from the current parameters; at eps = 0 the loss's gradient is zero, so
+    theta' is where momentum and weight decay alone take the student. ``rng``
+    is the random state of the batch's forward pass, ``val_batch`` the
+    validation batch (the stream's next by default). Negative entries mark
+    samples whose up-weighting would lower the validation loss. Computed by
+    :func:`~metateach.hypergrad.lookahead.lookahead_gradient`: a validation
+    gradient and one forward-mode pass of the batch.
     """
     params = problem.params()
-    eps = torch.zeros(len(batch.y), dtype=logits.dtype, device=logits.device, requires_grad=True)
-    loss = lesson_loss(Lesson(weights=eps), logits, batch.y)
-    grads = autograd.grad(loss, list(params.values()), create_graph=True, retain_graph=True)
-    virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
-    val_loss = problem.val_loss(
-        virtual, val_batch if val_batch is not None else problem.next_val_batch()
-    )
-    (grad,) = autograd.grad(val_loss, eps, retain_graph=True)
+    eps = torch.zeros(len(batch.y), dtype=batch.x.dtype, device=batch.x.device, requires_grad=True)
+    buffers = scratch_buffers(problem.student)
+
+    def weighted_loss(at: Params) -> Tensor:
+        logits = student_forward(problem.student, at, batch.x, buffers).logits
+        return lesson_loss(Lesson(weights=eps), logits, batch.y)
+
+    zero = [torch.zeros_like(p) for p in params.values()]
+    (grad,), _ = lookahead_gradient(problem, weighted_loss, params, zero, [eps], rng, val_batch)
+    assert grad is not None
     return grad
 
 
@@ -47,8 +53,9 @@ class ExampleGradients(HypergradMethod):
     """The strategy of :class:`~metateach.teacher.ExampleGradient` teachers: every step,
     compute the samples' hypergradients, hand them to the teacher, step the student.
 
-    One forward pass serves the virtual step and the real one, and BatchNorm's
-    running statistics are updated once. Costs about what ``lookahead`` does.
+    The real forward pass serves the teacher's view and the student's step,
+    and BatchNorm's running statistics are updated once. Costs a validation
+    gradient and a forward-mode pass beyond a plain step.
     """
 
     def __init__(self, problem: BilevelProblem) -> None:
@@ -57,8 +64,9 @@ class ExampleGradients(HypergradMethod):
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem
         with self.measured():
+            rng = problem.rng_state()
             states = student_forward(problem.student, problem.params(), batch.x)
-            grad = example_gradient(problem, states.logits, batch)
+            grad = example_gradient(problem, batch, rng)
         view = problem.view(states, batch, context)._replace(example_grad=grad.detach())
         lesson = problem.lesson(batch, view, teacher_grad=False)
         problem.apply_gradients(lesson_loss(lesson, states.logits, batch.y))

@@ -20,6 +20,7 @@ from metateach.hypergrad.functional import (
     scratch_buffers,
     student_forward,
 )
+from metateach.hypergrad.lookahead import virtual_direction
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.lesson import lesson_loss
 from metateach.registry import HYPERGRADS
@@ -31,11 +32,12 @@ __all__ = ["FiniteDifference"]
 class FiniteDifference(PerStepMethod):
     """DARTS's approximation of ``lookahead``: first derivatives only.
 
-    With theta' the virtual step and v = grad L_val(theta'), the exact
-    hypergradient is -lr * d/d omega <grad_theta L_train(theta, omega), v>.
+    With theta' the virtual step, c its gradient scale (lr, or lr (1 + mu)
+    with Nesterov) and v = grad L_val(theta'), the exact
+    hypergradient is -c * d/d omega <grad_theta L_train(theta, omega), v>.
     The mixed second derivative is replaced by a central difference,
 
-        -lr * (grad_omega L_train(theta + eps v) - grad_omega L_train(theta - eps v)) / (2 eps),
+        -c * (grad_omega L_train(theta + eps v) - grad_omega L_train(theta - eps v)) / (2 eps),
 
     with eps = ``epsilon`` / ||v||. Error O(eps^2); no Hessian-vector products.
 
@@ -60,11 +62,7 @@ class FiniteDifference(PerStepMethod):
     ) -> Sequence[Tensor | None]:
         problem = self.problem
         grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
-        with torch.no_grad():
-            virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
-        virtual = {k: p.detach().requires_grad_() for k, p in virtual.items()}
-        val_loss = problem.val_loss(virtual, problem.next_val_batch())
-        direction = dict(zip(virtual, autograd.grad(val_loss, list(virtual.values())), strict=True))
+        direction, val_loss = virtual_direction(problem, params, grads)
         eps = self.epsilon / float(torch.sqrt(dot(direction, direction)).clamp(min=1e-12))
 
         difference = 0.0
@@ -82,8 +80,8 @@ class FiniteDifference(PerStepMethod):
             )
             lesson = problem.lesson(batch, view, teacher_grad=True)
             difference = difference + sign * lesson_loss(lesson, states.logits, batch.y)
-        self.record(**{"teacher/val_loss": float(val_loss.detach())})
-        scale = -problem.sgd().lr / (2 * eps)
+        self.record(**{"teacher/val_loss": float(val_loss)})
+        scale = -problem.sgd().gradient_scale / (2 * eps)
         return [
             None if g is None else scale * g
             for g in autograd.grad(difference, problem.teacher_params(), allow_unused=True)

@@ -1,4 +1,18 @@
-"""One virtual step of the student, differentiated exactly.
+"""One virtual step of the student, differentiated exactly, with first derivatives and one JVP.
+
+With theta' = theta - c (mu v + lambda theta + grad_theta L(theta, omega)) the
+student optimizer's step (c its :attr:`~metateach.hypergrad.problem.SGDSettings.gradient_scale`)
+and u = grad L_val(theta'), the chain rule gives
+
+    d L_val(theta') / d omega = -c d/d omega <grad_theta L(theta, omega), u>.
+
+The right-hand side is
+:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`: one
+forward-mode pass of the training loss with theta carrying the tangent u,
+then reverse mode through the lesson alone. No second-order backward
+through the student is taken. The result is the number the differentiated virtual step
+gives (``tests/test_hypergrad.py`` checks it against finite differences
+and against the graph through the virtual step, with BatchNorm and Nesterov).
 
 References:
     Ren, Zeng, Yang and Urtasun, "Learning to reweight examples for robust
@@ -9,17 +23,58 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.hypergrad.base import PerStepMethod
 from metateach.hypergrad.functional import Params
-from metateach.hypergrad.problem import TrainPass
+from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.registry import HYPERGRADS
 
-__all__ = ["Lookahead"]
+__all__ = ["Lookahead", "lookahead_gradient", "virtual_direction"]
+
+
+def virtual_direction(
+    problem: BilevelProblem, params: Params, grads: Sequence[Tensor], val_batch: Batch | None = None
+) -> tuple[Params, Tensor]:
+    """u = grad L_val(theta') and L_val(theta'), theta' the student optimizer's step on ``grads``.
+
+    ``grads`` follow the order of ``params``; nothing here keeps a graph to
+    them. ``val_batch`` defaults to the validation stream's next.
+    """
+    with torch.no_grad():
+        virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
+    virtual = {k: p.detach().requires_grad_() for k, p in virtual.items()}
+    val_loss = problem.val_loss(
+        virtual, val_batch if val_batch is not None else problem.next_val_batch()
+    )
+    direction = dict(zip(virtual, autograd.grad(val_loss, list(virtual.values())), strict=True))
+    return direction, val_loss.detach()
+
+
+def lookahead_gradient(
+    problem: BilevelProblem,
+    loss_at: Callable[[Params], Tensor],
+    params: Params,
+    grads: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    rng: RNGState | None,
+    val_batch: Batch | None = None,
+) -> tuple[tuple[Tensor | None, ...], Tensor]:
+    """d L_val(theta') / d ``targets`` and L_val(theta'), theta' one optimizer step on ``loss_at``.
+
+    ``loss_at(params)`` is the training loss, with its graph to ``targets``;
+    ``grads`` its gradient in ``params`` (the caller has it from its own
+    pass, taken from the random state ``rng``). ``val_batch`` as in
+    :func:`virtual_direction`.
+    """
+    direction, val_loss = virtual_direction(problem, params, grads, val_batch)
+    mixed = problem.mixed_gradient(loss_at, params, direction, targets, rng)
+    scale = -problem.sgd().gradient_scale
+    return tuple(None if g is None else scale * g for g in mixed), val_loss
 
 
 @HYPERGRADS.register("lookahead")
@@ -27,20 +82,19 @@ class Lookahead(PerStepMethod):
     """theta' = one momentum-SGD step of the lesson's loss; the teacher follows d L_val(theta') / d omega.
 
     The virtual step is the student's own optimizer step (momentum and weight
-    decay included), taken functionally with its graph; K = B = 1 in the
-    engine's terms (``inner_steps`` > 1 updates the teacher every K-th step).
+    decay included); K = B = 1 in the engine's terms (``inner_steps`` > 1
+    updates the teacher every K-th step). Computed as the module docstring
+    says: the training gradient, a validation gradient, one forward-mode pass.
     """
 
     def teacher_gradient(
         self, params: Params, batch: Batch, train: TrainPass
     ) -> Sequence[Tensor | None]:
         problem = self.problem
-        grads = autograd.grad(
-            train.loss, list(params.values()), create_graph=True, retain_graph=True
+        grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
+        loss_at = problem.replayed_loss(batch, train.view.context)
+        found, val_loss = lookahead_gradient(
+            problem, loss_at, params, grads, problem.teacher_params(), self.forward_rng
         )
-        virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
-        val_loss = problem.val_loss(virtual, problem.next_val_batch())
-        self.record(**{"teacher/val_loss": float(val_loss.detach())})
-        return autograd.grad(
-            val_loss, problem.teacher_params(), retain_graph=True, allow_unused=True
-        )
+        self.record(**{"teacher/val_loss": float(val_loss)})
+        return found

@@ -11,13 +11,15 @@ the validation loss, a real student step, and a teacher step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, autograd
 
 from metateach.data import Batch, BatchStream
 from metateach.hypergrad.functional import (
@@ -81,6 +83,15 @@ class SGDSettings:
     momentum: float
     weight_decay: float
     nesterov: bool = False
+
+    @property
+    def gradient_scale(self) -> float:
+        """c in d theta' / d g = -c I: how far a step moves the parameters per unit of gradient.
+
+        lr for momentum SGD (theta' = theta - lr (mu v + g + lambda theta)), lr (1 + mu)
+        with Nesterov's momentum (theta' = theta - lr ((1 + mu) g + ...)).
+        """
+        return self.lr * (1 + self.momentum) if self.nesterov else self.lr
 
 
 @dataclass
@@ -199,6 +210,14 @@ class BilevelProblem:
         lesson = self.lesson(batch, view, teacher_grad)
         return TrainPass(lesson_loss(lesson, logits, batch.y), logits, view, lesson)
 
+    def replayed_loss(self, batch: Batch, context: TeachingContext) -> Callable[[Params], Tensor]:
+        """The lesson's loss on ``batch`` as a function of the student's parameters.
+
+        For passes that repeat a step's (on scratch BatchNorm buffers); run
+        it from the step's random state for the same dropout draws.
+        """
+        return lambda params: self.train_loss(params, batch, context, real=False).loss
+
     def forward(
         self, params: Params, batch: Batch, context: TeachingContext, *, real: bool
     ) -> tuple[Tensor, StudentView]:
@@ -209,6 +228,33 @@ class BilevelProblem:
         buffers = None if real else scratch_buffers(self.student)
         states = student_forward(self.student, params, batch.x, buffers)
         return states.logits, self.view(states, batch, context)
+
+    def mixed_gradient(
+        self,
+        loss_at: Callable[[Params], Tensor],
+        params: Params,
+        direction: Mapping[str, Tensor],
+        targets: Sequence[Tensor],
+        rng: RNGState | None,
+    ) -> tuple[Tensor | None, ...]:
+        """d/d ``targets`` of <grad_theta L(theta), ``direction``> at theta = ``params``, L = ``loss_at``.
+
+        The mixed second derivative of a training loss applied to a vector,
+        without a second-order backward through the student: one forward-mode
+        pass of ``loss_at`` with theta carrying the tangent ``direction`` gives
+        the inner product for the whole batch at once (it is the loss's
+        directional derivative), and reverse mode takes it to the targets
+        through the lesson alone. The pass starts from the random state ``rng``
+        of the pass it repeats, so that dropout draws the same masks; it
+        should run on scratch BatchNorm buffers (``real=False``).
+        """
+        with fwAD.dual_level(), self.own_rng(rng), warnings.catch_warnings():
+            # On first use, forward mode registers some of its rules with torch.jit.script,
+            # which warns of its own deprecation: PyTorch's business, not the user's.
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            duals = {k: fwAD.make_dual(p.detach(), direction[k]) for k, p in params.items()}
+            slope = fwAD.unpack_dual(loss_at(duals)).tangent
+        return autograd.grad(slope, list(targets), allow_unused=True)
 
     def val_loss(self, params: Params, batch: Batch) -> Tensor:
         """The outer objective: mean cross-entropy on a clean validation batch at ``params``.

@@ -109,6 +109,13 @@ class Reversible(HypergradMethod):
         for t in reversed(range(len(self._recorded))):
             record = self._recorded[t]
             params = reverse_momentum_sgd(params, momentum, record.lr)
+            if t == 0:
+                # The window's first step: only its teacher term is left, <d_0, d_v>'s
+                # derivative in omega, which forward mode gives without a second-order graph.
+                loss_at = problem.replayed_loss(record.batch, record.context)
+                mixed = problem.mixed_gradient(loss_at, params, d_v, teacher_params, record.rng)
+                d_omega = [a if g is None else a + g for a, g in zip(d_omega, mixed, strict=True)]
+                break
             theta = {k: p.detach().requires_grad_() for k, p in params.items()}
             with problem.own_rng(record.rng):
                 replay = problem.train_loss(theta, record.batch, record.context, real=False)
@@ -128,9 +135,8 @@ class Reversible(HypergradMethod):
             momentum = recover_momentum(
                 momentum, {k: v.detach() for k, v in decayed.items()}, sgd.momentum
             )
-            if t > 0:
-                previous_lr = self._recorded[t - 1].lr
-                d_v = {k: sgd.momentum * d_v[k] - previous_lr * d_theta[k] for k in d_v}
+            previous_lr = self._recorded[t - 1].lr
+            d_v = {k: sgd.momentum * d_v[k] - previous_lr * d_theta[k] for k in d_v}
 
         assert self._start_params is not None
         error = torch.sqrt(

@@ -10,17 +10,29 @@ References:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
+import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.hypergrad.base import HypergradMethod, UpdateMeter
 from metateach.hypergrad.functional import Params
-from metateach.hypergrad.problem import BilevelProblem
+from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
 
 __all__ = ["Unrolled"]
+
+
+class _FirstStep(NamedTuple):
+    """The window's first differentiated step, whose teacher term is taken in forward mode."""
+
+    params: Params  # theta_{K-B}
+    batch: Batch
+    context: TeachingContext
+    rng: RNGState  # before its forward pass
+    gradient: Params  # its gradient, as leaves of the window's graph
 
 
 @HYPERGRADS.register("unrolled")
@@ -33,12 +45,21 @@ class Unrolled(HypergradMethod):
     steps on the gradient of the validation loss at theta_K. Memory grows
     with B (one graph per step); see ``reversible`` for the constant-memory
     equivalent.
+
+    The first of the B steps needs no second-order graph: nothing before it
+    is differentiated, so only its gradient's dependence on the teacher
+    matters. Its gradient g enters the graph as a leaf; at the window's end
+    the validation loss's gradient a with respect to that leaf gives the
+    step's teacher term d/d omega <g(theta_{K-B}, omega), a> by one
+    forward-mode pass (:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`).
+    With B = 1 no step keeps a second-order graph.
     """
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
         self._params: Params | None = None
         self._momentum: Params | None = None
+        self._first: _FirstStep | None = None
         self._meter = UpdateMeter(problem.student)
 
     def can_checkpoint(self) -> bool:
@@ -49,7 +70,7 @@ class Unrolled(HypergradMethod):
         # and the final checkpoint holds the final state.
         if self._params is not None:
             self._meter.stop()
-        self._params = self._momentum = None
+        self._params = self._momentum = self._first = None
         self.position = 0
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
@@ -57,17 +78,13 @@ class Unrolled(HypergradMethod):
         if self.position < self.inner_steps - self.backprop_steps:
             stats = problem.real_step(batch, context)
         else:
-            if self._params is None:  # theta_{K-B}: where the differentiated steps start
+            if self._params is None:
                 self._meter.start()
-                self._params = {
-                    k: p.detach().clone().requires_grad_() for k, p in problem.params().items()
-                }
-                self._momentum = {
-                    k: None if v is None else v.detach() for k, v in problem.momentum().items()
-                }
-            train = problem.train_loss(self._params, batch, context, real=True)
-            grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
-            self._params, self._momentum = problem.sgd_step(self._params, self._momentum, grads)
+                train = self._first_step(batch, context)
+            else:
+                train = problem.train_loss(self._params, batch, context, real=True)
+                grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
+                self._params, self._momentum = problem.sgd_step(self._params, self._momentum, grads)
             problem.write_back(self._params, self._momentum)
             stats = problem.statistics(train.view, batch, train.lesson)
         self.position += 1
@@ -76,14 +93,43 @@ class Unrolled(HypergradMethod):
             self.position = 0
         return stats
 
+    def _first_step(self, batch: Batch, context: TeachingContext) -> TrainPass:
+        """theta_{K-B} -> theta_{K-B+1}, with a graph from the step's gradient (a leaf) onwards."""
+        problem = self.problem
+        start = {k: p.detach().clone().requires_grad_() for k, p in problem.params().items()}
+        momentum = {k: None if v is None else v.detach() for k, v in problem.momentum().items()}
+        rng = problem.rng_state()
+        train = problem.train_loss(start, batch, context, real=True)
+        gradient = dict(zip(start, autograd.grad(train.loss, list(start.values())), strict=True))
+        for g in gradient.values():
+            g.requires_grad_()
+        start = {k: p.detach() for k, p in start.items()}
+        self._first = _FirstStep(start, batch, context, rng, gradient)
+        self._params, self._momentum = problem.sgd_step(start, momentum, list(gradient.values()))
+        return train
+
     def _update_teacher(self) -> None:
         self.update_teacher(self.close_window(self.problem.teacher_params()))
 
     def close_window(self, targets: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
         """d(validation loss at theta_K)/d ``targets``; frees the window's graph."""
-        assert self._params is not None
-        val_loss = self.problem.val_loss(self._params, self.problem.next_val_batch())
-        grads = autograd.grad(val_loss, list(targets), allow_unused=True)
+        problem, first = self.problem, self._first
+        assert self._params is not None and first is not None
+        val_loss = problem.val_loss(self._params, problem.next_val_batch())
+        found = autograd.grad(val_loss, [*targets, *first.gradient.values()], allow_unused=True)
+        later, adjoint = found[: len(targets)], found[len(targets) :]
+        direction = {
+            k: torch.zeros_like(g) if a is None else a
+            for (k, g), a in zip(first.gradient.items(), adjoint, strict=True)
+        }
+        loss_at = problem.replayed_loss(first.batch, first.context)
+        mixed = problem.mixed_gradient(loss_at, first.params, direction, targets, first.rng)
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
-        self._params = self._momentum = None
-        return grads
+        self._params = self._momentum = self._first = None
+        return tuple(_add(a, b) for a, b in zip(later, mixed, strict=True))
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
