@@ -326,22 +326,34 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
 _NAMED_SECTIONS = ("model", "teacher")
 
 
+#: What a teacher's hypergradient settings declare about how it learns; a layer that names
+#: another teacher drops them (the validation batch size is the data's, and stays).
+_TEACHER_LEARNING = ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options")
+
+
 def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
     """``above`` merged over ``below``; where ``above`` names another model or teacher, the
-    ``kwargs`` meant for the old one are dropped (``above``'s own apply).
+    ``kwargs`` meant for the old one are dropped, and for a teacher its hypergradient
+    settings too (``above``'s own apply).
 
     So ``teacher.name=none`` on a co-teaching config trains the baseline, instead of
-    handing ``gradual_epochs`` to a teacher that has no such option.
+    handing ``gradual_epochs`` to a teacher that has no such option, and
+    ``teacher.name=meta_weight_net`` on a deep-interaction config learns as
+    Meta-Weight-Net does, not through the other teacher's K = 20 unrolled steps.
     """
     for section in _NAMED_SECTIONS:
         name = OmegaConf.select(above, f"{section}.name")
-        if (
-            name is not None
-            and name != OmegaConf.select(below, f"{section}.name")
-            and OmegaConf.select(below, f"{section}.kwargs")
-        ):
-            below = copy.deepcopy(below)
+        if name is None or name == OmegaConf.select(below, f"{section}.name"):
+            continue
+        below = copy.deepcopy(below)
+        if OmegaConf.select(below, f"{section}.kwargs"):
             below[section].kwargs = {}
+        hypergrad = OmegaConf.select(below, f"{section}.hypergrad")
+        if hypergrad is not None:
+            defaults = HypergradConfig()
+            for key in _TEACHER_LEARNING:
+                if key in hypergrad:
+                    hypergrad[key] = getattr(defaults, key)
     return OmegaConf.merge(below, above)
 
 
