@@ -26,6 +26,7 @@ from metateach.data import Batch, DataBundle, Split
 from metateach.data.datasets import DatasetInfo
 from metateach.data.noise import apply_label_noise
 from metateach.data.transforms import Normalize
+from metateach.lesson import lesson_loss
 from metateach.trainer import Trainer
 
 __all__ = [
@@ -145,6 +146,26 @@ SUBJECTS: dict[str, tuple[list[str], int]] = {
         ],
         20,
     ),
+    # L2T-DLN: rounds of K = B = 15 fully differentiated steps (its learned optimizer's own
+    # step, every 10 rounds, falls outside a measurement of whole rounds).
+    "dln_vs_plain": (["teacher.name=l2t_dln"], 15),
+    "co_teaching_vs_plain": (["teacher.name=co_teaching"], 1),  # two networks, each step
+    "srit_vs_plain": (
+        ["teacher.name=co_teaching", "optim.sam.rho=0.05"],
+        1,
+    ),  # and SAM's two passes
+    # L2T's filter, untrained, refilling each batch from further candidates.
+    "l2t_vs_plain": (["teacher.name=l2t", "teacher.refill=true", "train.target_val_acc=0.9"], 1),
+}
+
+#: The memory figures: peak memory of one deep-interaction teacher step (K = 20) at B = 20
+#: over B = 1 and over B = 2, key -> (method, the smaller B). The first differentiated step
+#: holds no second-order graph, so B = 2 is the smallest window with one.
+MEMORY: dict[str, tuple[str, int]] = {
+    "reversible_memory_b20_vs_b1": ("reversible", 1),
+    "reversible_memory_b20_vs_b2": ("reversible", 2),
+    "unrolled_memory_b20_vs_b1": ("unrolled", 1),
+    "unrolled_memory_b20_vs_b2": ("unrolled", 2),
 }
 
 
@@ -162,8 +183,65 @@ def _teaching_step(trainer: Trainer, batch: Batch) -> None:
     trainer.teaching.strategy.step(batch, trainer.context())
 
 
+def teacher_step_memory(settings: BenchSettings, method: str, backprop_steps: int) -> float:
+    """Peak memory (MB) of one deep-interaction teacher step (K = 20, B = ``backprop_steps``).
+
+    On CUDA the allocator's peak over the step; elsewhere the most memory the
+    step's autograd graphs held at one moment (``teacher/graph_peak_mb``).
+    """
+    k = 20
+    data = random_bundle(settings.batch_size * (k + 1), 2 * settings.batch_size,
+                         settings.image_shape, settings.num_classes)  # fmt: skip
+    trainer = trainer_for(
+        settings,
+        [
+            "teacher.name=deep_interaction",
+            f"teacher.hypergrad.method={method}",
+            f"teacher.hypergrad.inner_steps={k}",
+            f"teacher.hypergrad.backprop_steps={backprop_steps}",
+        ],
+        data,
+    )
+    stream = iter(trainer.train_loader.epoch(0))
+    for _ in range(k):
+        _teaching_step(trainer, next(stream))
+    metrics = trainer.teaching.strategy.pop_metrics()
+    return metrics.get("teacher/peak_cuda_mb", metrics["teacher/graph_peak_mb"])
+
+
+def higher_lookahead_step(trainer: Trainer, batch: Batch) -> None:
+    """The reference of ``ours_vs_higher_lookahead``: one Meta-Weight-Net iteration with ``higher``.
+
+    As its published loops write it: a differentiable copy of the student
+    takes the virtual step (``higher``'s differentiable SGD from the real
+    optimizer's state), the teacher steps on the validation loss's gradient
+    through it, and the student steps on a new forward pass under the
+    updated teacher. ``tests/test_bench.py`` checks that it leaves the
+    student and the teacher where metateach's iteration does.
+    """
+    import higher
+
+    problem, context = trainer.teaching.strategy.problem, trainer.context()
+    model, optimizer, teacher = problem.student, problem.optimizer, problem.teacher
+    assert teacher is not None
+    with higher.innerloop_ctx(model, optimizer, copy_initial_weights=True) as (fmodel, diffopt):
+        states = fmodel(batch.x, return_states=True)
+        view = problem.view(states, batch, context)
+        diffopt.step(lesson_loss(teacher(batch, view), states.logits, batch.y))
+        val = problem.next_val_batch()
+        val_loss = F.cross_entropy(fmodel(val.x), val.y)
+        problem.teacher_step(torch.autograd.grad(val_loss, problem.teacher_params()))
+    states = model(batch.x, return_states=True)
+    with torch.no_grad():
+        lesson = teacher(batch, problem.view(states, batch, context))
+    optimizer.zero_grad(set_to_none=True)
+    lesson_loss(lesson, states.logits, batch.y).backward()
+    optimizer.step()
+
+
 def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, float]:
-    """Measure ``framework_overhead`` and the teaching steps of :data:`SUBJECTS` (all, or ``keys``)."""
+    """Measure ``framework_overhead`` and the figures of :data:`SUBJECTS`, ``ours_vs_higher_lookahead``
+    and :data:`MEMORY` (all, or those in ``keys``)."""
     spans = {key: span for key, (_, span) in SUBJECTS.items() if keys is None or key in keys}
     longest = _whole_spans(settings, max([1, *spans.values()]))
     n = settings.batch_size * (longest.warmup + longest.repeats * longest.steps + 1)
@@ -192,7 +270,49 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
         if key == "framework_overhead":
             results["plain_step_ms"] = 1000 * reference
         results[key] = seconds / reference
+
+    if keys is None or "ours_vs_higher_lookahead" in keys:
+        ours = trainer_for(settings, SUBJECTS["lookahead_vs_plain"][0], data)
+        theirs = trainer_for(settings, SUBJECTS["lookahead_vs_plain"][0], data)
+        ours_stream = iter(ours.train_loader.epoch(0))
+        their_stream = iter(theirs.train_loader.epoch(0))
+        seconds, reference = paired_seconds(
+            lambda: _teaching_step(ours, next(ours_stream)),
+            lambda: higher_lookahead_step(theirs, next(their_stream)),
+            settings,
+        )
+        results["ours_vs_higher_lookahead"] = seconds / reference
+    memory: dict[tuple[str, int], float] = {}  # (method, B) -> MB, each measured once
+    for key, (method, smaller) in MEMORY.items():
+        if keys is None or key in keys:
+            for b in (smaller, 20):
+                if (method, b) not in memory:
+                    memory[method, b] = teacher_step_memory(settings, method, b)
+            results[key] = memory[method, 20] / memory[method, smaller]
     return results
+
+
+def profile_table(settings: BenchSettings, key: str, rows: int = 20) -> str:
+    """PyTorch's profile of the teaching step ``key`` of :data:`SUBJECTS`: where its time goes.
+
+    One whole teacher span after one of warm-up; operators by total CPU time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    overrides, span = SUBJECTS[key]
+    data = random_bundle(settings.batch_size * (2 * span + 1), 2 * settings.batch_size,
+                         settings.image_shape, settings.num_classes)  # fmt: skip
+    trainer = trainer_for(settings, overrides, data)
+    stream = iter(trainer.train_loader.epoch(0))
+    for _ in range(span):
+        _teaching_step(trainer, next(stream))
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
+    with profile(activities=activities) as prof:
+        for _ in range(span):
+            _teaching_step(trainer, next(stream))
+    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
 
 
 #: What each figure is, for the table.
@@ -202,6 +322,15 @@ DESCRIPTIONS = {
     "lookahead_vs_plain": "Meta-Weight-Net iteration (one-step lookahead + student step) / plain",
     "l2rw_vs_plain": "Learning-to-Reweight iteration / plain",
     "deep_interaction_vs_plain": "deep-interaction teacher, K = 20, B = 2, per student step / plain",
+    "dln_vs_plain": "L2T-DLN, K = B = 15, per student step / plain",
+    "co_teaching_vs_plain": "co-teaching (two networks) / plain",
+    "srit_vs_plain": "SRIT (co-teaching with SAM, two passes each) / plain",
+    "l2t_vs_plain": "L2T's filter with refilled batches / plain",
+    "ours_vs_higher_lookahead": "our Meta-Weight-Net iteration / the same written with higher",
+    "reversible_memory_b20_vs_b1": "reversible: peak memory of a teacher step, B = 20 / B = 1",
+    "reversible_memory_b20_vs_b2": "reversible: the same, B = 20 / B = 2",
+    "unrolled_memory_b20_vs_b1": "unrolled: peak memory of a teacher step, B = 20 / B = 1",
+    "unrolled_memory_b20_vs_b2": "unrolled: the same, B = 20 / B = 2",
 }
 
 
@@ -225,13 +354,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
-    parser.add_argument("--keys", nargs="*", choices=list(SUBJECTS), help="teaching steps to time")
+    parser.add_argument(
+        "--keys",
+        nargs="*",
+        choices=list(DESCRIPTIONS)[2:],
+        help="figures to measure (default: all)",
+    )
+    parser.add_argument(
+        "--profile", choices=list(SUBJECTS), help="instead, profile one teaching step's operators"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = BenchSettings(
         args.model, args.model_kwargs, tuple(args.image_shape), defaults.num_classes,
         args.batch_size, args.steps, args.repeats, args.warmup,
     )  # fmt: skip
+    if args.profile:
+        print(profile_table(settings, args.profile))
+        return 0
     device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} threads"
     print(
         f"{settings.model} on batches of {settings.batch_size} {tuple(settings.image_shape)} "
