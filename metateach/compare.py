@@ -11,6 +11,13 @@ run on it, each a list of ``key=value`` overrides::
     paper:                      # optional: published numbers (%) to print beside ours
       meta_weight_net: 92.9
 
+A variant may also name an experiment of its own, for comparisons across a
+paper's settings (the top-level ``config`` is then optional)::
+
+    variants:
+      sym20: {config: ../../srit/cifar10_sym20.yaml}
+      sym40: {config: ../../srit/cifar10_sym40.yaml, overrides: [train.epochs=10]}
+
 :func:`run_comparison` trains every (variant, seed) pair in a folder of its
 own, skips pairs already finished and resumes pairs that were cut short, so
 an interrupted comparison loses nothing. :func:`summarize` turns the runs'
@@ -43,6 +50,7 @@ __all__ = [
     "run_comparison",
     "summarize",
     "markdown_table",
+    "write_results",
     "accuracy_curve",
 ]
 
@@ -58,15 +66,23 @@ SPEED = {
 
 @dataclass
 class Comparison:
-    """A base config, seeds, and named variants of overrides."""
+    """A base config, seeds, and named variants of overrides (and, for some, configs of their own)."""
 
-    config: Path
+    config: Path | None
     seeds: list[int]
     variants: dict[str, list[str]]
     name: str = "comparison"
     overrides: list[str] = field(default_factory=list)
     #: Published test accuracies (%) by variant, for the table.
     paper: dict[str, float] = field(default_factory=dict)
+    #: Variants that run an experiment of their own instead of ``config``.
+    configs: dict[str, Path] = field(default_factory=dict)
+
+    def config_of(self, variant: str) -> Path:
+        """The experiment ``variant`` runs."""
+        config = self.configs.get(variant, self.config)
+        assert config is not None, f"variant {variant!r} has no config"  # load_comparison checks
+        return config
 
 
 def load_comparison(path: str | Path) -> Comparison:
@@ -80,14 +96,13 @@ def load_comparison(path: str | Path) -> Comparison:
         raise ConfigError(
             f"comparison file {path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}"
         )
-    for key in ("config", "variants"):
-        if key not in content:
-            raise ConfigError(f"comparison file {path}: missing key {key!r}")
-    variants = content["variants"]
-    if not isinstance(variants, dict) or not all(isinstance(v, list) for v in variants.values()):
-        raise ConfigError(
-            f"comparison file {path}: variants must map names to lists of key=value overrides"
-        )
+    if "variants" not in content:
+        raise ConfigError(f"comparison file {path}: missing key 'variants'")
+    variants, configs = _variants(content["variants"], path)
+    lacking = [v for v in variants if v not in configs]
+    if "config" not in content and (lacking or not variants):
+        because = f" (variant {lacking[0]!r} names none of its own)" if lacking else ""
+        raise ConfigError(f"comparison file {path}: missing key 'config'{because}")
     seeds = content.get("seeds", [0, 1, 2])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"comparison file {path}: seeds must be a list of integers")
@@ -100,13 +115,40 @@ def load_comparison(path: str | Path) -> Comparison:
             f"(variants: {', '.join(variants)})"
         )
     return Comparison(
-        config=path.parent / content["config"],
+        config=path.parent / content["config"] if "config" in content else None,
         seeds=seeds,
-        variants={str(k): [str(o) for o in v] for k, v in variants.items()},
+        variants=variants,
         name=path.stem,
         overrides=[str(o) for o in content.get("overrides", [])],
         paper={str(k): float(v) for k, v in paper.items()},
+        configs=configs,
     )
+
+
+def _variants(content: Any, path: Path) -> tuple[dict[str, list[str]], dict[str, Path]]:
+    """The ``variants`` of a comparison file: name -> overrides, and name -> config where given."""
+    usage = (
+        f"comparison file {path}: variants must map names to lists of key=value overrides "
+        "or to {config: FILE, overrides: [...]}"
+    )
+    if not isinstance(content, dict):
+        raise ConfigError(usage)
+    variants, configs = {}, {}
+    for name, value in content.items():
+        if isinstance(value, dict):
+            if unknown := sorted(set(value) - {"config", "overrides"}):
+                raise ConfigError(
+                    f"comparison file {path}: variant {name!r}: unknown key {unknown[0]!r}; "
+                    "valid: config, overrides"
+                )
+            if "config" not in value:
+                raise ConfigError(f"comparison file {path}: variant {name!r}: missing key 'config'")
+            configs[str(name)] = path.parent / str(value["config"])
+            value = value.get("overrides", [])
+        if not isinstance(value, list):
+            raise ConfigError(usage)
+        variants[str(name)] = [str(o) for o in value]
+    return variants, configs
 
 
 def run_comparison(
@@ -134,7 +176,7 @@ def run_comparison(
             run_name = f"{variant}-seed{seed}"
             folder = out_dir / run_name
             cfg = load_config(
-                comparison.config,
+                comparison.config_of(variant),
                 [*comparison.overrides, *variant_overrides, f"train.seed={seed}", f"train.out_dir={out_dir}",
                  f"train.run_name={run_name}", "train.progress=false", *overrides],
             )  # fmt: skip
@@ -166,6 +208,37 @@ def run_comparison(
          **json.loads((folder / "summary.json").read_text())}
         for variant, seed, folder in runs
     ]  # fmt: skip
+
+
+def write_results(
+    comparison: Comparison,
+    folder: Path,
+    results: Sequence[dict[str, Any]],
+    overrides: Sequence[str] = (),
+) -> str:
+    """Write ``results.json``, ``results.md`` and the plots of a comparison's runs; return the table.
+
+    With teaching speed measured, also ``results_speed.png``: validation
+    accuracy against training samples of every run, and the target.
+    """
+    from metateach.plots import plot_comparison, plot_speed_comparison
+
+    rows = summarize(results)
+    table = markdown_table(rows, comparison.paper)
+    (folder / "results.json").write_text(
+        json.dumps({"runs": list(results), "summary": rows}, indent=2) + "\n"
+    )
+    (folder / "results.md").write_text(table + "\n")
+    plot_comparison(rows, comparison.name, folder / "results.png")
+    if any("reached" in row for row in rows):  # teaching speed: the accuracy curves
+        curves: dict[str, list] = {}
+        for result in results:
+            curves.setdefault(result["variant"], []).append(accuracy_curve(result["folder"]))
+        first = next(iter(comparison.variants))
+        common = [*comparison.overrides, *overrides]
+        target = load_config(comparison.config_of(first), common).train.target_val_acc
+        plot_speed_comparison(curves, target, comparison.name, folder / "results_speed.png")
+    return table
 
 
 def accuracy_curve(folder: str | Path) -> list[tuple[float, float]]:

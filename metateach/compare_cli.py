@@ -12,7 +12,6 @@ trains N runs at once.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -46,16 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
-    from metateach.compare import (
-        accuracy_curve,
-        load_comparison,
-        markdown_table,
-        run_comparison,
-        summarize,
-    )
-    from metateach.config import load_config
+    from metateach.compare import load_comparison, run_comparison, write_results
     from metateach.errors import ConfigError, MetateachError, first_line
-    from metateach.plots import plot_comparison, plot_speed_comparison
 
     # A polite kill ends the comparison as Ctrl-C does, stopping its workers too.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -74,20 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
-    rows = summarize(results)
-    table = markdown_table(rows, comparison.paper)
-    (folder / "results.json").write_text(
-        json.dumps({"runs": results, "summary": rows}, indent=2) + "\n"
-    )
-    (folder / "results.md").write_text(table + "\n")
-    plot_comparison(rows, comparison.name, folder / "results.png")
-    if any("reached" in row for row in rows):  # teaching speed: the accuracy curves
-        curves: dict[str, list] = {}
-        for result in results:
-            curves.setdefault(result["variant"], []).append(accuracy_curve(result["folder"]))
-        common = [*comparison.overrides, *args.overrides]
-        target = load_config(comparison.config, common).train.target_val_acc
-        plot_speed_comparison(curves, target, comparison.name, folder / "results_speed.png")
+    table = write_results(comparison, folder, results, args.overrides)
     print(table)
     print(f"\nresults: {folder}/results.md, results.json, results.png")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -98,20 +99,29 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
             "variants must map names to lists",
         ),
         ({"config": "x.yaml", "variants": {}, "seeds": [0.5]}, "seeds must be a list of integers"),
+        (
+            {"variants": {"a": {"config": "a.yaml"}, "b": ["optim.lr=0.1"]}},
+            "missing key 'config' (variant 'b' names none of its own)",
+        ),
+        ({"variants": {"a": {"overrides": []}}}, "variant 'a': missing key 'config'"),
+        (
+            {"variants": {"a": {"config": "a.yaml", "seed": 1}}},
+            "variant 'a': unknown key 'seed'; valid: config, overrides",
+        ),
     ],
 )
 def test_bad_comparison_files_are_named(tmp_path: Path, content: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_comparison(write(tmp_path / "bad.yaml", content))
 
 
 def test_every_shipped_comparison_loads() -> None:
-    files = sorted((CONFIGS / "compare").glob("*.yaml"))
+    files = sorted((CONFIGS / "compare").glob("**/*.yaml"))
     assert files
     for path in files:
         comparison = load_comparison(path)
-        for overrides in comparison.variants.values():
-            load_config(comparison.config, [*comparison.overrides, *overrides])
+        for variant, overrides in comparison.variants.items():
+            load_config(comparison.config_of(variant), [*comparison.overrides, *overrides])
 
 
 def test_teaching_speed_is_tabulated_over_the_runs_that_reached_the_target() -> None:
@@ -158,3 +168,25 @@ def test_a_speed_comparison_draws_every_runs_accuracy_curve(tmp_path: Path) -> N
     assert (folder / "results_speed.png").stat().st_size > 10_000
     curve = accuracy_curve(folder / "none-seed0")
     assert len(curve) > 2 and [s for s, _ in curve] == sorted(s for s, _ in curve)
+
+
+def test_variants_may_run_experiments_of_their_own(tmp_path: Path) -> None:
+    spec = write(tmp_path / "paper.yaml", {
+        "seeds": [0],
+        "variants": {
+            "plain": {"config": str(CONFIGS / "quickstart.yaml"), "overrides": ["teacher.name=none"]},
+            "taught": {"config": str(CONFIGS / "quickstart.yaml")},
+        },
+        "paper": {"taught": 97.0},
+    })  # fmt: skip
+    comparison = load_comparison(spec)
+    assert comparison.config is None and comparison.paper == {"taught": 97.0}
+    seen = []
+
+    def recording(cfg):
+        seen.append(cfg.teacher.name)
+        return train(cfg)
+
+    results = run_comparison(comparison, tmp_path / "out", QUICK, train=recording)
+    assert seen == ["none", "learning_to_reweight"]
+    assert [r["variant"] for r in results] == ["plain", "taught"]

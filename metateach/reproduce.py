@@ -1,0 +1,250 @@
+"""Reproduction suites: named lists of comparisons, run over their seeds and tabulated in one go.
+
+A suite file (``configs/suites/<name>.yaml``) names the comparisons whose
+tables make up a set of results, and the runs they need first::
+
+    train:                      # optional: experiments the comparisons build on
+      - {config: ../cpu/l2t_mnist_teacher.yaml, data: .}
+    comparisons:
+      quickstart: {file: ../compare/quickstart.yaml}
+      cifar2000:
+        file: ../compare/cifar10_jpeg_noisy40.yaml
+        data: cifar10-jpeg      # data.root = <the data folder>/cifar10-jpeg
+        overrides: [data.train_subset=2000]
+
+``data`` is a folder under the data folder given on the command line (or
+``$METATEACH_DATA``); without either, ``data.root`` is left to the configs.
+Each comparison runs in ``<out>/<its name>/`` through
+:func:`metateach.compare.run_comparison`, so finished runs are read back and
+cut ones resumed: a suite run again after its runs are done only tabulates.
+
+:func:`run_suite` returns the tables; :func:`suite_markdown` puts them in
+one document, with the command that made them; :func:`fill_blocks` writes
+them into a Markdown file (the README) between ``<!-- results: NAME -->``
+and ``<!-- /results -->``, so that its results are generated, not typed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metateach.checkpoint import LAST
+from metateach.compare import load_comparison, run_comparison, write_results
+from metateach.config import load_config
+from metateach.errors import ConfigError
+
+__all__ = ["Suite", "SuiteEntry", "load_suite", "run_suite", "suite_markdown", "fill_blocks"]
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One comparison (or, under ``train``, one experiment) of a suite."""
+
+    file: Path
+    data: str | None = None  # a folder under the data folder, for data.root
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Suite:
+    name: str
+    comparisons: dict[str, SuiteEntry]
+    train: list[SuiteEntry] = field(default_factory=list)
+
+
+def load_suite(name_or_path: str | Path, suites_dir: Path = Path("configs/suites")) -> Suite:
+    """A suite by file path, or by name in ``suites_dir``; errors name the file and the key."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = suites_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in suites_dir.glob("*.yaml"))
+        raise ConfigError(
+            f"no suite {str(name_or_path)!r}: neither a file nor a name in {suites_dir} "
+            f"(available: {', '.join(known) or 'none'})"
+        )
+    content = yaml.safe_load(path.read_text()) or {}
+    _check_keys(content, {"comparisons", "train"}, f"suite {path}")
+    comparisons = content.get("comparisons")
+    if not isinstance(comparisons, dict) or not comparisons:
+        raise ConfigError(f"suite {path}: comparisons must map names to {{file: ..., data: ...}}")
+    train = content.get("train", [])
+    if not isinstance(train, list):
+        raise ConfigError(f"suite {path}: train must be a list of {{config: ..., data: ...}}")
+    return Suite(
+        name=path.stem,
+        comparisons={
+            str(k): _entry(v, "file", path, f"comparison {k!r}") for k, v in comparisons.items()
+        },
+        train=[_entry(v, "config", path, f"train[{i}]") for i, v in enumerate(train)],
+    )
+
+
+def _entry(value: Any, file_key: str, path: Path, where: str) -> SuiteEntry:
+    if not isinstance(value, dict) or file_key not in value:
+        raise ConfigError(f"suite {path}: {where} needs {{{file_key}: FILE}}")
+    _check_keys(value, {file_key, "data", "overrides"}, f"suite {path}: {where}")
+    overrides = value.get("overrides", [])
+    if not isinstance(overrides, list):
+        raise ConfigError(f"suite {path}: {where}: overrides must be a list of key=value")
+    data = value.get("data")
+    return SuiteEntry(
+        Path(os.path.normpath(path.parent / str(value[file_key]))),
+        None if data is None else str(data),
+        [str(o) for o in overrides],
+    )
+
+
+def _check_keys(content: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(content, dict):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(sorted(allowed))}")
+    if unknown := sorted(set(content) - allowed):
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}"
+        )
+
+
+def _data_overrides(entry: SuiteEntry, data_dir: Path | None) -> list[str]:
+    """``data.root`` for ``entry`` under the data folder (none without one), then its own overrides."""
+    base = data_dir or (
+        Path(os.environ["METATEACH_DATA"]) if os.environ.get("METATEACH_DATA") else None
+    )
+    root = [] if entry.data is None or base is None else [f"data.root={base / entry.data}"]
+    return [*root, *entry.overrides]
+
+
+def run_suite(
+    suite: Suite,
+    out_dir: Path,
+    data_dir: Path | None = None,
+    jobs: int = 1,
+    train: Callable[..., dict[str, Any]] | None = None,
+    only: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """Run the suite's experiments, then its comparisons (all, or those named in ``only``).
+
+    Returns comparison name -> Markdown table; each comparison's folder also
+    gets its ``results.md``, ``results.json`` and plots.
+    """
+    if only and (unknown := sorted(set(only) - set(suite.comparisons))):
+        raise ConfigError(
+            f"suite {suite.name} has no comparison {unknown[0]!r} "
+            f"(it has: {', '.join(suite.comparisons)})"
+        )
+    if train is None:
+        from metateach.trainer import train as train_experiment
+
+        train = train_experiment
+    for entry in suite.train:
+        _train_once(entry, data_dir, train)
+    tables = {}
+    for name, entry in suite.comparisons.items():
+        if only and name not in only:
+            continue
+        comparison = load_comparison(entry.file)
+        comparison.name = name
+        overrides = _data_overrides(entry, data_dir)
+        results = run_comparison(comparison, out_dir / name, overrides, train=train, jobs=jobs)
+        tables[name] = write_results(comparison, out_dir / name, results, overrides)
+    return tables
+
+
+def _train_once(entry: SuiteEntry, data_dir: Path | None, train: Callable[..., Any]) -> None:
+    """Train ``entry``'s experiment in its own run folder, unless done; resume it if it was cut."""
+    cfg = load_config(entry.file, [*_data_overrides(entry, data_dir), "train.progress=false"])
+    if not cfg.train.run_name:
+        raise ConfigError(
+            f"{entry.file}: a suite's train entry needs train.run_name, so that it is found again"
+        )
+    folder = Path(cfg.train.out_dir) / cfg.train.run_name
+    if (folder / "summary.json").is_file():
+        return
+    if (folder / "checkpoints" / LAST).is_file():
+        cfg.train.resume = str(folder)
+    train(cfg)
+
+
+def suite_markdown(suite: Suite, tables: Mapping[str, str], command: str) -> str:
+    """The suite's tables in one Markdown document, under the command that regenerates them."""
+    parts = [f"# {suite.name}\n", f"Generated by `{command}`.\n"]
+    for name, table in tables.items():
+        parts.append(f"## {name}\n\n`{suite.comparisons[name].file}`\n\n{table}\n")
+    return "\n".join(parts)
+
+
+_BLOCK = re.compile(r"(<!-- results: ([\w.-]+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
+
+
+def fill_blocks(text: str, tables: Mapping[str, str]) -> tuple[str, list[str]]:
+    """``text`` with each ``<!-- results: NAME -->`` block's content replaced by ``tables[NAME]``.
+
+    Blocks of other names are left as they are. Returns the new text and
+    the names filled.
+    """
+    filled = []
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(2)
+        if name not in tables:
+            return match.group(0)
+        filled.append(name)
+        return f"{match.group(1)}{tables[name]}\n{match.group(4)}"
+
+    return _BLOCK.sub(replace, text), filled
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python tools/reproduce.py SUITE [--data DIR] [--out runs] [--jobs N] [--readme README.md]``."""
+    import argparse
+    import shlex
+    import signal
+    import sys
+
+    from metateach.errors import MetateachError, first_line
+
+    parser = argparse.ArgumentParser(
+        prog="reproduce.py",
+        description="Run a suite's comparisons over their seeds and write their tables.",
+    )
+    parser.add_argument("suite", help="a name in configs/suites (e.g. cpu) or a suite file")
+    parser.add_argument("--data", type=Path, help="the data folder (default: $METATEACH_DATA)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs"), help="where runs go (default: runs)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="runs to train at once (default: 1)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these comparisons")
+    parser.add_argument(
+        "--readme", type=Path, help="fill this file's <!-- results: NAME --> blocks with the tables"
+    )
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    # A polite kill ends the suite as Ctrl-C does, stopping its workers too.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        suite = load_suite(args.suite)
+        tables = run_suite(suite, args.out, args.data, args.jobs, only=args.only)
+    except MetateachError as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    command = shlex.join(
+        ["python", "tools/reproduce.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    document = args.out / f"{suite.name}.md"
+    document.write_text(suite_markdown(suite, tables, command))
+    print(document.read_text())
+    print(f"results: {document}")
+    if args.readme:
+        text, filled = fill_blocks(args.readme.read_text(), tables)
+        args.readme.write_text(text)
+        print(f"{args.readme}: filled {', '.join(filled) or 'no block'}")
+    return 0

@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Run a reproduction suite and write its tables:
+``python tools/reproduce.py SUITE [--data DIR] [--jobs N] [--readme README.md]``."""
+
+import sys
+
+from metateach.reproduce import main
+
+if __name__ == "__main__":
+    sys.exit(main())
