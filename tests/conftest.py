@@ -10,11 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from metateach.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+#: A one-epoch quickstart on 200 images, without W&B or plots: runs of comparisons and suites.
+QUICK = ["train.epochs=1", "data.train_subset=200", "logging.wandb=disabled", "logging.plots=false",
+         "model.kwargs.hidden=[16]"]  # fmt: skip
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -44,6 +48,12 @@ def cifar_batch(n: int, key: str, num_classes: int, seed: int = 0) -> dict:
         "data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
         key: list(np.arange(n) % num_classes),
     }
+
+
+def write_yaml(path: Path, content: dict) -> Path:
+    """``content`` as a YAML file at ``path`` (keys in order); returns the path."""
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
 
 
 def write_cifar100(root: Path, train: int, test: int) -> None:

@@ -22,19 +22,11 @@ from metateach.config import load_config
 from metateach.errors import CheckpointError, ConfigError
 from metateach.trainer import train
 
-from .conftest import CONFIGS
-
-QUICK = ["train.epochs=1", "data.train_subset=200", "logging.wandb=disabled", "logging.plots=false",
-         "model.kwargs.hidden=[16]"]  # fmt: skip
-
-
-def write(path: Path, content: dict) -> Path:
-    path.write_text(yaml.safe_dump(content, sort_keys=False))
-    return path
+from .conftest import CONFIGS, QUICK, write_yaml
 
 
 def test_a_comparison_runs_each_variant_and_seed_once_and_tabulates(tmp_path: Path) -> None:
-    spec = write(tmp_path / "cmp.yaml", {
+    spec = write_yaml(tmp_path / "cmp.yaml", {
         "config": str(CONFIGS / "quickstart.yaml"),
         "seeds": [0, 1],
         "variants": {"plain": ["teacher.name=none"], "mwn": ["teacher.name=meta_weight_net"]},
@@ -74,7 +66,7 @@ def test_a_comparison_runs_each_variant_and_seed_once_and_tabulates(tmp_path: Pa
 
 
 def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
-    spec = write(tmp_path / "tiny.yaml", {
+    spec = write_yaml(tmp_path / "tiny.yaml", {
         "config": str(CONFIGS / "quickstart.yaml"), "seeds": [0], "variants": {"a": [], "b": ["optim.lr=0.01"]},
     })  # fmt: skip
     assert main([str(spec), *QUICK, "--out", str(tmp_path / "runs"), "--jobs", "2"]) == 0
@@ -112,7 +104,7 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
 )
 def test_bad_comparison_files_are_named(tmp_path: Path, content: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_comparison(write(tmp_path / "bad.yaml", content))
+        load_comparison(write_yaml(tmp_path / "bad.yaml", content))
 
 
 def test_every_shipped_comparison_loads() -> None:
@@ -156,7 +148,7 @@ def test_teaching_speed_is_tabulated_over_the_runs_that_reached_the_target() -> 
 
 
 def test_a_speed_comparison_draws_every_runs_accuracy_curve(tmp_path: Path) -> None:
-    spec = write(tmp_path / "speed.yaml", {
+    spec = write_yaml(tmp_path / "speed.yaml", {
         "config": str(CONFIGS / "quickstart.yaml"), "seeds": [0],
         "overrides": ["train.target_val_acc=0.3", "train.eval_every_steps=2"],
         "variants": {"none": ["teacher.name=none"],
@@ -171,7 +163,7 @@ def test_a_speed_comparison_draws_every_runs_accuracy_curve(tmp_path: Path) -> N
 
 
 def test_variants_may_run_experiments_of_their_own(tmp_path: Path) -> None:
-    spec = write(tmp_path / "paper.yaml", {
+    spec = write_yaml(tmp_path / "paper.yaml", {
         "seeds": [0],
         "variants": {
             "plain": {"config": str(CONFIGS / "quickstart.yaml"), "overrides": ["teacher.name=none"]},

@@ -5,18 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from metateach.config import ExperimentConfig, config_to_dict, load_config
 from metateach.errors import ConfigError
 from metateach.registry import NOISES
 
-from .conftest import CONFIGS
-
-
-def write(path: Path, content: dict) -> Path:
-    path.write_text(yaml.safe_dump(content))
-    return path
+from .conftest import CONFIGS, write_yaml
 
 
 def test_yaml_fills_typed_sections() -> None:
@@ -49,12 +43,12 @@ def test_overrides_change_any_field_with_its_type() -> None:
 
 def test_base_files_merge_in_order_and_the_file_wins(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
-    write(
+    write_yaml(
         tmp_path / "base" / "a.yaml",
         {"optim": {"lr": 0.5, "momentum": 0.5}, "train": {"epochs": 7}},
     )
-    write(tmp_path / "base" / "b.yaml", {"base": "a.yaml", "optim": {"lr": 0.25}})
-    child = write(tmp_path / "exp.yaml", {"base": ["base/b.yaml"], "optim": {"momentum": 0.8}})
+    write_yaml(tmp_path / "base" / "b.yaml", {"base": "a.yaml", "optim": {"lr": 0.25}})
+    child = write_yaml(tmp_path / "exp.yaml", {"base": ["base/b.yaml"], "optim": {"momentum": 0.8}})
     cfg = load_config(child)
     assert cfg.optim.lr == 0.25  # b overrides a
     assert cfg.optim.momentum == 0.8  # the file overrides its bases
@@ -76,11 +70,11 @@ def test_naming_another_teacher_or_model_starts_its_kwargs_afresh(tmp_path: Path
     same = load_config(cpu, ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=auto"])
     assert same.teacher.kwargs == {"gradual_epochs": 5, "forget_rate": "auto"}
     # Between files too: a file naming another teacher does not inherit its base's options.
-    write(
+    write_yaml(
         tmp_path / "a.yaml", {"teacher": {"name": "co_teaching", "kwargs": {"gradual_epochs": 3}}}
     )
-    write(tmp_path / "b.yaml", {"base": "a.yaml", "teacher": {"name": "focal"}})
-    write(tmp_path / "c.yaml", {"base": "a.yaml", "teacher": {"kwargs": {"forget_rate": 0.1}}})
+    write_yaml(tmp_path / "b.yaml", {"base": "a.yaml", "teacher": {"name": "focal"}})
+    write_yaml(tmp_path / "c.yaml", {"base": "a.yaml", "teacher": {"kwargs": {"forget_rate": 0.1}}})
     assert load_config(tmp_path / "b.yaml").teacher.kwargs == {}
     assert load_config(tmp_path / "c.yaml").teacher.kwargs == {
         "gradual_epochs": 3,
@@ -185,7 +179,7 @@ def test_bad_input_is_one_line_naming_the_key(overrides: list[str], message: str
 
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
-    bad = write(tmp_path / "bad.yaml", {"optim": {"learning_rate": 0.1}})
+    bad = write_yaml(tmp_path / "bad.yaml", {"optim": {"learning_rate": 0.1}})
     with pytest.raises(
         ConfigError,
         match=r"config file .*bad.yaml: unknown key 'optim.learning_rate'; valid keys in 'optim': name, lr",
@@ -196,7 +190,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
 def test_missing_files_and_bases_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml$"):
         load_config(tmp_path / "nope.yaml")
-    child = write(tmp_path / "child.yaml", {"base": "missing_base.yaml"})
+    child = write_yaml(tmp_path / "child.yaml", {"base": "missing_base.yaml"})
     with pytest.raises(
         ConfigError, match=r"config file not found: .*missing_base.yaml \(base of .*child.yaml\)"
     ):
@@ -204,8 +198,8 @@ def test_missing_files_and_bases_are_named(tmp_path: Path) -> None:
 
 
 def test_cyclic_bases_and_broken_yaml_are_errors(tmp_path: Path) -> None:
-    write(tmp_path / "a.yaml", {"base": "b.yaml"})
-    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    write_yaml(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write_yaml(tmp_path / "b.yaml", {"base": "a.yaml"})
     with pytest.raises(ConfigError, match="builds on itself"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "broken.yaml").write_text("train:\n  epochs: [1,\n")
@@ -220,7 +214,9 @@ def test_config_round_trips_through_a_plain_dict(tmp_path: Path) -> None:
     cfg = load_config(CONFIGS / "quickstart.yaml", ["train.epochs=4"])
     plain = config_to_dict(cfg)
     assert plain["train"]["epochs"] == 4 and plain["model"]["kwargs"] == {"hidden": [256, 256]}
-    saved = write(tmp_path / "resolved.yaml", {k: v for k, v in plain.items() if k != "source"})
+    saved = write_yaml(
+        tmp_path / "resolved.yaml", {k: v for k, v in plain.items() if k != "source"}
+    )
     assert config_to_dict(load_config(saved)) == {**plain, "source": str(saved)}
 
 

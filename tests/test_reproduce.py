@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from metateach.compare import load_comparison
 from metateach.config import load_config
@@ -14,29 +13,21 @@ from metateach.errors import ConfigError
 from metateach.reproduce import fill_blocks, load_suite, main, run_suite, suite_markdown
 from metateach.trainer import train
 
-from .conftest import CONFIGS
-
-QUICK = ["train.epochs=1", "data.train_subset=200", "logging.wandb=disabled", "logging.plots=false",
-         "model.kwargs.hidden=[16]"]  # fmt: skip
-
-
-def write(path: Path, content: dict) -> Path:
-    path.write_text(yaml.safe_dump(content, sort_keys=False))
-    return path
+from .conftest import CONFIGS, QUICK, write_yaml
 
 
 def tiny_suite(tmp_path: Path) -> Path:
-    comparison = write(tmp_path / "tiny.yaml", {
+    comparison = write_yaml(tmp_path / "tiny.yaml", {
         "config": str(CONFIGS / "quickstart.yaml"),
         "seeds": [0],
         "variants": {"none": ["teacher.name=none"], "l2rw": []},
         "paper": {"l2rw": 96.5},
     })  # fmt: skip
-    teacher = write(tmp_path / "first.yaml", {
+    teacher = write_yaml(tmp_path / "first.yaml", {
         "base": str(CONFIGS / "quickstart.yaml"),
         "train": {"run_name": "first", "out_dir": str(tmp_path / "prep")},
     })  # fmt: skip
-    return write(tmp_path / "suite.yaml", {
+    return write_yaml(tmp_path / "suite.yaml", {
         "train": [{"config": teacher.name, "overrides": QUICK}],
         "comparisons": {"tiny": {"file": comparison.name, "overrides": QUICK}},
     })  # fmt: skip
@@ -119,11 +110,11 @@ def test_every_shipped_suite_loads_with_its_comparisons_and_experiments() -> Non
 )  # fmt: skip
 def test_bad_suites_are_named(tmp_path: Path, content: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_suite(write(tmp_path / "bad.yaml", content))
+        load_suite(write_yaml(tmp_path / "bad.yaml", content))
 
 
 def test_an_unknown_suite_lists_the_known_ones(tmp_path: Path) -> None:
-    write(tmp_path / "cpu.yaml", {"comparisons": {}})
+    write_yaml(tmp_path / "cpu.yaml", {"comparisons": {}})
     with pytest.raises(ConfigError, match=r"no suite 'gpu'.*\(available: cpu\)"):
         load_suite("gpu", tmp_path)
 
@@ -135,10 +126,10 @@ def test_only_names_comparisons_of_the_suite(tmp_path: Path) -> None:
 
 
 def test_data_entries_point_data_root_under_the_data_folder(tmp_path: Path) -> None:
-    spec = write(tmp_path / "cmp.yaml", {
+    spec = write_yaml(tmp_path / "cmp.yaml", {
         "config": str(CONFIGS / "quickstart.yaml"), "seeds": [0], "variants": {"a": []},
     })  # fmt: skip
-    suite = load_suite(write(tmp_path / "s.yaml", {
+    suite = load_suite(write_yaml(tmp_path / "s.yaml", {
         "comparisons": {"c": {"file": spec.name, "data": "cifar10-jpeg", "overrides": QUICK}},
     }))  # fmt: skip
     roots = []
