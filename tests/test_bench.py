@@ -87,7 +87,8 @@ def test_the_higher_reference_computes_our_meta_weight_net_iteration() -> None:
         _teaching_step(ours, ours_batch)
         higher_lookahead_step(theirs, their_batch)
     moved = sum(
-        float((a - b).abs().sum()) for a, b in zip(teachers[0].parameters(), before, strict=True)
+        float((a.detach() - b).abs().sum())
+        for a, b in zip(teachers[0].parameters(), before, strict=True)
     )
     assert moved > 1e-3  # the teacher learned, so agreeing says something
     for a, b in zip(teachers[0].parameters(), teachers[1].parameters(), strict=True):
