@@ -254,6 +254,8 @@ class BilevelProblem:
             warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
             duals = {k: fwAD.make_dual(p.detach(), direction[k]) for k, p in params.items()}
             slope = fwAD.unpack_dual(loss_at(duals)).tangent
+        if slope is None or not slope.requires_grad:  # the loss does not depend on them here
+            return (None,) * len(targets)
         return autograd.grad(slope, list(targets), allow_unused=True)
 
     def val_loss(self, params: Params, batch: Batch) -> Tensor:

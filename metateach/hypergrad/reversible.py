@@ -53,8 +53,10 @@ class Reversible(HypergradMethod):
     where d_t = grad L(theta_t) + lambda theta_t is recomputed on the same
     batch with the same augmentation and dropout draws, and the teacher's
     gradient accumulates through Hessian-vector products of d_t (one graph at
-    a time). ``teacher/reconstruction_error`` logs how far the recovered
-    theta_{K-B} lies from the true one, relative to its norm. Needs mu > 0.
+    a time). The window's first step needs only its teacher term, taken in
+    forward mode (:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`).
+    ``teacher/reconstruction_error`` logs how far the recovered theta_{K-B}
+    lies from the true one, relative to its norm. Needs mu > 0.
     """
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
