@@ -79,6 +79,12 @@ def random_bundle(
     )
 
 
+def bench_data(settings: BenchSettings, batches: int) -> DataBundle:
+    """Random data of the bench's shape: ``batches`` training batches and two of validation."""
+    size = settings.batch_size
+    return random_bundle(size * batches, 2 * size, settings.image_shape, settings.num_classes)
+
+
 def paired_seconds(
     subject: Callable[[], None], reference: Callable[[], None], settings: BenchSettings
 ) -> tuple[float, float]:
@@ -195,8 +201,7 @@ def teacher_step_memory(settings: BenchSettings, method: str, backprop_steps: in
     step's autograd graphs held at one moment (``teacher/graph_peak_mb``).
     """
     k = 20
-    data = random_bundle(settings.batch_size * (k + 1), 2 * settings.batch_size,
-                         settings.image_shape, settings.num_classes)  # fmt: skip
+    data = bench_data(settings, k + 1)
     trainer = trainer_for(
         settings,
         [
@@ -249,8 +254,7 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
     and :data:`MEMORY` (all, or those in ``keys``)."""
     spans = {key: span for key, (_, span) in SUBJECTS.items() if keys is None or key in keys}
     longest = _whole_spans(settings, max([1, *spans.values()]))
-    n = settings.batch_size * (longest.warmup + longest.repeats * longest.steps + 1)
-    data = random_bundle(n, 2 * settings.batch_size, settings.image_shape, settings.num_classes)
+    data = bench_data(settings, longest.warmup + longest.repeats * longest.steps + 1)
     results: dict[str, float] = {}
 
     # The reference: a bare loop on the tensors the plain trainer's data path gives.
@@ -305,8 +309,7 @@ def profile_table(settings: BenchSettings, key: str, rows: int = 20) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     overrides, span = SUBJECTS[key]
-    data = random_bundle(settings.batch_size * (2 * span + 1), 2 * settings.batch_size,
-                         settings.image_shape, settings.num_classes)  # fmt: skip
+    data = bench_data(settings, 2 * span + 1)
     trainer = trainer_for(settings, overrides, data)
     stream = iter(trainer.train_loader.epoch(0))
     for _ in range(span):

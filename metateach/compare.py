@@ -38,11 +38,10 @@ from typing import Any
 
 import yaml
 
-from metateach.checkpoint import LAST
 from metateach.config import config_to_dict, load_config
-from metateach.errors import ConfigError
+from metateach.errors import ConfigError, check_keys
 from metateach.logging import read_metrics
-from metateach.rundir import check_same_experiment
+from metateach.rundir import check_same_experiment, unfinished
 
 __all__ = [
     "Comparison",
@@ -91,11 +90,9 @@ def load_comparison(path: str | Path) -> Comparison:
     if not path.is_file():
         raise ConfigError(f"comparison file not found: {path}")
     content = yaml.safe_load(path.read_text()) or {}
-    allowed = {"config", "seeds", "variants", "overrides", "paper"}
-    if unknown := sorted(set(content) - allowed):
-        raise ConfigError(
-            f"comparison file {path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}"
-        )
+    check_keys(
+        content, {"config", "seeds", "variants", "overrides", "paper"}, f"comparison file {path}"
+    )
     if "variants" not in content:
         raise ConfigError(f"comparison file {path}: missing key 'variants'")
     variants, configs = _variants(content["variants"], path)
@@ -136,11 +133,7 @@ def _variants(content: Any, path: Path) -> tuple[dict[str, list[str]], dict[str,
     variants, configs = {}, {}
     for name, value in content.items():
         if isinstance(value, dict):
-            if unknown := sorted(set(value) - {"config", "overrides"}):
-                raise ConfigError(
-                    f"comparison file {path}: variant {name!r}: unknown key {unknown[0]!r}; "
-                    "valid: config, overrides"
-                )
+            check_keys(value, {"config", "overrides"}, f"comparison file {path}: variant {name!r}")
             if "config" not in value:
                 raise ConfigError(f"comparison file {path}: variant {name!r}: missing key 'config'")
             configs[str(name)] = path.parent / str(value["config"])
@@ -184,9 +177,7 @@ def run_comparison(
             if saved.is_file():
                 # A run of another experiment under this name must not be reused or resumed.
                 check_same_experiment(yaml.safe_load(saved.read_text()), config_to_dict(cfg), saved)
-            if not (folder / "summary.json").is_file():
-                if (folder / "checkpoints" / LAST).is_file():
-                    cfg.train.resume = str(folder)
+            if unfinished(cfg, folder):
                 pending.append(cfg)
             runs.append((variant, seed, folder))
     # Seed by seed: a comparison cut short has its first seeds of every variant.

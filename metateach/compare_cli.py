@@ -12,12 +12,23 @@ trains N runs at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "sigterm_exits"]
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """A polite kill (SIGTERM) ends the block as Ctrl-C does, so that worker processes stop too."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,23 +59,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metateach.compare import load_comparison, run_comparison, write_results
     from metateach.errors import ConfigError, MetateachError, first_line
 
-    # A polite kill ends the comparison as Ctrl-C does, stopping its workers too.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        comparison = load_comparison(args.comparison)
-        if args.seeds:
-            if unknown := sorted(set(args.seeds) - set(comparison.seeds)):
-                raise ConfigError(
-                    f"--seeds {unknown[0]} is not among the comparison's seeds {comparison.seeds}"
-                )
-            comparison.seeds = [s for s in comparison.seeds if s in args.seeds]
-        folder = Path(args.out) / comparison.name
-        results = run_comparison(comparison, folder, args.overrides, jobs=args.jobs)
+        with sigterm_exits():
+            comparison = load_comparison(args.comparison)
+            if args.seeds:
+                if unknown := sorted(set(args.seeds) - set(comparison.seeds)):
+                    raise ConfigError(
+                        f"--seeds {unknown[0]} is not among the comparison's seeds {comparison.seeds}"
+                    )
+                comparison.seeds = [s for s in comparison.seeds if s in args.seeds]
+            folder = Path(args.out) / comparison.name
+            results = run_comparison(comparison, folder, args.overrides, jobs=args.jobs)
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     table = write_results(comparison, folder, results, args.overrides)
     print(table)
     print(f"\nresults: {folder}/results.md, results.json, results.png")

@@ -7,7 +7,11 @@ Anything else that escapes is a bug in metateach and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["MetateachError", "ConfigError", "DataError", "CheckpointError", "first_line"]
+from typing import Any
+
+__all__ = [
+    "MetateachError", "ConfigError", "DataError", "CheckpointError", "check_keys", "first_line",
+]  # fmt: skip
 
 
 class MetateachError(Exception):
@@ -24,6 +28,19 @@ class DataError(MetateachError):
 
 class CheckpointError(MetateachError):
     """A checkpoint cannot be read or does not fit the run."""
+
+
+def check_keys(content: Any, allowed: set[str], where: str) -> None:
+    """Raise :class:`ConfigError` unless ``content`` is a mapping whose keys are all ``allowed``.
+
+    ``where`` names the file (and the entry in it) for the message.
+    """
+    if not isinstance(content, dict):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(sorted(allowed))}")
+    if unknown := sorted(set(content) - allowed):
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}"
+        )
 
 
 def first_line(problem: BaseException | str | None) -> str:

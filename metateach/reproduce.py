@@ -35,10 +35,10 @@ from typing import Any
 
 import yaml
 
-from metateach.checkpoint import LAST
 from metateach.compare import load_comparison, run_comparison, write_results
 from metateach.config import load_config
-from metateach.errors import ConfigError
+from metateach.errors import ConfigError, check_keys
+from metateach.rundir import unfinished
 
 __all__ = ["Suite", "SuiteEntry", "load_suite", "run_suite", "suite_markdown", "fill_blocks"]
 
@@ -71,7 +71,7 @@ def load_suite(name_or_path: str | Path, suites_dir: Path = Path("configs/suites
             f"(available: {', '.join(known) or 'none'})"
         )
     content = yaml.safe_load(path.read_text()) or {}
-    _check_keys(content, {"comparisons", "train"}, f"suite {path}")
+    check_keys(content, {"comparisons", "train"}, f"suite {path}")
     comparisons = content.get("comparisons")
     if not isinstance(comparisons, dict) or not comparisons:
         raise ConfigError(f"suite {path}: comparisons must map names to {{file: ..., data: ...}}")
@@ -90,7 +90,7 @@ def load_suite(name_or_path: str | Path, suites_dir: Path = Path("configs/suites
 def _entry(value: Any, file_key: str, path: Path, where: str) -> SuiteEntry:
     if not isinstance(value, dict) or file_key not in value:
         raise ConfigError(f"suite {path}: {where} needs {{{file_key}: FILE}}")
-    _check_keys(value, {file_key, "data", "overrides"}, f"suite {path}: {where}")
+    check_keys(value, {file_key, "data", "overrides"}, f"suite {path}: {where}")
     overrides = value.get("overrides", [])
     if not isinstance(overrides, list):
         raise ConfigError(f"suite {path}: {where}: overrides must be a list of key=value")
@@ -100,15 +100,6 @@ def _entry(value: Any, file_key: str, path: Path, where: str) -> SuiteEntry:
         None if data is None else str(data),
         [str(o) for o in overrides],
     )
-
-
-def _check_keys(content: Any, allowed: set[str], where: str) -> None:
-    if not isinstance(content, dict):
-        raise ConfigError(f"{where}: expected a mapping of {', '.join(sorted(allowed))}")
-    if unknown := sorted(set(content) - allowed):
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}"
-        )
 
 
 def _data_overrides(entry: SuiteEntry, data_dir: Path | None) -> list[str]:
@@ -163,12 +154,8 @@ def _train_once(entry: SuiteEntry, data_dir: Path | None, train: Callable[..., A
         raise ConfigError(
             f"{entry.file}: a suite's train entry needs train.run_name, so that it is found again"
         )
-    folder = Path(cfg.train.out_dir) / cfg.train.run_name
-    if (folder / "summary.json").is_file():
-        return
-    if (folder / "checkpoints" / LAST).is_file():
-        cfg.train.resume = str(folder)
-    train(cfg)
+    if unfinished(cfg, Path(cfg.train.out_dir) / cfg.train.run_name):
+        train(cfg)
 
 
 def suite_markdown(suite: Suite, tables: Mapping[str, str], command: str) -> str:
@@ -204,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python tools/reproduce.py SUITE [--data DIR] [--out runs] [--jobs N] [--readme README.md]``."""
     import argparse
     import shlex
-    import signal
     import sys
 
+    from metateach.compare_cli import sigterm_exits
     from metateach.errors import MetateachError, first_line
 
     parser = argparse.ArgumentParser(
@@ -226,16 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    # A polite kill ends the suite as Ctrl-C does, stopping its workers too.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        suite = load_suite(args.suite)
-        tables = run_suite(suite, args.out, args.data, args.jobs, only=args.only)
+        with sigterm_exits():
+            suite = load_suite(args.suite)
+            tables = run_suite(suite, args.out, args.data, args.jobs, only=args.only)
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     command = shlex.join(
         ["python", "tools/reproduce.py", *(argv if argv is not None else sys.argv[1:])]
     )

@@ -6,7 +6,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from metateach.checkpoint import checkpoint_path
+from metateach.checkpoint import LAST, checkpoint_path
 from metateach.config import ExperimentConfig
 from metateach.errors import CheckpointError, ConfigError
 
@@ -52,6 +52,19 @@ def resumed_run_dir(resume: str) -> Path:
     """The run folder a ``train.resume`` path (a run folder or a checkpoint in it) belongs to."""
     file = checkpoint_path(resume)
     return file.parent.parent if file.parent.name == "checkpoints" else file.parent
+
+
+def unfinished(cfg: ExperimentConfig, folder: Path) -> bool:
+    """Whether the run in ``folder`` has yet to finish; one cut short is set to resume from there.
+
+    A run is finished once it has written its ``summary.json``; otherwise, with
+    a last checkpoint, ``cfg.train.resume`` points at the folder.
+    """
+    if (folder / "summary.json").is_file():
+        return False
+    if (folder / "checkpoints" / LAST).is_file():
+        cfg.train.resume = str(folder)
+    return True
 
 
 def check_same_experiment(saved: dict[str, Any], current: dict[str, Any], file: Path) -> None:
