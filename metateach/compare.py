@@ -18,6 +18,19 @@ paper's settings (the top-level ``config`` is then optional)::
       sym20: {config: ../../srit/cifar10_sym20.yaml}
       sym40: {config: ../../srit/cifar10_sym40.yaml, overrides: [train.epochs=10]}
 
+Two methods compared setting by setting can be tabulated side by side, one
+row per setting, with their difference; variants are then named
+``<prefix><setting>``::
+
+    table:
+      pair: {co-teaching: co_teaching_, SRIT: srit_}   # column title: variant prefix
+      row_title: noise                                  # optional, default "setting"
+      rows: {sym20: symmetric 20%, pair40: pair-flip 40%}   # optional: order and labels
+      last_epoch: {label precision (%): peer/label_precision_student}  # optional
+
+``last_epoch`` adds, for both methods, the mean over seeds of a metric of
+each run's last epoch (a fraction, shown in %).
+
 :func:`run_comparison` trains every (variant, seed) pair in a folder of its
 own, skips pairs already finished and resumes pairs that were cut short, so
 an interrupted comparison loses nothing. :func:`summarize` turns the runs'
@@ -49,6 +62,7 @@ __all__ = [
     "run_comparison",
     "summarize",
     "markdown_table",
+    "paired_table",
     "write_results",
     "accuracy_curve",
 ]
@@ -76,12 +90,24 @@ class Comparison:
     paper: dict[str, float] = field(default_factory=dict)
     #: Variants that run an experiment of their own instead of ``config``.
     configs: dict[str, Path] = field(default_factory=dict)
+    #: Two methods side by side, one row per setting (the module docstring's ``table``).
+    pairs: PairedTable | None = None
 
     def config_of(self, variant: str) -> Path:
         """The experiment ``variant`` runs."""
         config = self.configs.get(variant, self.config)
         assert config is not None, f"variant {variant!r} has no config"  # load_comparison checks
         return config
+
+
+@dataclass(frozen=True)
+class PairedTable:
+    """Two methods side by side: variants ``<prefix><setting>``, one row per setting."""
+
+    columns: dict[str, str]  # column title -> variant prefix; two of them
+    rows: dict[str, str]  # setting -> its label, in the table's order
+    row_title: str = "setting"
+    last_epoch: dict[str, str] = field(default_factory=dict)  # column title -> metric key
 
 
 def load_comparison(path: str | Path) -> Comparison:
@@ -91,7 +117,9 @@ def load_comparison(path: str | Path) -> Comparison:
         raise ConfigError(f"comparison file not found: {path}")
     content = yaml.safe_load(path.read_text()) or {}
     check_keys(
-        content, {"config", "seeds", "variants", "overrides", "paper"}, f"comparison file {path}"
+        content,
+        {"config", "seeds", "variants", "overrides", "paper", "table"},
+        f"comparison file {path}",
     )
     if "variants" not in content:
         raise ConfigError(f"comparison file {path}: missing key 'variants'")
@@ -119,6 +147,34 @@ def load_comparison(path: str | Path) -> Comparison:
         overrides=[str(o) for o in content.get("overrides", [])],
         paper={str(k): float(v) for k, v in paper.items()},
         configs=configs,
+        pairs=_paired_table(content["table"], variants, path) if "table" in content else None,
+    )
+
+
+def _paired_table(content: Any, variants: Sequence[str], path: Path) -> PairedTable:
+    """The ``table`` of a comparison file, checked against its variants."""
+    where = f"comparison file {path}: table"
+    check_keys(content, {"pair", "rows", "row_title", "last_epoch"}, where)
+    pair, rows, last_epoch = (content.get(k, {}) for k in ("pair", "rows", "last_epoch"))
+    if not isinstance(pair, dict) or len(pair) != 2:
+        raise ConfigError(f"{where}: pair must map two column titles to variant prefixes")
+    if not isinstance(rows, dict) or not isinstance(last_epoch, dict):
+        raise ConfigError(f"{where}: rows and last_epoch must be mappings")
+    prefixes = [str(p) for p in pair.values()]
+    settings = {v[len(p) :]: None for v in variants for p in prefixes if v.startswith(p) and v != p}
+    if not settings:
+        raise ConfigError(
+            f"{where}: no variant is named <prefix><setting> for the prefixes {', '.join(prefixes)}"
+        )
+    if unknown := [r for r in rows if r not in settings]:
+        raise ConfigError(
+            f"{where}: rows: no variant for setting {unknown[0]!r} (settings: {', '.join(settings)})"
+        )
+    return PairedTable(
+        columns={str(k): str(v) for k, v in pair.items()},
+        rows={str(k): str(v) for k, v in rows.items()} or {s: s for s in settings},
+        row_title=str(content.get("row_title", "setting")),
+        last_epoch={str(k): str(v) for k, v in last_epoch.items()},
     )
 
 
@@ -209,17 +265,28 @@ def write_results(
 ) -> str:
     """Write ``results.json``, ``results.md`` and the plots of a comparison's runs; return the table.
 
+    With a paired table (``Comparison.pairs``), that is the table returned;
+    ``results.md`` has it above the table by variant.
+
     With teaching speed measured, also ``results_speed.png``: validation
     accuracy against training samples of every run, and the target.
     """
     from metateach.plots import plot_comparison, plot_speed_comparison
 
-    rows = summarize(results)
+    pairs = comparison.pairs
+    last_epoch = list(pairs.last_epoch.values()) if pairs else []
+    if last_epoch:
+        results = [{**r, **_last_epoch(r["folder"], last_epoch)} for r in results]
+    rows = summarize(results, last_epoch)
     table = markdown_table(rows, comparison.paper)
+    document = table
+    if pairs:  # the paired table first, and returned
+        table = paired_table(rows, pairs, comparison.paper)
+        document = f"{table}\n\nBy variant:\n\n{document}"
     (folder / "results.json").write_text(
         json.dumps({"runs": list(results), "summary": rows}, indent=2) + "\n"
     )
-    (folder / "results.md").write_text(table + "\n")
+    (folder / "results.md").write_text(document + "\n")
     plot_comparison(rows, comparison.name, folder / "results.png")
     if any("reached" in row for row in rows):  # teaching speed: the accuracy curves
         curves: dict[str, list] = {}
@@ -243,8 +310,20 @@ def accuracy_curve(folder: str | Path) -> list[tuple[float, float]]:
     return points
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _last_epoch(folder: str | Path, keys: Sequence[str]) -> dict[str, float]:
+    """The values of ``keys`` in the last epoch record of a run that logged them."""
+    values: dict[str, float] = {}
+    for record in read_metrics(folder):
+        if "epoch" in record:
+            values.update({k: record[k] for k in keys if k in record})
+    return values
+
+
+def summarize(results: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Per variant, in order of first appearance: runs, and mean and std of each of :data:`METRICS`.
+
+    ``extra`` names more metrics (fractions, averaged in % like the others)
+    over the runs that have them.
 
     Runs with a target accuracy (``train.target_val_acc``) add how many
     reached it and the mean and std, over those, of the steps and training
@@ -258,6 +337,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"variant": variant, "runs": len(runs)}
         for metric in METRICS:
             entry.update(_mean_std(metric, [100 * r[metric] for r in runs]))
+        for metric in extra:
+            entry.update(_mean_std(metric, [100 * r[metric] for r in runs if metric in r]))
         if any(key in r for r in runs for key in SPEED):
             reached = [r for r in runs if r.get("target/step") is not None]
             entry["reached"] = len(reached)
@@ -292,7 +373,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], paper: dict[str, float] | Non
         "|---|---|" + "---|" * len(columns),
     ]
     for row in rows:
-        cells = [f"{row[m]:.2f} ± {row[f'{m} std']:.2f}" for m in METRICS]
+        cells = [_mean_pm(row, m) for m in METRICS]
         if speed:
             cells.append(f"{row.get('reached', 0)}/{row['runs']}")
             cells += [
@@ -305,3 +386,46 @@ def markdown_table(rows: Sequence[dict[str, Any]], paper: dict[str, float] | Non
             cells.append(f"{paper[row['variant']]:.2f}" if row["variant"] in paper else "–")
         lines.append(f"| {row['variant']} | {row['runs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_table(
+    rows: Sequence[dict[str, Any]], pairs: PairedTable, paper: dict[str, float] | None = None
+) -> str:
+    """Two methods side by side, one row per setting: test accuracy, its difference, the paper's."""
+    by_variant = {row["variant"]: row for row in rows}
+    (title_a, prefix_a), (title_b, prefix_b) = pairs.columns.items()
+    metric = next(iter(METRICS))
+    columns = [
+        pairs.row_title, title_a, title_b, f"{title_b} − {title_a}",
+        *([f"paper: {title_a}", f"paper: {title_b}"] if paper else []),
+        *(f"{title}, {title_a} / {title_b}" for title in pairs.last_epoch),
+        "seeds",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for setting, label in pairs.rows.items():
+        a, b = (by_variant.get(prefix + setting) for prefix in (prefix_a, prefix_b))
+        cells = [label, _mean_pm(a, metric), _mean_pm(b, metric)]
+        cells.append(f"{b[metric] - a[metric]:+.2f}" if a and b else "–")
+        if paper:
+            cells += [
+                f"{paper[p + setting]:.2f}" if p + setting in paper else "–"
+                for p in (prefix_a, prefix_b)
+            ]
+        for key in pairs.last_epoch.values():
+            cells.append(" / ".join(_number(row, key, ".1f") for row in (a, b)))
+        cells.append(str(min(row["runs"] for row in (a, b) if row) if a or b else 0))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_pm(row: dict[str, Any] | None, key: str) -> str:
+    """``mean ± std`` of ``key`` in a summary row, or – without it."""
+    if row is None or math.isnan(row.get(key, math.nan)):
+        return "–"
+    return f"{row[key]:.2f} ± {row[f'{key} std']:.2f}"
+
+
+def _number(row: dict[str, Any] | None, key: str, spec: str) -> str:
+    if row is None or math.isnan(row.get(key, math.nan)):
+        return "–"
+    return format(row[key], spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from metateach.compare import (
     markdown_table,
     run_comparison,
     summarize,
+    write_results,
 )
 from metateach.compare_cli import main
 from metateach.config import load_config
@@ -83,7 +85,7 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
     [
         (
             {"config": "x.yaml", "variants": {}, "seed": [1]},
-            "unknown key 'seed'; valid: config, overrides, paper, seeds, variants",
+            "unknown key 'seed'; valid: config, overrides, paper, seeds, table, variants",
         ),
         ({"variants": {}}, "missing key 'config'"),
         (
@@ -100,11 +102,71 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
             {"variants": {"a": {"config": "a.yaml", "seed": 1}}},
             "variant 'a': unknown key 'seed'; valid: config, overrides",
         ),
+        (
+            {"config": "x.yaml", "variants": {"a_x": []}, "table": {"pair": {"A": "a_"}}},
+            "table: pair must map two column titles to variant prefixes",
+        ),
+        (
+            {
+                "config": "x.yaml",
+                "variants": {"a_x": []},
+                "table": {"pair": {"A": "c_", "B": "d_"}},
+            },
+            "table: no variant is named <prefix><setting> for the prefixes c_, d_",
+        ),
+        (
+            {
+                "config": "x.yaml",
+                "variants": {"a_x": []},
+                "table": {"pair": {"A": "a_", "B": "b_"}, "rows": {"z": "zed"}},
+            },
+            "table: rows: no variant for setting 'z' (settings: x)",
+        ),
+        (
+            {"config": "x.yaml", "variants": {"a_x": []}, "table": {"pairs": {}}},
+            "table: unknown key 'pairs'; valid: last_epoch, pair, row_title, rows",
+        ),
     ],
 )
 def test_bad_comparison_files_are_named(tmp_path: Path, content: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_comparison(write_yaml(tmp_path / "bad.yaml", content))
+
+
+def test_two_methods_are_tabulated_side_by_side_per_setting(tmp_path: Path) -> None:
+    spec = write_yaml(tmp_path / "pair.yaml", {
+        "config": str(CONFIGS / "quickstart.yaml"),
+        "seeds": [0, 1],
+        "variants": {"a_x": [], "b_x": [], "a_y": [], "b_y": []},
+        "paper": {"b_x": 99.0},
+        "table": {"pair": {"A": "a_", "B": "b_"}, "row_title": "noise",
+                  "rows": {"y": "why", "x": "ex"}, "last_epoch": {"prec (%)": "p"}},
+    })  # fmt: skip
+    comparison = load_comparison(spec)
+    accuracies = {"a_x": [0.5, 0.7], "b_x": [0.8, 0.9], "a_y": [0.1, 0.3], "b_y": [0.2, 0.2]}
+    results = []
+    for variant, accs in accuracies.items():
+        for seed, acc in enumerate(accs):
+            folder = tmp_path / f"{variant}-seed{seed}"
+            folder.mkdir()
+            # The last epoch's p, not an earlier epoch's nor a later step record's.
+            records = [{"epoch": 1, "p": 0.5}, {"epoch": 2, "p": acc}, {"step": 9, "p": 0.0}]
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            results.append({"variant": variant, "seed": seed, "folder": str(folder),
+                            "test/acc": acc, "best/test_acc": acc})  # fmt: skip
+    table = write_results(comparison, tmp_path, results)
+    lines = table.splitlines()
+    assert lines[:4] == [
+        "| noise | A | B | B − A | paper: A | paper: B | prec (%), A / B | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+        "| why | 20.00 ± 14.14 | 20.00 ± 0.00 | +0.00 | – | – | 20.0 / 20.0 | 2 |",
+        "| ex | 60.00 ± 14.14 | 85.00 ± 7.07 | +25.00 | – | 99.00 | 60.0 / 85.0 | 2 |",
+    ]
+    assert len(lines) == 4
+    # results.md has the usual table by variant below it.
+    document = (tmp_path / "results.md").read_text()
+    assert document.startswith(table + "\n\nBy variant:\n")
+    assert "| b_x | 2 | 85.00 ± 7.07 | 85.00 ± 7.07 | 99.00 |" in document
 
 
 def test_every_shipped_comparison_loads() -> None:
