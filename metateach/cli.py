@@ -2,7 +2,8 @@
 
 Mistakes in the input (a missing file, an unknown key, a wrong type, an
 unknown name, missing data, a bad checkpoint) end with one line on stderr
-and exit status 2; see :mod:`metateach.errors`.
+and exit status 2; see :mod:`metateach.errors`. Under ``torchrun`` every
+process trains its shard (:mod:`metateach.distributed`) and rank 0 reports.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with train.resume=<run folder>", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+    if not trainer.world.main:  # under torchrun, rank 0 reports
+        return 0
     print(
         f"test accuracy: {100 * metrics['test/acc']:.2f}% after {metrics['epoch']} epochs"
         f"{' (stopped at the target)' if trainer.state.stopped else ''}; "
@@ -52,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if trainer.logger.wandb_dir and cfg.logging.wandb == "offline":
         print(f"W&B offline run: upload it with `wandb sync {trainer.logger.wandb_dir}`")
     return 0
+
+
+def _leave_process_group() -> None:
+    """End torchrun's process group, if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

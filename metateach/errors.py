@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "MetateachError", "ConfigError", "DataError", "CheckpointError", "check_keys", "first_line",
+    "MetateachError", "ConfigError", "DataError", "CheckpointError", "NonFiniteStep",
+    "check_keys", "first_line",
 ]  # fmt: skip
 
 
@@ -28,6 +29,10 @@ class DataError(MetateachError):
 
 class CheckpointError(MetateachError):
     """A checkpoint cannot be read or does not fit the run."""
+
+
+class NonFiniteStep(MetateachError, ArithmeticError):
+    """The student's gradient is not finite; its step was not taken (the run stops there)."""
 
 
 def check_keys(content: Any, allowed: set[str], where: str) -> None:

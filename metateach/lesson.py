@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metateach.distributed import batch_sum
+
 __all__ = ["Lesson", "LossFn", "normalize_weights", "lesson_loss", "per_sample_losses"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -36,14 +38,15 @@ def normalize_weights(raw: Tensor, mask: Tensor | None = None) -> Tensor:
 
     ``w_k * n / sum_j w_j`` over the selected samples; masked-out samples get
     weight 0. A batch whose weights are all zero stays all zero (no sample
-    counts) rather than dividing by zero.
+    counts) rather than dividing by zero. The sums span the global batch
+    when it is sharded over processes (:mod:`metateach.distributed`).
     """
     if mask is not None:
         raw = raw * mask.to(raw.dtype)
         count = mask.sum().to(raw.dtype)
     else:
         count = torch.tensor(float(raw.shape[0]), dtype=raw.dtype, device=raw.device)
-    total = raw.sum()
+    total, count = batch_sum(raw.sum()), batch_sum(count)
     return torch.where(
         total > 0, raw * (count / total.clamp(min=torch.finfo(raw.dtype).tiny)), raw * 0
     )
@@ -91,7 +94,9 @@ def lesson_loss(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tenso
     ``sum_k m_k w_k l_k / sum_k m_k`` with weights w (1 without any), mask m
     (1 without one) and per-sample losses l. Without a lesson this is the
     mean cross-entropy, computed the same way, so that a lesson of all-one
-    weights gives bit for bit the same loss and gradients as no lesson.
+    weights gives bit for bit the same loss and gradients as no lesson. With the
+    batch sharded over processes, the count is the global batch's, so each
+    process's loss is its share of the whole (:mod:`metateach.distributed`).
     """
     losses = per_sample_losses(lesson, logits, targets)
     count = losses.new_tensor(float(losses.shape[0]))
@@ -102,4 +107,4 @@ def lesson_loss(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tenso
             # where, not a product: a dropped sample's inf or nan must not leak in.
             losses = torch.where(lesson.mask, losses, torch.zeros_like(losses))
             count = lesson.mask.sum().to(losses.dtype).clamp(min=1)
-    return losses.sum() / count
+    return losses.sum() / batch_sum(count)

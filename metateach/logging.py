@@ -154,6 +154,29 @@ class RunLogger:
             self._warned = True
 
 
+class SilentLogger(RunLogger):
+    """A logger that records nothing: what a data-parallel run's ranks other than 0 hold."""
+
+    def __init__(self, run_dir: Path) -> None:  # noqa: D107 - no file, no W&B
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / METRICS_FILE
+        self._wandb = None
+        self._warned = False
+        self.wandb_dir = None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        pass
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()

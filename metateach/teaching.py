@@ -51,8 +51,13 @@ def build_teaching(
     student_optimizer: torch.optim.Optimizer,
     data: DataBundle,
     device: torch.device,
+    shard: tuple[int, int] = (0, 1),
 ) -> Teaching:
-    """Build ``cfg.teacher`` for ``student`` and the strategy that teaches with it."""
+    """Build ``cfg.teacher`` for ``student`` and the strategy that teaches with it.
+
+    ``shard`` (rank, processes): the part of each validation and refill
+    batch this process takes under data-parallel training.
+    """
     settings = cfg.teacher
     try:
         teacher = TEACHERS.build(
@@ -92,14 +97,14 @@ def build_teaching(
         else None,
         # Its own seed: the validation batches do not shift the training order.
         val_stream=data.val_stream(
-            settings.hypergrad.val_batch_size, derive_seed(cfg.train.seed, 1), device
+            settings.hypergrad.val_batch_size, derive_seed(cfg.train.seed, 1), device, shard
         )
         if isinstance(learning, Hypergradient | ExampleGradient)
         else None,
         clean_targets=data.train.clean_targets.to(device),
         keep_weight_grad=isinstance(learning, Hypergradient) and learning.keep_weight_grad,
         refill=BatchStream(
-            data.train_loader(cfg.train.batch_size, derive_seed(cfg.train.seed, 3), device)
+            data.train_loader(cfg.train.batch_size, derive_seed(cfg.train.seed, 3), device, shard)
         )
         if settings.refill and teacher is not None
         else None,

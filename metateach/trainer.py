@@ -12,6 +12,9 @@ Everything a run needs to continue is in its checkpoint: weights, optimizer
 state, the position in the epoch, the epoch's running totals, the best
 validation result and the RNG state. Data order and augmentation derive
 from (seed, epoch, batch), so a resumed run is the same run.
+
+Under ``torchrun`` every process runs this loop on its shard of each batch
+(:mod:`metateach.distributed`); rank 0 alone logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +35,15 @@ from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, s
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
 from metateach.diagnostics import TeacherDiagnostics
-from metateach.errors import CheckpointError, MetateachError, first_line
-from metateach.logging import RunLogger, log_run_start
+from metateach.distributed import World, all_sum, from_main, init_world, sharded
+from metateach.errors import (
+    CheckpointError,
+    ConfigError,
+    MetateachError,
+    NonFiniteStep,
+    first_line,
+)
+from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
 from metateach.optim import build_schedule, optimizer_from_config
 from metateach.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
@@ -104,13 +114,18 @@ class Trainer:
         run = cfg.train
         if run.threads is not None:
             torch.set_num_threads(run.threads)
-        self.device = resolve_device(run.device)
+        self.world, device = init_world(run.device)
+        self.device = resolve_device(device)
         seed_everything(run.seed, run.deterministic, self.device)
         resolved = config_to_dict(cfg)
         resumed = load_checkpoint(run.resume) if run.resume else None
         if resumed is not None:
             check_same_experiment(resumed["config"], resolved, checkpoint_path(run.resume))
-        self.run_dir = resumed_run_dir(run.resume) if resumed is not None else new_run_dir(cfg)
+        self.run_dir = (
+            resumed_run_dir(run.resume)
+            if resumed is not None
+            else from_main(self.world, lambda: new_run_dir(cfg))
+        )
 
         self.data = data if data is not None else build_data(cfg.data, cfg.noise)
         self.model = model_for(cfg.model, self.data).to(self.device)
@@ -120,9 +135,16 @@ class Trainer:
             s.name, run.epochs, milestones=s.milestones, gamma=s.gamma,
             min_factor=s.min_lr / cfg.optim.lr, warmup_epochs=s.warmup_epochs,
         )  # fmt: skip
-        self.teaching = build_teaching(cfg, self.model, self.optimizer, self.data, self.device)
-        self.val_loader = self.data.eval_loader("val", run.eval_batch_size, self.device)
-        self.test_loader = self.data.eval_loader("test", run.eval_batch_size, self.device)
+        shard = self.world.shard
+        self.teaching = build_teaching(
+            cfg, self.model, self.optimizer, self.data, self.device, shard
+        )
+        if self.world.size > 1:
+            _check_data_parallel(cfg, self.teaching.strategy, self.world)
+            # The same initial networks everywhere; from here on, each rank its own draws.
+            torch.manual_seed(derive_seed(run.seed, 5, self.world.rank))
+        self.val_loader = self.data.eval_loader("val", run.eval_batch_size, self.device, shard)
+        self.test_loader = self.data.eval_loader("test", run.eval_batch_size, self.device, shard)
 
         # Step results pile up on the device and are read only at log points:
         # reading them every step would force a CPU-GPU sync per step.
@@ -140,7 +162,7 @@ class Trainer:
                 derive_seed(run.seed, 2),
                 run.eval_batch_size,
             )  # fmt: skip
-            if cfg.logging.diagnostics and self.teaching.teacher is not None
+            if cfg.logging.diagnostics and self.teaching.teacher is not None and self.world.main
             else None
         )
         self.state = TrainState()
@@ -148,6 +170,9 @@ class Trainer:
             self._restore(resumed)
         self.train_loader = self._episode_loader()
 
+        if not self.world.main:  # rank 0 writes the run folder
+            self.logger: RunLogger = SilentLogger(self.run_dir)
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         self.logger = RunLogger(
@@ -174,7 +199,7 @@ class Trainer:
         call; a later ``train.resume`` continues exactly from there.
         """
         cfg = self.cfg
-        if self._global_step() == 0:
+        if self._global_step() == 0 and self.world.main:
             log_run_start(self.cfg, self.data, self.model, self.device, self.run_dir, self.logger)
         stop_at = None if max_steps is None else self._global_step() + max_steps
         try:
@@ -200,15 +225,20 @@ class Trainer:
             bar = tqdm(
                 total=steps_per_epoch, initial=state.batch, unit="batch", leave=False,
                 desc=f"{episode}epoch {state.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True,
-                disable=None if cfg.train.progress else True,  # None: only on a terminal
+                # None: only on a terminal.
+                disable=None if cfg.train.progress and self.world.main else True,
             )  # fmt: skip
             self._pending_since = time.perf_counter()
             for batch in self.train_loader.epoch(state.epoch, start=state.batch):
                 self._set_lr(state.epoch + state.batch / steps_per_epoch)
-                self._pending += self.train_step(batch)
+                try:
+                    self._pending += self.train_step(batch)
+                except NonFiniteStep:
+                    bar.close()
+                    self._stop_diverged()
+                state.totals.seen += self.train_loader.global_size(state.batch)
                 state.batch += 1
                 state.step += 1
-                state.totals.seen += len(batch.y)
                 bar.update()
                 if state.step % cfg.logging.every_steps == 0:
                     self._log_running_loss(bar)
@@ -234,8 +264,11 @@ class Trainer:
         samples examined] on the device.
         """
         state = self.state
-        stats = self.teaching.strategy.step(batch, self.context())
-        batch_loss = stats[0] / len(batch.y)
+        with sharded(self.world):
+            stats = self.teaching.strategy.step(batch, self.context())
+        if self.world.size > 1:  # the global batch's numbers, the same on every rank
+            (stats,) = all_sum([stats])
+        batch_loss = stats[0] / self.train_loader.global_size(state.batch)
         if state.step == 0:
             self._loss_average = batch_loss.clone()
         else:
@@ -302,7 +335,7 @@ class Trainer:
         state.history.append(metrics)
         self.logger.log(metrics, self._global_step())
         episode = f"episode {state.episode + 1}  " * (self.cfg.train.episodes > 1)
-        tqdm.write(
+        self._say(
             f"{episode}epoch {metrics['epoch']:>3}/{self.cfg.train.epochs}  "
             f"train loss {metrics['train/loss']:.4f} acc {100 * metrics['train/acc']:.2f}%  "
             f"val acc {100 * val_acc:.2f}%  test acc {100 * test_acc:.2f}%  "
@@ -331,7 +364,7 @@ class Trainer:
             state.target_step, state.target_samples = state.step, state.learned
             state.target_examined = state.examined
             state.stopped = run.stop_at_target
-            tqdm.write(
+            self._say(
                 f"validation accuracy {100 * val_acc:.2f}% reached the target {100 * target:g}% "
                 f"at step {state.step}, after {state.learned} samples learned from"
             )
@@ -406,7 +439,10 @@ class Trainer:
         """The training batches of the episode in progress, in its own order."""
         run = self.cfg.train
         return self.data.train_loader(
-            run.batch_size, episode_seed(run.seed, self.state.episode), self.device
+            run.batch_size,
+            episode_seed(run.seed, self.state.episode),
+            self.device,
+            self.world.shard,
         )
 
     def _end_of_run(self) -> None:
@@ -469,6 +505,9 @@ class Trainer:
                 **(self._target_record() if self.cfg.train.target_val_acc is not None else {}),
             }
         )
+        if not self.world.main:
+            self.logger.close()
+            return metrics
         if self._diagnostics is not None and self.cfg.logging.plots:
             figures = self._diagnostics.draw(
                 self.context(), state.history, self.run_dir.name, self.run_dir / "diagnostics"
@@ -521,8 +560,11 @@ class Trainer:
             checkpoint["rng"] = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+            if self.world.size > 1:  # every rank's own, for an exact resume
+                checkpoint["rng"]["ranks"] = _gather_rng(self.world)
             checkpoint["wandb_id"] = self.logger.wandb_id
-        return save_checkpoint(self.run_dir / "checkpoints" / name, checkpoint)
+        path = self.run_dir / "checkpoints" / name
+        return save_checkpoint(path, checkpoint) if self.world.main else path
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         if "optimizer" not in checkpoint:
@@ -542,9 +584,13 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {first_line(e)}") from None
         self.state = TrainState.from_dict(checkpoint["progress"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        rng = checkpoint["rng"]
+        ranks = rng.get("ranks")
+        if self.world.size > 1 and ranks is not None and len(ranks) == self.world.size:
+            rng = ranks[self.world.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ------------------------------------------------------------------ #
     # Small helpers
@@ -571,6 +617,20 @@ class Trainer:
             )
         return totals
 
+    def _stop_diverged(self) -> NoReturn:
+        """The student's gradient at this step is not finite: save the state before it, and stop."""
+        state = self.state
+        step = state.step + 1
+        self.logger.log({"train/nonfinite_step": step}, self._global_step() + 1)
+        saved = "the last checkpoint holds the last good state"
+        if self.teaching.strategy.can_checkpoint():
+            saved = f"the state before it is saved in {self.save(LAST)}"
+        raise MetateachError(
+            f"the training loss became non-finite at step {step} (epoch {state.epoch + 1}, "
+            f"batch {state.batch + 1}) and its step was not taken; {saved}; "
+            "lower optim.lr or check the data"
+        )
+
     def _log_running_loss(self, bar: tqdm) -> None:
         totals = self._collect()
         loss = totals.loss_sum / max(totals.seen, 1)
@@ -578,6 +638,11 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
         metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
         self.logger.log(metrics, self._global_step())
+
+    def _say(self, line: str) -> None:
+        """A line on the console, from rank 0 alone."""
+        if self.world.main:
+            tqdm.write(line)
 
     def _set_lr(self, epoch: float) -> None:
         lr = self.cfg.optim.lr * self.schedule(epoch)
@@ -610,11 +675,47 @@ def evaluate_models(
             correct[i] += (logits.argmax(dim=1) == batch.y).sum()
     for m, mode in zip(models, modes, strict=True):
         m.train(mode)
+    if loader.shard[1] > 1:  # each rank evaluated its shard of every batch
+        loss_sum, correct = all_sum([loss_sum, correct])
     n = max(len(loader.split), 1)
     # One device sync per split.
     return [
         (loss / n, int(c) / n) for loss, c in zip(loss_sum.tolist(), correct.tolist(), strict=True)
     ]
+
+
+def _check_data_parallel(cfg: ExperimentConfig, strategy: Any, world: World) -> None:
+    """Refuse, on every rank alike, a run that cannot be split over ``world``'s processes."""
+    if not strategy.data_parallel:
+        method = cfg.teacher.hypergrad.method if cfg.teacher.name != "none" else "none"
+        raise ConfigError(
+            f"teacher {cfg.teacher.name!r} ({type(strategy).__name__}, teacher.hypergrad.method="
+            f"{method}) does not run data-parallel yet: run it in one process; under torchrun, "
+            "plain training, fixed-rule teachers, lookahead (Meta-Weight-Net), finite_difference "
+            "and Learning-to-Reweight do"
+        )
+    for key, size in (
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.eval_batch_size", cfg.train.eval_batch_size),
+        ("teacher.hypergrad.val_batch_size", cfg.teacher.hypergrad.val_batch_size),
+    ):
+        if size < world.size:
+            raise ConfigError(
+                f"{key}={size} is the global batch and cannot be split over {world.size} "
+                "processes; make it at least the number of processes"
+            )
+
+
+def _gather_rng(world: World) -> list[dict[str, Tensor]]:
+    """Every rank's random state, in rank order (collective)."""
+    import torch.distributed as dist
+
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state_all()
+    states: list[Any] = [None] * world.size
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def episode_seed(seed: int, episode: int) -> int:

@@ -117,6 +117,7 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         ExampleGradient,
         FixedRule,
         Hypergradient,
+        PeerLearning,
         PolicyGradient,
         Teacher,
         effective_learning,
@@ -168,8 +169,20 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         asked = [k for k in asked if k != "options"]
     if not isinstance(learning, Hypergradient):
         if asked and teacher.learn:
+            how = {
+                ExampleGradient: "reads its weights off each sample's hypergradient",
+                PeerLearning: "is a peer network that selects by mask",
+                PolicyGradient: "learns by REINFORCE from the masks it samples",
+            }.get(
+                type(learning),
+                "is no teacher" if teacher.name == "none" else "follows a fixed rule",
+            )
             raise ConfigError(
-                f"teacher.hypergrad.{asked[0]} is set, but teacher {teacher.name!r} does not learn by hypergradient"
+                f"teacher.hypergrad.{asked[0]} is set, but teacher {teacher.name!r} does not learn "
+                f"by hypergradient (it {how}), and the hypergradient methods "
+                "differentiate the weights or loss of a learned teacher's lessons: remove "
+                f"teacher.hypergrad.{asked[0]}, or pick such a teacher (meta_weight_net, "
+                "deep_interaction, l2t_dln, ...)"
             )
         return
     check_options(

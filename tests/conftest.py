@@ -135,3 +135,9 @@ def real_data_root() -> Path:
             f"real data not found under {root}; set METATEACH_DATA to the folder holding MNIST/raw"
         )
     return root
+
+
+def without_measurements(metrics: dict) -> dict:
+    """A record without what the machine measures (time, and memory that depends on allocation)."""
+    measured = ("throughput/", "teacher/update_seconds", "teacher/graph_")
+    return {k: v for k, v in metrics.items() if not k.startswith(measured)}

@@ -205,8 +205,11 @@ def test_the_ensemble_averages_the_networks_probabilities() -> None:
     a, b = (create_model("mlp", 3, (1, 2, 2), {"hidden": [4]}) for _ in range(2))
     x, y = torch.randn(40, 1, 2, 2), torch.randint(0, 3, (40,))
     loader = type(
-        "Loader", (), {"__iter__": lambda self: iter([Batch(x, y, torch.arange(40))]), "split": y}
-    )()
+        "Loader",
+        (),
+        {"__iter__": lambda self: iter([Batch(x, y, torch.arange(40))]), "split": y,
+         "shard": (0, 1)},
+    )()  # fmt: skip
     results = evaluate_models([a, b], loader, ensemble=True)
     with torch.no_grad():
         probs = (a(x).softmax(1) + b(x).softmax(1)) / 2

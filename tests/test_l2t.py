@@ -20,7 +20,7 @@ from metateach.teacher import PolicyGradient, StudentView, Teacher, TeachingCont
 from metateach.teachers.l2t import L2TFilter, l2t_features, speed_reward
 from metateach.trainer import Trainer
 
-from .test_trainer import without_measurements
+from .conftest import without_measurements
 
 
 def context(step: int = 30, total: int = 120) -> TeachingContext:

@@ -12,7 +12,8 @@ from metateach.errors import CheckpointError, ConfigError
 from metateach.hypergrad import StudentOnly
 from metateach.trainer import Trainer
 
-from .test_trainer import epoch_records, without_measurements
+from .conftest import without_measurements
+from .test_trainer import epoch_records
 
 METHODS = [
     ("lookahead", 1, 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -15,15 +16,11 @@ from metateach.errors import CheckpointError, ConfigError, MetateachError
 from metateach.logging import read_metrics
 from metateach.trainer import Trainer
 
+from .conftest import without_measurements
+
 
 def epoch_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "epoch" in r]
-
-
-def without_measurements(metrics: dict) -> dict:
-    """A record without what the machine measures (time, and memory that depends on allocation)."""
-    measured = ("throughput/", "teacher/update_seconds", "teacher/graph_mb")
-    return {k: v for k, v in metrics.items() if not k.startswith(measured)}
 
 
 def test_a_student_learns_the_digits_and_the_run_folder_holds_everything(make_config) -> None:
@@ -186,13 +183,25 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
-def test_a_diverging_run_stops_with_a_clear_error(make_config) -> None:
-    trainer = Trainer(make_config("optim.lr=1e12", "logging.every_steps=2"))
-    with pytest.raises(
-        MetateachError,
-        match=r"the training loss became non-finite by step \d+ \(epoch 1\); lower optim.lr",
-    ):
+def test_a_diverging_run_stops_at_the_step_and_saves_the_state_before_it(make_config) -> None:
+    trainer = Trainer(make_config("optim.lr=1e12", "logging.every_steps=100"))
+    with pytest.raises(MetateachError) as info:
         trainer.fit()
+    message = str(info.value)
+    step = trainer.state.step + 1  # the step that diverged was not taken
+    assert re.fullmatch(
+        rf"the training loss became non-finite at step {step} \(epoch 1, batch {step}\) and its "
+        r"step was not taken; the state before it is saved in .*last.pt; lower optim.lr or check the data",
+        message,
+    )
+    saved = load_checkpoint(trainer.run_dir)
+    assert saved["progress"]["step"] == step - 1 >= 1  # it diverged after some finite steps
+    assert all(torch.isfinite(w).all() for w in saved["model"].values())
+    assert {"step": step, "train/nonfinite_step": step} in read_metrics(trainer.run_dir)
+    # The last good state resumes: the same step diverges again, nothing else is lost.
+    again = Trainer(make_config("optim.lr=1e12", f"train.resume={trainer.run_dir}"))
+    with pytest.raises(MetateachError, match=rf"non-finite at step {step} "):
+        again.fit()
 
 
 def test_an_existing_named_run_folder_is_not_overwritten(make_config) -> None:

@@ -66,8 +66,17 @@ class DataBundle:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
-    def train_loader(self, batch_size: int, seed: int, device: torch.device | str) -> BatchLoader:
-        """Shuffled, augmented training batches; order and augmentation derive from ``seed``."""
+    def train_loader(
+        self,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str,
+        shard: tuple[int, int] = (0, 1),
+    ) -> BatchLoader:
+        """Shuffled, augmented training batches; order and augmentation derive from ``seed``.
+
+        ``shard`` (rank, processes) as in :class:`BatchLoader`, here and below.
+        """
         return BatchLoader(
             self.train,
             batch_size,
@@ -77,19 +86,40 @@ class DataBundle:
             flip=self.info.flip and self.augment,
             seed=seed,
             device=device,
+            shard=shard,
         )
 
-    def val_stream(self, batch_size: int, seed: int, device: torch.device | str) -> BatchStream:
+    def val_stream(
+        self,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str,
+        shard: tuple[int, int] = (0, 1),
+    ) -> BatchStream:
         """Endless shuffled batches of the clean validation split: the teacher's outer objective."""
         return BatchStream(
             BatchLoader(
-                self.val, batch_size, self.normalize, shuffle=True, seed=seed, device=device
-            )
+                self.val,
+                batch_size,
+                self.normalize,
+                shuffle=True,
+                seed=seed,
+                device=device,
+                shard=shard,
+            )  # fmt: skip
         )
 
-    def eval_loader(self, split: str, batch_size: int, device: torch.device | str) -> BatchLoader:
+    def eval_loader(
+        self,
+        split: str,
+        batch_size: int,
+        device: torch.device | str,
+        shard: tuple[int, int] = (0, 1),
+    ) -> BatchLoader:
         """Batches of ``"val"`` or ``"test"`` (or ``"train"``) in order, without augmentation."""
-        return BatchLoader(getattr(self, split), batch_size, self.normalize, device=device)
+        return BatchLoader(
+            getattr(self, split), batch_size, self.normalize, device=device, shard=shard
+        )
 
     def summary(self) -> dict[str, float | int]:
         """Sizes and the noise actually applied, for the logs."""

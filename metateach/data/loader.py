@@ -69,6 +69,9 @@ class BatchLoader:
         crop_padding, flip: augmentation, see :func:`random_crop_flip`.
         seed: the root of the order and augmentation seeds.
         device: where batches are delivered.
+        shard: (rank, processes): under data-parallel training, each batch
+            is the rank's contiguous part of the global batch (of
+            ``batch_size``), with the augmentation the whole batch would get.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class BatchLoader:
         flip: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.split = split
         self.batch_size = batch_size
@@ -91,6 +95,7 @@ class BatchLoader:
         self.flip = flip
         self.seed = seed
         self.device = torch.device(device)
+        self.shard = shard
 
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
@@ -117,13 +122,23 @@ class BatchLoader:
         """Batch ``b`` of ``epoch`` again, with the same samples and augmentation."""
         return self._make(self.order(epoch), epoch, b)
 
+    def global_size(self, b: int) -> int:
+        """The samples of batch ``b`` over all shards."""
+        return max(0, min(self.batch_size, len(self.split) - b * self.batch_size))
+
     def _make(self, order: Tensor, epoch: int, b: int) -> Batch:
         index = order[b * self.batch_size : (b + 1) * self.batch_size]
+        rank, processes = self.shard
+        part = torch.tensor_split(torch.arange(len(index)), processes)[rank]
+        augment = self.crop_padding > 0 or self.flip
+        if not augment:
+            index = index[part]
         # uint8 crosses to the device: a quarter of the bytes of float32.
         images = self.split.images[index].to(self.device, non_blocking=True)
-        if self.crop_padding > 0 or self.flip:
+        if augment:  # the whole batch's draws, then this shard's part
             generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, b))
             images = random_crop_flip(images, self.crop_padding, self.flip, generator)
+            images, index = images[part.to(self.device)], index[part]
         return Batch(
             self.normalize(images),
             self.split.targets[index].to(self.device, non_blocking=True),

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,6 +31,10 @@ __all__ = ["TeachingStrategy", "StudentOnly", "HypergradMethod", "PerStepMethod"
 
 class TeachingStrategy(ABC):
     """One student step per call, and whatever the teacher does around it."""
+
+    #: Runs data-parallel (:mod:`metateach.distributed`): every gradient it
+    #: forms from a batch is summed over the processes where the engine sums them.
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, problem: BilevelProblem) -> None:
         self.problem = problem
@@ -95,6 +99,8 @@ class TeachingStrategy(ABC):
 
 class StudentOnly(TeachingStrategy):
     """Plain student steps under the teacher's lessons; the teacher does not learn."""
+
+    data_parallel = True
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         return self.problem.real_step(batch, context)

@@ -58,6 +58,8 @@ class ExampleGradients(HypergradMethod):
     gradient and a forward-mode pass beyond a plain step.
     """
 
+    data_parallel = True
+
     def __init__(self, problem: BilevelProblem) -> None:
         super().__init__(problem, inner_steps=1, backprop_steps=1)
 

@@ -45,6 +45,8 @@ class FiniteDifference(PerStepMethod):
         epsilon: the step along v, relative to ||v|| (DARTS uses 0.01).
     """
 
+    data_parallel = True
+
     def __init__(
         self,
         problem: BilevelProblem,

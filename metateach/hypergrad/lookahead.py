@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
+from metateach.distributed import sum_gradients
 from metateach.hypergrad.base import PerStepMethod
 from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
@@ -43,16 +44,20 @@ def virtual_direction(
     """u = grad L_val(theta') and L_val(theta'), theta' the student optimizer's step on ``grads``.
 
     ``grads`` follow the order of ``params``; nothing here keeps a graph to
-    them. ``val_batch`` defaults to the validation stream's next.
+    them. ``val_batch`` defaults to the validation stream's next. With the
+    batches sharded over processes, ``grads`` and the validation gradient
+    are summed over them (:mod:`metateach.distributed`).
     """
     with torch.no_grad():
-        virtual, _ = problem.sgd_step(params, problem.momentum(), grads)
+        virtual, _ = problem.sgd_step(params, problem.momentum(), sum_gradients(grads))
     virtual = {k: p.detach().requires_grad_() for k, p in virtual.items()}
     val_loss = problem.val_loss(
         virtual, val_batch if val_batch is not None else problem.next_val_batch()
     )
-    direction = dict(zip(virtual, autograd.grad(val_loss, list(virtual.values())), strict=True))
-    return direction, val_loss.detach()
+    *found, val_loss = sum_gradients(
+        [*autograd.grad(val_loss, list(virtual.values())), val_loss.detach()]
+    )
+    return dict(zip(virtual, found, strict=True)), val_loss
 
 
 def lookahead_gradient(
@@ -86,6 +91,8 @@ class Lookahead(PerStepMethod):
     updates the teacher every K-th step). Computed as the module docstring
     says: the training gradient, a validation gradient, one forward-mode pass.
     """
+
+    data_parallel = True
 
     def teacher_gradient(
         self, params: Params, batch: Batch, train: TrainPass

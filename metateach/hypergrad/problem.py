@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, autograd
 
 from metateach.data import Batch, BatchStream
+from metateach.distributed import sum_gradients
+from metateach.errors import NonFiniteStep
 from metateach.hypergrad.functional import (
     Params,
     momentum_sgd_step,
@@ -73,6 +75,14 @@ def _forked_rng(device: torch.device, state: RNGState | None) -> Iterator[None]:
             if state.cuda is not None:
                 torch.cuda.set_rng_state(state.cuda, device)
         yield
+
+
+def _all_finite(grads: Sequence[Tensor | None]) -> bool:
+    """Whether no gradient holds inf or nan (one device sync)."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in present]).all())
 
 
 @dataclass(frozen=True)
@@ -261,12 +271,15 @@ class BilevelProblem:
     def val_loss(self, params: Params, batch: Batch) -> Tensor:
         """The outer objective: mean cross-entropy on a clean validation batch at ``params``.
 
+        Computed as :func:`~metateach.lesson.lesson_loss` computes an unweighted
+        loss (a share of the global batch's, when it is sharded over processes).
+
         BatchNorm normalizes with the batch's statistics, as in training, on
         scratch buffers; any dropout draws leave the run's random stream alone.
         """
         with self.own_rng():
             states = student_forward(self.student, params, batch.x, scratch_buffers(self.student))
-        return F.cross_entropy(states.logits, batch.y)
+        return lesson_loss(None, states.logits, batch.y)
 
     def own_rng(self, state: RNGState | None = None) -> contextlib.AbstractContextManager[None]:
         """A block whose random draws do not advance the run's stream (starting from ``state`` if given).
@@ -373,7 +386,7 @@ class BilevelProblem:
             return
         assert rng is not None, "a SAM step replays the first pass: take step_rng() before it"
         params = self.params()
-        grads = torch.autograd.grad(first.loss, list(params.values()))
+        grads = sum_gradients(torch.autograd.grad(first.loss, list(params.values())))
         self.optimizer.perturb(grads)
         with self.own_rng(rng):
             states = student_forward(self.student, params, batch.x, scratch_buffers(self.student))
@@ -388,7 +401,18 @@ class BilevelProblem:
         self.step_on(torch.autograd.grad(loss, list(params.values()), retain_graph=retain_graph))
 
     def step_on(self, grads: Sequence[Tensor]) -> None:
-        """Step the real optimizer on ``grads``, in the order of :meth:`params`."""
+        """Step the real optimizer on ``grads``, in the order of :meth:`params`.
+
+        With the batch sharded over processes, ``grads`` are this process's
+        share; their sum over the processes is the step.
+
+        Raises:
+            NonFiniteStep: a gradient holds inf or nan (the loss diverged);
+                the parameters and the optimizer are left as they were.
+        """
+        grads = sum_gradients(grads)
+        if not _all_finite(grads):
+            raise NonFiniteStep("the student's gradient is not finite")
         for p, g in zip(self.params().values(), grads, strict=True):
             p.grad = g
         self.optimizer.step()
@@ -398,7 +422,8 @@ class BilevelProblem:
         """Step the teacher's optimizer on ``grads``; a non-finite gradient skips the step (returns False)."""
         assert self.teacher_optimizer is not None and self.teacher is not None
         params = [p for p in self.teacher.parameters() if p.requires_grad]
-        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        grads = sum_gradients(grads)  # every process steps the teacher alike
+        if not _all_finite(grads):
             return False
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.detach()

@@ -1,0 +1,206 @@
+"""Data-parallel training: torchrun's processes end where one process ends, up to float rounding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metateach.checkpoint import load_checkpoint
+from metateach.config import load_config
+from metateach.data import BatchLoader, Split
+from metateach.data.transforms import Normalize
+from metateach.distributed import World, from_main
+from metateach.errors import ConfigError
+from metateach.teaching import build_teaching
+from metateach.trainer import Trainer, _check_data_parallel
+
+from .conftest import CONFIGS, REPO, without_measurements
+
+#: Two processes sum two halves of each batch's gradient where one process takes the
+#: whole batch in one kernel: float32 rounding, compounded over 40 steps, stays below this.
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+#: Two epochs of the quickstart's digits (20 batches of 64 an epoch, the last one of 41,
+#: split 21/20), a small MLP, one thread per process.
+COMMON = ["train.epochs=2", "model.kwargs.hidden=[32]", "train.threads=1", "logging.wandb=disabled",
+          "logging.plots=false", "train.progress=false"]  # fmt: skip
+
+
+def torchrun_command(tmp_path: Path, *overrides: str) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=2 tools/train.py`` on the quickstart."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "tools/train.py", str(CONFIGS / "quickstart.yaml"), *COMMON, *overrides,
+        f"train.out_dir={tmp_path}",
+    ]  # fmt: skip
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(tmp_path: Path, name: str, *overrides: str) -> Path:
+    """Run :func:`torchrun_command` to the end in the run folder ``name``; return the folder."""
+    done = subprocess.run(
+        torchrun_command(tmp_path, *overrides, f"train.run_name={name}"),
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("test accuracy:") == 1  # rank 0 alone reports
+    return tmp_path / name
+
+
+def one_process(tmp_path: Path, *overrides: str) -> Trainer:
+    cfg = load_config(
+        CONFIGS / "quickstart.yaml",
+        [*COMMON, *overrides, f"train.out_dir={tmp_path}", "train.run_name=single"],
+    )
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
+def assert_same_weights(saved: dict, module: torch.nn.Module) -> None:
+    expected = module.state_dict()
+    assert saved.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value, **TOLERANCE, msg=key)
+
+
+@pytest.mark.parametrize(
+    "teacher",
+    [
+        ["teacher.name=none"],
+        # The hypergradient teacher: one-step lookahead; its weights normalized over the global batch.
+        ["teacher.name=meta_weight_net", "teacher.hypergrad.val_batch_size=50"],
+    ],
+    ids=["plain", "meta_weight_net"],
+)
+def test_two_processes_end_with_the_weights_of_one(tmp_path: Path, teacher: list[str]) -> None:
+    run = torchrun(tmp_path, "two", *teacher)
+    single = one_process(tmp_path, *teacher)
+    saved = load_checkpoint(run)
+    assert_same_weights(saved["model"], single.model)
+    if single.teaching.teacher is not None:
+        assert_same_weights(saved["teacher"], single.teaching.teacher)
+        # The teacher moved: the comparison is not of two untouched initializations.
+        initial = Trainer(load_config(CONFIGS / "quickstart.yaml", [*COMMON, *teacher,
+                          f"train.out_dir={tmp_path}", "train.run_name=initial"]))  # fmt: skip
+        moved = [
+            not torch.allclose(a, b)
+            for a, b in zip(
+                initial.teaching.teacher.state_dict().values(),
+                single.teaching.teacher.state_dict().values(),
+                strict=True,
+            )
+        ]
+        assert any(moved)
+    # Rank 0 alone wrote the run folder; its numbers are the global batch's.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    progress = saved["progress"]
+    assert progress["step"] == single.state.step == 40
+    assert progress["learned"] == single.state.learned == 2 * 1257
+    final, expected = progress["history"][-1], single.state.history[-1]
+    for key in ("train/loss", "val/acc", "test/acc", "val/loss"):
+        assert final[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-4), key
+    assert len(saved["rng"]["ranks"]) == 2  # each rank's random state, to resume exactly
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process has just ended
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for each in tree:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(each, signal.SIGKILL)
+
+
+def test_two_processes_killed_mid_run_resume_exactly(tmp_path: Path) -> None:
+    # Dropout draws differ by rank, so this also checks that each rank's random state comes back.
+    longer = ["train.epochs=6", "model.kwargs.dropout=0.2", "train.checkpoint_every_steps=7",
+              "teacher.name=meta_weight_net", "teacher.hypergrad.val_batch_size=50"]  # fmt: skip
+    straight = torchrun(tmp_path, "straight", *longer)
+    agent = subprocess.Popen(
+        torchrun_command(tmp_path, *longer, "train.run_name=cut"), cwd=REPO, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    last = tmp_path / "cut" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not (last.is_file() and load_checkpoint(last)["progress"]["step"] > 20):
+        assert agent.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    kill_tree(agent.pid)  # the agent and both workers at once
+    agent.wait()
+    cut = load_checkpoint(last)["progress"]["step"]
+    time.sleep(1)  # nothing is left running: the folder stays as the kill left it
+    assert load_checkpoint(last)["progress"]["step"] == cut
+    assert 20 < cut < 120 and not (tmp_path / "cut" / "summary.json").exists()
+    torchrun(tmp_path, "resumed", *longer, f"train.resume={tmp_path / 'cut'}")
+    resumed, expected = load_checkpoint(last), load_checkpoint(straight)
+    for part in ("model", "teacher"):
+        for key, value in expected[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+    assert [without_measurements(r) for r in resumed["progress"]["history"]] == [
+        without_measurements(r) for r in expected["progress"]["history"]
+    ]
+
+
+def test_each_rank_takes_its_part_of_the_global_batch_with_the_whole_batchs_augmentation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (45, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    targets = torch.arange(45) % 10
+    split = Split(images, targets, targets, torch.arange(45))
+    normalize = Normalize(torch.full((3,), 0.5), torch.full((3,), 0.25))
+
+    def loader(shard: tuple[int, int]) -> BatchLoader:
+        return BatchLoader(split, 16, normalize, shuffle=True, crop_padding=2, flip=True,
+                           seed=3, shard=shard)  # fmt: skip
+
+    whole = list(loader((0, 1)).epoch(1))
+    parts = [list(loader((rank, 3)).epoch(1)) for rank in range(3)]
+    assert [loader((0, 3)).global_size(b) for b in range(3)] == [16, 16, 13]
+    for b, batch in enumerate(whole):
+        shards = [p[b] for p in parts]
+        assert [len(s.y) for s in shards] == ([6, 5, 5] if b < 2 else [5, 4, 4])
+        for field in range(3):
+            assert torch.equal(torch.cat([s[field] for s in shards]), batch[field])
+
+
+def test_a_teacher_that_cannot_run_data_parallel_is_refused(make_config) -> None:
+    cfg = make_config("teacher.name=deep_interaction")
+    trainer_parts = Trainer(make_config("teacher.name=none"))
+    teaching = build_teaching(
+        cfg, trainer_parts.model, trainer_parts.optimizer, trainer_parts.data, torch.device("cpu")
+    )
+    with pytest.raises(
+        ConfigError, match=r"teacher 'deep_interaction' \(Unrolled.*does not run data-parallel yet"
+    ):
+        _check_data_parallel(cfg, teaching.strategy, World(0, 2))
+    plain = make_config("teacher.name=none", "train.batch_size=1")
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size=1 is the global batch and cannot be split over 2"
+    ):
+        _check_data_parallel(plain, trainer_parts.teaching.strategy, World(0, 2))
+
+
+def test_one_process_is_its_own_main() -> None:
+    world = World()
+    assert world.main and world.shard == (0, 1)
+    assert from_main(world, lambda: 7) == 7

@@ -1,0 +1,176 @@
+"""Faults a long run must survive, and bad input that must end in one line naming the problem."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from metateach.checkpoint import load_checkpoint
+from metateach.cli import main
+from metateach.config import load_config
+from metateach.logging import read_metrics
+from metateach.trainer import Trainer
+
+from .conftest import CONFIGS, QUICK, REPO, without_measurements
+
+# --------------------------------------------------------------------------- #
+# A run killed outright
+# --------------------------------------------------------------------------- #
+
+#: The quickstart (Learning-to-Reweight on the digits), 6 epochs of 20 steps, one thread,
+#: a checkpoint every 7 steps.
+KILLABLE = ["train.epochs=6", "train.threads=1", "train.checkpoint_every_steps=7",
+            "logging.wandb=disabled", "logging.plots=false", "train.progress=false"]  # fmt: skip
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    run = tmp_path / "killed"
+    command = [sys.executable, "tools/train.py", str(CONFIGS / "quickstart.yaml"), *KILLABLE,
+               f"train.out_dir={tmp_path}", "train.run_name=killed"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    # SIGKILL once a checkpoint past the first epoch is on disk: no handler runs, no file is closed.
+    while not (last.is_file() and load_checkpoint(last)["progress"]["step"] > 20):
+        assert process.poll() is None, f"the run ended before it was killed: {process.stderr}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    saved = load_checkpoint(run)["progress"]
+    assert 20 < saved["step"] < 120 and not (run / "summary.json").exists()
+    try:
+        resumed = Trainer(
+            load_config(CONFIGS / "quickstart.yaml", [*KILLABLE, f"train.resume={run}"])
+        )
+        final = resumed.fit()
+        straight = Trainer(load_config(CONFIGS / "quickstart.yaml",
+                                       [*KILLABLE, f"train.out_dir={tmp_path}", "train.run_name=straight"]))  # fmt: skip
+        expected = straight.fit()
+    finally:
+        torch.set_num_threads(threads)
+    assert without_measurements(final) == without_measurements(expected)
+    for a, b in zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    epochs = [without_measurements(r) for r in read_metrics(run) if "epoch" in r]
+    assert epochs == [
+        without_measurements(r) for r in read_metrics(straight.run_dir) if "epoch" in r
+    ]
+    assert json.loads((run / "summary.json").read_text())["test/acc"] == expected["test/acc"]
+
+
+def test_wandb_in_an_unwritable_place_warns_once_and_training_goes_on(
+    tmp_path: Path, capsys
+) -> None:
+    quick = [*QUICK, f"train.out_dir={tmp_path}", "train.progress=false"]
+    assert main([str(CONFIGS / "quickstart.yaml"), *quick, "train.run_name=r"]) == 0
+    run = tmp_path / "r"
+    (run / "wandb").write_text("a file where W&B wants its folder")  # W&B cannot write there
+    capsys.readouterr()
+    resumed = [str(CONFIGS / "quickstart.yaml"), *quick, "train.epochs=3", "logging.wandb=offline",
+               f"train.resume={run}"]  # fmt: skip
+    assert main(resumed) == 0
+    err = capsys.readouterr().err
+    assert len(re.findall(r"warning: W&B (could not start|failed)", err)) == 1, err
+    assert f"metrics go to {run / 'metrics.jsonl'} only" in err
+    assert [r["epoch"] for r in read_metrics(run) if "epoch" in r] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- #
+# Bad input: one line, exit status 2
+# --------------------------------------------------------------------------- #
+
+
+def trained_run(tmp_path: Path) -> Path:
+    """A finished one-epoch run of the quickstart (hidden layer of 16)."""
+    assert main([str(CONFIGS / "quickstart.yaml"), *QUICK, f"train.out_dir={tmp_path}",
+                 "train.run_name=done", "train.progress=false"]) == 0  # fmt: skip
+    return tmp_path / "done"
+
+
+def corrupt_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"PK\x03\x04 half of a zip archive")
+    return path
+
+
+def image_folder_without_images(tmp_path: Path) -> Path:
+    for split in ("train", "test"):
+        (tmp_path / "tree" / split / "cat").mkdir(parents=True)
+        (tmp_path / "tree" / split / "cat" / "notes.txt").write_text("not an image")
+    return tmp_path / "tree"
+
+
+QUICKSTART = str(CONFIGS / "quickstart.yaml")
+
+#: (what is wrong, the command line given the test folder, the one-line error).
+BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("unknown key", lambda t: [QUICKSTART, "train.epoch=3"],
+     r"overrides: unknown key 'train.epoch'; valid keys in 'train': epochs, batch_size, "),
+    ("wrong type", lambda t: [QUICKSTART, "train.epochs=three"],
+     r"overrides: wrong type for train.epochs: Value 'three' of type 'str' could not be converted to Integer"),
+    ("negative learning rate", lambda t: [QUICKSTART, "optim.lr=-0.1"],
+     r"optim.lr must be > 0, got -0.1"),
+    ("B > K", lambda t: [QUICKSTART, "teacher.name=deep_interaction",
+                         "teacher.hypergrad.inner_steps=2", "teacher.hypergrad.backprop_steps=3"],
+     r"teacher.hypergrad.backprop_steps \(B=3\) must not exceed teacher.hypergrad.inner_steps \(K=2\)"),
+    ("noise rate of 1", lambda t: [QUICKSTART, "noise.rate=1.0"],
+     r"noise.rate must be in \[0, 1\), got 1.0"),
+    ("negative noise rate", lambda t: [QUICKSTART, "noise.rate=-0.2"],
+     r"noise.rate must be in \[0, 1\), got -0.2"),
+    ("unknown dataset", lambda t: [QUICKSTART, "data.name=imagenet"],
+     r"unknown dataset 'imagenet' \(data.name\); available: cifar10, cifar100, digits, "),
+    ("unknown model", lambda t: [QUICKSTART, "model.name=vgg"],
+     r"unknown model 'vgg' \(model.name\); available: cifar_resnet, "),
+    ("unknown teacher", lambda t: [QUICKSTART, "teacher.name=oracle"],
+     r"unknown teacher 'oracle' \(teacher.name\); available: co_teaching, "),
+    ("data root without the data", lambda t: [QUICKSTART, "data.name=mnist", f"data.root={t}"],
+     r"MNIST not found under data root '.*': expected .*/MNIST/raw/train-images-idx3-ubyte"),
+    ("corrupt checkpoint", lambda t: [QUICKSTART, f"train.resume={corrupt_checkpoint(t)}"],
+     r"cannot read checkpoint .*corrupt.pt: "),
+    ("checkpoint of another model", lambda t: [QUICKSTART, *QUICK, "model.kwargs.hidden=[64]",
+                                               f"train.resume={trained_run(t)}"],
+     r"checkpoint .*last.pt belongs to a different experiment: model.kwargs.hidden was \[16\], "
+     r"the config now says \[64\]"),
+    ("image folder with no images", lambda t: [QUICKSTART, "data.name=imagefolder",
+                                               f"data.root={image_folder_without_images(t)}"],
+     r"imagefolder .*tree/train: Found no valid file for the classes cat"),
+    ("mask-only teacher asked for weights", lambda t: [QUICKSTART, "teacher.name=l2t",
+                                                       "teacher.hypergrad.method=lookahead"],
+     r"teacher.hypergrad.method is set, but teacher 'l2t' does not learn by hypergradient \(it learns "
+     r"by REINFORCE from the masks it samples\), and the hypergradient methods differentiate the weights"),
+    ("teacher option out of range", lambda t: [QUICKSTART, "teacher.name=random_filter",
+                                               "teacher.kwargs.keep=1.5"],
+     r"teacher 'random_filter' \(teacher.name\) with teacher.kwargs=\{'keep': 1.5\}: keep must be in \(0, 1\]"),
+    ("missing config file", lambda t: [str(t / "nope.yaml")],
+     r"config file not found: .*nope.yaml"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT]
+)
+def test_bad_input_ends_in_one_line_naming_the_problem(
+    tmp_path: Path, capsys, argv: Callable[[Path], list[str]], message: str
+) -> None:
+    config, *overrides = argv(tmp_path)
+    capsys.readouterr()
+    quiet = ["logging.wandb=disabled", f"train.out_dir={tmp_path / 'runs'}", "train.progress=false",
+             "train.epochs=1"]  # fmt: skip
+    code = main([config, *quiet, *overrides])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.match(message, err.removeprefix("error: ")), err
