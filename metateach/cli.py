@@ -9,6 +9,7 @@ process trains its shard (:mod:`metateach.distributed`) and rank 0 reports.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,19 @@ EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _train(argv)
+    if _leave_process_group(together=code == 0):
+        # Under torchrun: leave now. The interpreter's teardown can abort on gloo's
+        # worker threads (SIGABRT, pytorch/pytorch#179291); everything is written
+        # and closed by this point.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _train(argv: Sequence[str] | None) -> int:
+    """Parse the command line and run the experiment; the exit status."""
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train a student (and its teacher) as a YAML experiment describes.",
@@ -44,8 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with train.resume=<run folder>", file=sys.stderr)
         return 130
-    finally:
-        _leave_process_group()
     if not trainer.world.main:  # under torchrun, rank 0 reports
         return 0
     print(
@@ -59,12 +71,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _leave_process_group() -> None:
-    """End torchrun's process group, if this process joined one."""
+def _leave_process_group(together: bool) -> bool:
+    """End torchrun's process group, if this process joined one; whether it had.
+
+    With ``together`` (this rank finished, as every rank should have), the
+    ranks first wait for each other, so that none tears the group down while
+    another still talks to it.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
+    return True
 
 
 if __name__ == "__main__":

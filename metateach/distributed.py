@@ -21,6 +21,11 @@ global batch:
   hypergradient), so every rank takes the single-process step and keeps the
   same student and the same teacher.
 
+The unrolled window sums each differentiated step's gradient inside its
+graph (:func:`sum_gradients` with ``differentiable``); the reversible one
+splits each step's direction into shares (the weight decay in rank 0's,
+:func:`holds_constant_terms`) and sums the adjoints at every step.
+
 What is chosen *within* a batch from its samples alone (co-teaching's
 small-loss selection, self-paced learning's threshold, BatchNorm's
 statistics) is chosen per shard, as BatchNorm without SyncBatchNorm is.
@@ -43,7 +48,10 @@ from torch import Tensor
 
 from metateach.errors import ConfigError, MetateachError
 
-__all__ = ["World", "init_world", "from_main", "sharded", "batch_sum", "sum_gradients", "all_sum"]
+__all__ = [
+    "World", "init_world", "from_main", "sharded", "batch_sum", "sum_gradients", "all_sum",
+    "holds_constant_terms",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -130,6 +138,16 @@ def sharded(world: World) -> Iterator[None]:
         _SHARDED = before
 
 
+def holds_constant_terms() -> bool:
+    """Whether this process's share of a sum holds the terms that are not the batch's.
+
+    A quantity such as momentum SGD's direction d = grad L + lambda theta,
+    split into shares that sum to it, gives lambda theta to one share only:
+    rank 0's (every process's own outside :func:`sharded`).
+    """
+    return _SHARDED is None or _SHARDED.main
+
+
 def batch_sum(t: Tensor) -> Tensor:
     """``t`` summed over the shards of the batch being taught (``t`` itself outside :func:`sharded`).
 
@@ -140,11 +158,26 @@ def batch_sum(t: Tensor) -> Tensor:
     return _AllSum.apply(t)
 
 
-def sum_gradients(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-    """The gradients summed over the shards (as they are outside :func:`sharded`); one collective."""
+def sum_gradients(
+    grads: Sequence[Tensor | None], differentiable: bool = False
+) -> list[Tensor | None]:
+    """The gradients summed over the shards (as they are outside :func:`sharded`); one collective.
+
+    With ``differentiable``, the sum keeps its graph (:func:`batch_sum` of all
+    of them at once), for gradients taken with ``create_graph``.
+    """
     if _SHARDED is None:
         return list(grads)
-    return all_sum(grads)
+    if not differentiable:
+        return all_sum(grads)
+    present = [g for g in grads if g is not None]
+    total = batch_sum(torch.cat([g.reshape(-1) for g in present]))
+    out: list[Tensor | None] = []
+    offset = 0
+    for g in grads:
+        out.append(None if g is None else total[offset : offset + g.numel()].view_as(g))
+        offset += 0 if g is None else g.numel()
+    return out
 
 
 def all_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -187,9 +220,7 @@ class _AllSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return _AllSum.apply(grad)  # itself differentiable, for second-order graphs
 
     @staticmethod
     def jvp(ctx, tangent: Tensor) -> Tensor:  # type: ignore[override]

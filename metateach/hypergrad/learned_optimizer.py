@@ -88,6 +88,8 @@ class LearnedOptimizer(Unrolled):
         rounds: rounds between steps of the learned optimizer's own parameters.
     """
 
+    data_parallel = False  # its teacher's own steps are not summed over processes yet
+
     def __init__(
         self, problem: BilevelProblem, inner_steps: int, backprop_steps: int, rounds: int = 10
     ) -> None:

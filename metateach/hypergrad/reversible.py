@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
+from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.hypergrad.base import HypergradMethod
 from metateach.hypergrad.functional import (
     Params,
@@ -57,7 +58,15 @@ class Reversible(HypergradMethod):
     forward mode (:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`).
     ``teacher/reconstruction_error`` logs how far the recovered theta_{K-B}
     lies from the true one, relative to its norm. Needs mu > 0.
+
+    Runs data-parallel: each process's d_t is its share (its part of the
+    batch's gradient, the weight decay in rank 0's), and the adjoints of the
+    parameters and the recovered momentum are summed over the processes at
+    every step (:mod:`metateach.distributed`); the teacher's parts are summed
+    when it steps.
     """
+
+    data_parallel = True
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
@@ -102,7 +111,9 @@ class Reversible(HypergradMethod):
 
         theta = {k: p.requires_grad_() for k, p in params.items()}
         val_loss = problem.val_loss(theta, problem.next_val_batch())
-        d_theta = dict(zip(theta, autograd.grad(val_loss, list(theta.values())), strict=True))
+        d_theta = dict(
+            zip(theta, sum_gradients(autograd.grad(val_loss, list(theta.values()))), strict=True)
+        )
         d_omega = [torch.zeros_like(p) for p in teacher_params]
         # The adjoint of v_{t+1} including theta_{t+1}'s dependence on it; v_K itself has none.
         d_v = {k: -self._recorded[-1].lr * g for k, g in d_theta.items()}
@@ -122,9 +133,8 @@ class Reversible(HypergradMethod):
             with problem.own_rng(record.rng):
                 replay = problem.train_loss(theta, record.batch, record.context, real=False)
             grads = autograd.grad(replay.loss, list(theta.values()), create_graph=True)
-            decayed = decayed_gradients(
-                dict(zip(theta, grads, strict=True)), theta, sgd.weight_decay
-            )
+            decay = sgd.weight_decay if holds_constant_terms() else 0.0
+            decayed = decayed_gradients(dict(zip(theta, grads, strict=True)), theta, decay)
             # One backward through the gradient graph: (d/d omega, d/d theta) of <d_t, d_v>.
             vjp = autograd.grad(
                 dot(decayed, d_v), [*teacher_params, *theta.values()], allow_unused=True
@@ -132,10 +142,11 @@ class Reversible(HypergradMethod):
             for i, g in enumerate(vjp[: len(teacher_params)]):
                 if g is not None:
                     d_omega[i] += g
-            for k, g in zip(theta, vjp[len(teacher_params) :], strict=True):
+            for k, g in zip(theta, sum_gradients(vjp[len(teacher_params) :]), strict=True):
                 d_theta[k] = d_theta[k] + g
+            direction = sum_gradients([v.detach() for v in decayed.values()])
             momentum = recover_momentum(
-                momentum, {k: v.detach() for k, v in decayed.items()}, sgd.momentum
+                momentum, dict(zip(decayed, direction, strict=True)), sgd.momentum
             )
             previous_lr = self._recorded[t - 1].lr
             d_v = {k: sgd.momentum * d_v[k] - previous_lr * d_theta[k] for k in d_v}

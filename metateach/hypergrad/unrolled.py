@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
+from metateach.distributed import sum_gradients
 from metateach.hypergrad.base import HypergradMethod, UpdateMeter
 from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
@@ -39,6 +40,9 @@ class _FirstStep(NamedTuple):
 class Unrolled(HypergradMethod):
     """K real student steps per teacher step; the last B keep their graph.
 
+    Runs data-parallel: each differentiated step's gradient is summed over
+    the processes inside the graph (:func:`~metateach.distributed.sum_gradients`).
+
     The first K - B steps of a window are plain steps. The last B are taken
     functionally, keeping the graph from the teacher's parameters through
     each lesson and each momentum-SGD update to theta_K; the teacher then
@@ -54,6 +58,8 @@ class Unrolled(HypergradMethod):
     forward-mode pass (:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`).
     With B = 1 no step keeps a second-order graph.
     """
+
+    data_parallel = True
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
@@ -84,6 +90,7 @@ class Unrolled(HypergradMethod):
             else:
                 train = problem.train_loss(self._params, batch, context, real=True)
                 grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
+                grads = sum_gradients(grads, differentiable=True)
                 self._params, self._momentum = problem.sgd_step(self._params, self._momentum, grads)
             problem.write_back(self._params, self._momentum)
             stats = problem.statistics(train.view, batch, train.lesson)
@@ -100,7 +107,8 @@ class Unrolled(HypergradMethod):
         momentum = {k: None if v is None else v.detach() for k, v in problem.momentum().items()}
         rng = problem.rng_state()
         train = problem.train_loss(start, batch, context, real=True)
-        gradient = dict(zip(start, autograd.grad(train.loss, list(start.values())), strict=True))
+        found = sum_gradients(autograd.grad(train.loss, list(start.values())))
+        gradient = dict(zip(start, found, strict=True))
         for g in gradient.values():
             g.requires_grad_()
         start = {k: p.detach() for k, p in start.items()}
@@ -117,7 +125,9 @@ class Unrolled(HypergradMethod):
         assert self._params is not None and first is not None
         val_loss = problem.val_loss(self._params, problem.next_val_batch())
         found = autograd.grad(val_loss, [*targets, *first.gradient.values()], allow_unused=True)
-        later, adjoint = found[: len(targets)], found[len(targets) :]
+        # Under data parallelism each process holds a part of the leaf's adjoint (see
+        # metateach.distributed); their sum is the direction.
+        later, adjoint = found[: len(targets)], sum_gradients(found[len(targets) :])
         direction = {
             k: torch.zeros_like(g) if a is None else a
             for (k, g), a in zip(first.gradient.items(), adjoint, strict=True)
