@@ -88,6 +88,39 @@ def test_wandb_in_an_unwritable_place_warns_once_and_training_goes_on(
     assert [r["epoch"] for r in read_metrics(run) if "epoch" in r] == [1, 2, 3]
 
 
+def test_a_run_skips_and_counts_non_finite_hypergradients_and_goes_on(
+    make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metateach.hypergrad.lookahead import Lookahead
+
+    exact = Lookahead.teacher_gradient
+    calls = []
+
+    def every_third_blows_up(self, params, batch, train):  # type: ignore[no-untyped-def]
+        found = exact(self, params, batch, train)
+        calls.append(len(calls))
+        if len(calls) % 3:
+            return found
+        return [None if g is None else torch.full_like(g, float("inf")) for g in found]
+
+    monkeypatch.setattr(Lookahead, "teacher_gradient", every_third_blows_up)
+    trainer = Trainer(make_config("teacher.name=meta_weight_net", "train.epochs=1",
+                                  "logging.every_steps=5"))  # fmt: skip
+    before = [p.detach().clone() for p in trainer.teaching.teacher.parameters()]
+    metrics = trainer.fit()
+    steps = len(calls)
+    assert steps == trainer.state.step == 20  # a teacher step tried at every student step
+    assert trainer.teaching.strategy.skipped == steps // 3
+    logged = [r["teacher/skipped_steps"] for r in read_metrics(trainer.run_dir)
+              if "teacher/skipped_steps" in r]  # fmt: skip
+    assert logged[-1] == steps // 3 and logged == sorted(logged)
+    after = list(trainer.teaching.teacher.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # it learned
+    assert all(torch.isfinite(p).all() for p in after)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert metrics["test/acc"] > 0.5
+
+
 # --------------------------------------------------------------------------- #
 # Bad input: one line, exit status 2
 # --------------------------------------------------------------------------- #

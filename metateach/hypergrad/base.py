@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from metateach.data import Batch
+from metateach.distributed import sum_gradients
 from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.lesson import lesson_loss
@@ -40,6 +41,7 @@ class TeachingStrategy(ABC):
         self.problem = problem
         self._metrics: dict[str, list[float]] = defaultdict(list)  # since the last pop_metrics()
         self._epoch_metrics: dict[str, list[float]] = defaultdict(list)  # in this epoch
+        self._totals: dict[str, int] = {}  # running counts since the run began
 
     @abstractmethod
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
@@ -63,6 +65,7 @@ class TeachingStrategy(ABC):
         return {
             "metrics": {k: list(v) for k, v in self._metrics.items()},
             "epoch_metrics": {k: list(v) for k, v in self._epoch_metrics.items()},
+            "totals": dict(self._totals),
             "refill_position": None if refill is None else refill.position,
         }
 
@@ -74,6 +77,7 @@ class TeachingStrategy(ABC):
         ):
             mine.clear()
             mine.update({k: list(v) for k, v in saved.items()})
+        self._totals = dict(state.get("totals", {}))
         if self.problem.refill is not None:
             self.problem.refill.position = state["refill_position"]
 
@@ -83,14 +87,19 @@ class TeachingStrategy(ABC):
             self._metrics[key].append(float(value))
             self._epoch_metrics[key].append(float(value))
 
+    def count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to a running total, which :meth:`pop_metrics` reports as it stands."""
+        self._totals[key] = self._totals.get(key, 0) + n
+
     def pop_metrics(self, epoch: bool = False) -> dict[str, float]:
-        """The means of the metrics recorded since the last call.
+        """The means of the metrics recorded since the last call, and the running totals.
 
         With ``epoch``, the means over everything recorded since the last such
         call (the epoch's, whatever was handed out at log points meanwhile).
         """
         source = self._epoch_metrics if epoch else self._metrics
         out = {k: sum(v) / len(v) for k, v in source.items() if v}
+        out.update({k: float(v) for k, v in self._totals.items()})
         self._metrics.clear()
         if epoch:
             self._epoch_metrics.clear()
@@ -122,33 +131,40 @@ class HypergradMethod(TeachingStrategy):
         self.inner_steps = inner_steps
         self.backprop_steps = backprop_steps
         self.position = 0  # student steps taken in the current window of K
-        self.skipped = 0  # teacher steps skipped for a non-finite hypergradient
 
     def state_dict(self) -> dict[str, Any]:
         stream = self.problem.val_stream
         return {
             **super().state_dict(),
             "position": self.position,
-            "skipped": self.skipped,
             "val_position": stream.position if stream else 0,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.position, self.skipped = state["position"], state["skipped"]
+        self.position = state["position"]
         if self.problem.val_stream is not None:
             self.problem.val_stream.position = state["val_position"]
 
     def update_teacher(self, grads: Sequence[Tensor | None]) -> None:
-        """Apply a hypergradient to the teacher, or count it as skipped when it is not finite."""
+        """Apply a hypergradient to the teacher, or count it as skipped when it is not finite.
+
+        Under data parallelism ``grads`` are this process's share; their sum
+        over the processes is the step, the same on every one.
+        """
+        grads = sum_gradients(grads)
         norm = torch.sqrt(
             sum((g.double().square().sum() for g in grads if g is not None), torch.zeros(()))
         )
-        if self.problem.teacher_step(grads):
+        stepped = self.problem.teacher_step(grads)
+        if stepped:
             self.record(**{"teacher/hypergrad_norm": float(norm)})
-        else:
-            self.skipped += 1
-        self.record(**{"teacher/skipped_steps": self.skipped})
+        self.count("teacher/skipped_steps", 0 if stepped else 1)
+
+    @property
+    def skipped(self) -> int:
+        """Teacher steps skipped for a non-finite hypergradient, since the run began."""
+        return self._totals.get("teacher/skipped_steps", 0)
 
     @contextmanager
     def measured(self) -> Iterator[None]:

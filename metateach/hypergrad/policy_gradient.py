@@ -113,8 +113,7 @@ class Reinforce(TeachingStrategy):
                 "teacher/advantage": advantage,
             }
         )
-        if not updated:
-            self.record(**{"teacher/skipped_steps": 1})
+        self.count("teacher/skipped_steps", 0 if updated else 1)
         self.baseline = (
             self.settings.baseline_decay * baseline + (1 - self.settings.baseline_decay) * reward
         )

@@ -422,7 +422,6 @@ class BilevelProblem:
         """Step the teacher's optimizer on ``grads``; a non-finite gradient skips the step (returns False)."""
         assert self.teacher_optimizer is not None and self.teacher is not None
         params = [p for p in self.teacher.parameters() if p.requires_grad]
-        grads = sum_gradients(grads)  # every process steps the teacher alike
         if not _all_finite(grads):
             return False
         for p, g in zip(params, grads, strict=True):
