@@ -26,9 +26,11 @@ graph (:func:`sum_gradients` with ``differentiable``); the reversible one
 splits each step's direction into shares (the weight decay in rank 0's,
 :func:`holds_constant_terms`) and sums the adjoints at every step.
 
-What is chosen *within* a batch from its samples alone (co-teaching's
-small-loss selection, self-paced learning's threshold, BatchNorm's
-statistics) is chosen per shard, as BatchNorm without SyncBatchNorm is.
+What is chosen *within* a batch from its samples alone (self-paced
+learning's threshold, BatchNorm's statistics) is chosen per shard, as
+BatchNorm without SyncBatchNorm is. Strategies that are not yet written
+this way say so (``TeachingStrategy.data_parallel``), and the trainer
+refuses them under several processes.
 Only rank 0 logs, plots and writes checkpoints; every rank evaluates its
 shard of the validation and test sets and the sums are combined.
 """
