@@ -28,7 +28,9 @@ splits each step's direction into shares (the weight decay in rank 0's,
 
 What is chosen *within* a batch from its samples alone (self-paced
 learning's threshold, BatchNorm's statistics) is chosen per shard, as
-BatchNorm without SyncBatchNorm is. Strategies that are not yet written
+BatchNorm without SyncBatchNorm is; so is co-teaching's small-loss set
+(its noise-rate estimate merges every process's losses, :func:`merge_shards`).
+Strategies that are not yet written
 this way say so (``TeachingStrategy.data_parallel``), and the trainer
 refuses them under several processes.
 Only rank 0 logs, plots and writes checkpoints; every rank evaluates its
@@ -52,7 +54,7 @@ from metateach.errors import ConfigError, MetateachError
 
 __all__ = [
     "World", "init_world", "from_main", "sharded", "batch_sum", "sum_gradients", "all_sum",
-    "holds_constant_terms",
+    "holds_constant_terms", "merge_shards",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -148,6 +150,19 @@ def holds_constant_terms() -> bool:
     rank 0's (every process's own outside :func:`sharded`).
     """
     return _SHARDED is None or _SHARDED.main
+
+
+def merge_shards(t: Tensor) -> Tensor:
+    """Per-sample values that each process filled for its own samples (nan elsewhere), merged.
+
+    Outside :func:`sharded`, ``t`` itself. One collective.
+    """
+    if _SHARDED is None:
+        return t
+    seen = torch.isfinite(t)
+    total, count = all_sum([torch.where(seen, t, torch.zeros_like(t)), seen.to(t.dtype)])
+    assert total is not None and count is not None
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(t, float("nan")))
 
 
 def batch_sum(t: Tensor) -> Tensor:

@@ -96,8 +96,12 @@ def assert_same_weights(saved: dict, module: torch.nn.Module) -> None:
         # The same hypergradient by reversing momentum SGD: shares of each step's direction
         # (the weight decay in rank 0's: a strong one, to be seen), adjoints summed.
         [*DEEP_INTERACTION, "teacher.hypergrad.method=reversible", "optim.weight_decay=0.05"],
+        # SRIT: co-teaching's two networks with SAM. Keeping every sample (forget rate 0) makes
+        # the per-process selections the single process's; both networks' steps, and SAM's
+        # perturbation, take the summed gradient.
+        ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=0", "optim.sam.rho=0.05"],
     ],
-    ids=["plain", "meta_weight_net", "deep_interaction", "reversible"],
+    ids=["plain", "meta_weight_net", "deep_interaction", "reversible", "srit"],
 )
 def test_two_processes_end_with_the_weights_of_one(tmp_path: Path, teacher: list[str]) -> None:
     run = torchrun(tmp_path, "two", *teacher)
@@ -127,6 +131,16 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path: Path, teacher: list
     for key in ("train/loss", "val/acc", "test/acc", "val/loss"):
         assert final[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-4), key
     assert len(saved["rng"]["ranks"]) == 2  # each rank's random state, to resume exactly
+
+
+def test_co_teachings_noise_rate_estimate_reads_every_process_losses(tmp_path: Path) -> None:
+    # The first epoch keeps every sample (tau starts at 0), so both runs see the same losses;
+    # the estimate made from them at the second epoch's start must be the same.
+    auto = ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=auto"]
+    saved = load_checkpoint(torchrun(tmp_path, "two", *auto))["teacher"]
+    single = one_process(tmp_path, *auto).teaching.teacher
+    assert 0 < float(single.forget_rate) < 1
+    torch.testing.assert_close(saved["forget_rate"], single.forget_rate, rtol=1e-4, atol=0)
 
 
 def kill_tree(pid: int) -> None:
@@ -200,14 +214,14 @@ def test_each_rank_takes_its_part_of_the_global_batch_with_the_whole_batchs_augm
 
 
 def test_a_teacher_that_cannot_run_data_parallel_is_refused(make_config) -> None:
-    cfg = make_config("teacher.name=co_teaching")
+    cfg = make_config("teacher.name=l2t", "train.target_val_acc=0.9")
     trainer_parts = Trainer(make_config("teacher.name=none"))
     teaching = build_teaching(
         cfg, trainer_parts.model, trainer_parts.optimizer, trainer_parts.data, torch.device("cpu")
     )
     with pytest.raises(
         ConfigError,
-        match=r"teacher 'co_teaching' \(PeerTeaching, teacher.hypergrad.method=None\) does not run "
+        match=r"teacher 'l2t' \(Reinforce, teacher.hypergrad.method=None\) does not run "
         "data-parallel yet: run it in one process",
     ):
         _check_data_parallel(cfg, teaching.strategy, World(0, 2))

@@ -41,6 +41,10 @@ class PeerTeaching(TeachingStrategy):
             and its teacher optimizer the peer's (built from the run's ``optim``).
     """
 
+    #: Both networks' steps sum their gradients over the processes; each
+    #: process selects from its part of the batch (:mod:`metateach.distributed`).
+    data_parallel = True
+
     def __init__(self, problem: BilevelProblem) -> None:
         super().__init__(problem)
         teacher = problem.teacher

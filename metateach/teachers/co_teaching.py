@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from metateach.distributed import merge_shards
 from metateach.registry import TEACHERS
 from metateach.teacher import PeerTeacher, TeachingContext
 
@@ -126,7 +127,8 @@ class CoTeaching(PeerTeacher):
             return
         if context.epoch != int(self.loss_epoch):
             # A new epoch: estimate tau from the last one's losses.
-            seen = self.epoch_losses[torch.isfinite(self.epoch_losses)]
+            losses_seen = merge_shards(self.epoch_losses)  # every process's samples
+            seen = losses_seen[torch.isfinite(losses_seen)]
             self.forget_rate.fill_(estimate_noise_rate(seen))
             self.epoch_losses.fill_(math.nan)
             self.loss_epoch.fill_(context.epoch)
