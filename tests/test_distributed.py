@@ -100,8 +100,20 @@ def assert_same_weights(saved: dict, module: torch.nn.Module) -> None:
         # the per-process selections the single process's; both networks' steps, and SAM's
         # perturbation, take the summed gradient.
         ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=0", "optim.sam.rho=0.05"],
+        # L2T-DLN: the LSTM reads the summed d e / d phi of each round of 5 steps (2 of them
+        # differentiated) and steps on psi's summed gradient every 2 rounds.
+        [
+            "teacher.name=l2t_dln",
+            "teacher.kwargs.init_steps=20",
+            "teacher.hypergrad.inner_steps=5",
+            "teacher.hypergrad.backprop_steps=2",
+            "teacher.hypergrad.options={rounds: 2}",
+            "teacher.hypergrad.val_batch_size=50",
+            "teacher.optim.name=sgd",
+            "teacher.optim.lr=0.1",
+        ],
     ],
-    ids=["plain", "meta_weight_net", "deep_interaction", "reversible", "srit"],
+    ids=["plain", "meta_weight_net", "deep_interaction", "reversible", "srit", "l2t_dln"],
 )
 def test_two_processes_end_with_the_weights_of_one(tmp_path: Path, teacher: list[str]) -> None:
     run = torchrun(tmp_path, "two", *teacher)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from metateach.data import Batch
+from metateach.distributed import sum_gradients
 from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem
 from metateach.hypergrad.unrolled import Unrolled
@@ -88,7 +89,9 @@ class LearnedOptimizer(Unrolled):
         rounds: rounds between steps of the learned optimizer's own parameters.
     """
 
-    data_parallel = False  # its teacher's own steps are not summed over processes yet
+    #: Each process's d e / d phi is its share: the learned optimizer reads their
+    #: sum, and psi's gradient through phi is summed when the teacher steps.
+    data_parallel = True
 
     def __init__(
         self, problem: BilevelProblem, inner_steps: int, backprop_steps: int, rounds: int = 10
@@ -170,7 +173,7 @@ class LearnedOptimizer(Unrolled):
         self.rounds_done += 1
         if self.rounds_done % self.rounds == 0:
             self._end_meta_window()
-        self._pending = g
+        self._pending = dict(zip(g, sum_gradients(list(g.values())), strict=True))
         self._leaves = None
 
     def _end_meta_window(self) -> None:
