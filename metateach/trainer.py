@@ -691,9 +691,8 @@ def _check_data_parallel(cfg: ExperimentConfig, strategy: Any, world: World) -> 
         raise ConfigError(
             f"teacher {cfg.teacher.name!r} ({type(strategy).__name__}, teacher.hypergrad.method="
             f"{method}) does not run data-parallel yet: run it in one process; under torchrun, "
-            "plain training, fixed-rule teachers, Learning-to-Reweight, co-teaching and SRIT, "
-            "and the lookahead, finite_difference, unrolled, reversible and learned_optimizer "
-            "methods do"
+            "every other teacher and method does (REINFORCE's sampled lessons would need the "
+            "global batch's draws)"
         )
     for key, size in (
         ("train.batch_size", cfg.train.batch_size),

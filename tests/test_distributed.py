@@ -84,37 +84,36 @@ def assert_same_weights(saved: dict, module: torch.nn.Module) -> None:
         )
 
 
-@pytest.mark.parametrize(
-    "teacher",
-    [
-        ["teacher.name=none"],
-        # The hypergradient teachers: one-step lookahead; its weights normalized over the global batch.
-        ["teacher.name=meta_weight_net", "teacher.hypergrad.val_batch_size=50"],
-        # Unrolled: K = 10, B = 3 (four teacher steps), so a differentiated step's gradient is
-        # summed inside the graph and the window's first step goes through forward mode.
-        DEEP_INTERACTION,
-        # The same hypergradient by reversing momentum SGD: shares of each step's direction
-        # (the weight decay in rank 0's: a strong one, to be seen), adjoints summed.
-        [*DEEP_INTERACTION, "teacher.hypergrad.method=reversible", "optim.weight_decay=0.05"],
-        # SRIT: co-teaching's two networks with SAM. Keeping every sample (forget rate 0) makes
-        # the per-process selections the single process's; both networks' steps, and SAM's
-        # perturbation, take the summed gradient.
-        ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=0", "optim.sam.rho=0.05"],
-        # L2T-DLN: the LSTM reads the summed d e / d phi of each round of 5 steps (2 of them
-        # differentiated) and steps on psi's summed gradient every 2 rounds.
-        [
-            "teacher.name=l2t_dln",
-            "teacher.kwargs.init_steps=20",
-            "teacher.hypergrad.inner_steps=5",
-            "teacher.hypergrad.backprop_steps=2",
-            "teacher.hypergrad.options={rounds: 2}",
-            "teacher.hypergrad.val_batch_size=50",
-            "teacher.optim.name=sgd",
-            "teacher.optim.lr=0.1",
-        ],
-    ],
-    ids=["plain", "meta_weight_net", "deep_interaction", "reversible", "srit", "l2t_dln"],
-)
+#: What two processes must reproduce, by name: the overrides of each run.
+CASES = {
+    "plain": ["teacher.name=none"],
+    # One-step lookahead; the teacher's weights normalized over the global batch.
+    "meta_weight_net": ["teacher.name=meta_weight_net", "teacher.hypergrad.val_batch_size=50"],
+    # Unrolled: K = 10, B = 3 (four teacher steps), so a differentiated step's gradient is
+    # summed inside the graph and the window's first step goes through forward mode.
+    "deep_interaction": DEEP_INTERACTION,
+    # The same hypergradient by reversing momentum SGD: shares of each step's direction
+    # (the weight decay in rank 0's: a strong one, to be seen), adjoints summed.
+    "reversible": [*DEEP_INTERACTION, "teacher.hypergrad.method=reversible",
+                   "optim.weight_decay=0.05"],
+    # SRIT: co-teaching's two networks with SAM. Keeping every sample (forget rate 0) makes
+    # the per-process selections the single process's; both networks' steps, and SAM's
+    # perturbation, take the summed gradient.
+    "srit": ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=0", "optim.sam.rho=0.05"],
+    # L2T-DLN: the LSTM reads the summed d e / d phi of each round of 5 steps (2 of them
+    # differentiated) and steps on psi's summed gradient every 2 rounds.
+    "l2t_dln": ["teacher.name=l2t_dln", "teacher.kwargs.init_steps=20",
+                "teacher.hypergrad.inner_steps=5", "teacher.hypergrad.backprop_steps=2",
+                "teacher.hypergrad.options={rounds: 2}", "teacher.hypergrad.val_batch_size=50",
+                "teacher.optim.name=sgd", "teacher.optim.lr=0.1"],
+    # Implicit differentiation: conjugate gradient on summed Hessian-vector products (a
+    # strong weight decay, in rank 0's share alone).
+    "implicit": ["teacher.name=meta_weight_net", "teacher.hypergrad.method=implicit",
+                 "teacher.hypergrad.val_batch_size=50", "optim.weight_decay=0.05"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("teacher", CASES.values(), ids=CASES.keys())
 def test_two_processes_end_with_the_weights_of_one(tmp_path: Path, teacher: list[str]) -> None:
     run = torchrun(tmp_path, "two", *teacher)
     single = one_process(tmp_path, *teacher)

@@ -15,6 +15,7 @@ import torchopt
 from torch import Tensor, autograd
 
 from metateach.data import Batch
+from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.hypergrad.base import PerStepMethod
 from metateach.hypergrad.functional import Params, decayed_gradients, dot
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
@@ -44,7 +45,13 @@ class Implicit(PerStepMethod):
         iterations: solver iterations.
         damping: cg only: solve (H + damping I) x = v, for Hessians that are not positive definite.
         alpha: neumann only: H^{-1} ~ alpha sum_j (I - alpha H)^j; needs alpha < 2 / lambda_max(H).
+
+    Runs data-parallel: v and every Hessian-vector product are summed over
+    the processes (each holds its share of the training loss, the weight
+    decay in rank 0's), so the solver runs alike everywhere.
     """
+
+    data_parallel = True
 
     def __init__(
         self,
@@ -72,15 +79,14 @@ class Implicit(PerStepMethod):
         problem = self.problem
         theta = list(params.values())
         val_loss = problem.val_loss(params, problem.next_val_batch())
-        v = dict(zip(params, autograd.grad(val_loss, theta), strict=True))
+        v = dict(zip(params, sum_gradients(autograd.grad(val_loss, theta)), strict=True))
         grads = autograd.grad(train.loss, theta, create_graph=True, retain_graph=True)
-        decayed = decayed_gradients(
-            dict(zip(params, grads, strict=True)), params, problem.sgd().weight_decay
-        )
+        decay = problem.sgd().weight_decay if holds_constant_terms() else 0.0
+        decayed = decayed_gradients(dict(zip(params, grads, strict=True)), params, decay)
 
         def hessian_vector(x: Params) -> Params:
             products = autograd.grad(dot(decayed, x), theta, retain_graph=True)
-            return dict(zip(params, products, strict=True))
+            return dict(zip(params, sum_gradients(products), strict=True))
 
         x = self.solve(hessian_vector, v)
         x = {k: t.detach() for k, t in x.items()}
