@@ -106,5 +106,6 @@ def lesson_loss(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tenso
         if lesson.mask is not None:
             # where, not a product: a dropped sample's inf or nan must not leak in.
             losses = torch.where(lesson.mask, losses, torch.zeros_like(losses))
-            count = lesson.mask.sum().to(losses.dtype).clamp(min=1)
-    return losses.sum() / batch_sum(count)
+            count = lesson.mask.sum().to(losses.dtype)
+    # Clamped once summed: a process whose part keeps no sample still counts none.
+    return losses.sum() / batch_sum(count).clamp(min=1)

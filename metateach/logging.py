@@ -157,7 +157,7 @@ class RunLogger:
 class SilentLogger(RunLogger):
     """A logger that records nothing: what a data-parallel run's ranks other than 0 hold."""
 
-    def __init__(self, run_dir: Path) -> None:  # noqa: D107 - no file, no W&B
+    def __init__(self, run_dir: Path) -> None:  # no file, no W&B
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_FILE
         self._wandb = None
