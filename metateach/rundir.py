@@ -24,6 +24,9 @@ MUST_MATCH = (
     "train.seed",
     "train.batch_size",
 )
+#: Settings under :data:`MUST_MATCH` that say where the data are, not what they are: data
+#: moved, or named by another path (relative or absolute), is still the same experiment.
+MAY_DIFFER = ("data.root", "data.download")
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -71,7 +74,8 @@ def check_same_experiment(saved: dict[str, Any], current: dict[str, Any], file: 
     """Refuse a checkpoint whose experiment differs from the config in a :data:`MUST_MATCH` setting."""
     before, now = _flatten(saved), _flatten(current)
     for key in sorted(before.keys() | now.keys()):
-        if key.startswith(MUST_MATCH) and before.get(key) != now.get(key):
+        differs = before.get(key) != now.get(key)
+        if differs and key.startswith(MUST_MATCH) and key not in MAY_DIFFER:
             raise CheckpointError(
                 f"checkpoint {file} belongs to a different experiment: {key} was {before.get(key)!r}, "
                 f"the config now says {now.get(key)!r}"

@@ -146,7 +146,10 @@ def test_resuming_with_a_different_experiment_is_refused(make_config) -> None:
             )
         )
     # More epochs is the same experiment, continued.
-    longer = Trainer(make_config("train.epochs=2", f"train.resume={trainer.run_dir}"))
+    # More epochs is the same experiment, continued; so is the data named by another path.
+    longer = Trainer(
+        make_config("train.epochs=2", "data.root=somewhere/else", f"train.resume={trainer.run_dir}")
+    )
     assert longer.state.epoch == 1
     assert longer.fit()["epoch"] == 2
 
