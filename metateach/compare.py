@@ -376,12 +376,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], paper: dict[str, float] | Non
         cells = [_mean_pm(row, m) for m in METRICS]
         if speed:
             cells.append(f"{row.get('reached', 0)}/{row['runs']}")
-            cells += [
-                "–"
-                if math.isnan(row.get(k, math.nan))
-                else f"{row[k]:,.0f} ± {row[f'{k} std']:,.0f}"
-                for k in SPEED
-            ]
+            cells += [_mean_pm(row, k, ",.0f") for k in SPEED]
         if paper:
             cells.append(f"{paper[row['variant']]:.2f}" if row["variant"] in paper else "–")
         lines.append(f"| {row['variant']} | {row['runs']} | " + " | ".join(cells) + " |")
@@ -418,14 +413,14 @@ def paired_table(
     return "\n".join(lines)
 
 
-def _mean_pm(row: dict[str, Any] | None, key: str) -> str:
+def _mean_pm(row: dict[str, Any] | None, key: str, spec: str = ".2f") -> str:
     """``mean ± std`` of ``key`` in a summary row, or – without it."""
-    if row is None or math.isnan(row.get(key, math.nan)):
-        return "–"
-    return f"{row[key]:.2f} ± {row[f'{key} std']:.2f}"
+    mean = _number(row, key, spec)
+    return mean if row is None or mean == "–" else f"{mean} ± {format(row[f'{key} std'], spec)}"
 
 
 def _number(row: dict[str, Any] | None, key: str, spec: str) -> str:
+    """``key`` of a summary row formatted by ``spec``, or – without it."""
     if row is None or math.isnan(row.get(key, math.nan)):
         return "–"
     return format(row[key], spec)

@@ -187,14 +187,7 @@ def sum_gradients(
         return list(grads)
     if not differentiable:
         return all_sum(grads)
-    present = [g for g in grads if g is not None]
-    total = batch_sum(torch.cat([g.reshape(-1) for g in present]))
-    out: list[Tensor | None] = []
-    offset = 0
-    for g in grads:
-        out.append(None if g is None else total[offset : offset + g.numel()].view_as(g))
-        offset += 0 if g is None else g.numel()
-    return out
+    return _summed_flat(grads, batch_sum)
 
 
 def all_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -202,11 +195,25 @@ def all_sum(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
 
     Every rank must pass the same shapes with None in the same places.
     """
-    present = [t for t in tensors if t is not None]
-    if not present or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(tensors)
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in present])
-    dist.all_reduce(flat)
+
+    def reduced(flat: Tensor) -> Tensor:
+        flat = flat.detach().to(torch.float64)
+        dist.all_reduce(flat)
+        return flat
+
+    return _summed_flat(tensors, reduced)
+
+
+def _summed_flat(
+    tensors: Sequence[Tensor | None], total: Callable[[Tensor], Tensor]
+) -> list[Tensor | None]:
+    """``tensors`` flattened into one, ``total`` of it, and the parts back in their shapes and dtypes."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return list(tensors)
+    flat = total(torch.cat([t.reshape(-1) for t in present]))
     out: list[Tensor | None] = []
     offset = 0
     for t in tensors:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from metateach.checkpoint import load_checkpoint
 from metateach.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,3 +146,33 @@ def without_measurements(metrics: dict) -> dict:
     """A record without what the machine measures (time, and memory that depends on allocation)."""
     measured = ("throughput/", "teacher/update_seconds", "teacher/graph_")
     return {k: v for k, v in metrics.items() if not k.startswith(measured)}
+
+
+def kill_once_checkpointed(process: subprocess.Popen, run: Path, past_step: int) -> int:
+    """SIGKILL ``process`` and its descendants once ``run`` holds a checkpoint past ``past_step``.
+
+    No handler runs and no file is closed (torchrun's workers, in sessions of
+    their own, go too). Returns the step of the checkpoint the kill left.
+    """
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not (last.is_file() and load_checkpoint(last)["progress"]["step"] > past_step):
+        assert process.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process has just ended
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [process.pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for each in tree:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(each, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    return load_checkpoint(last)["progress"]["step"]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ from metateach.errors import ConfigError
 from metateach.teaching import build_teaching
 from metateach.trainer import Trainer, _check_data_parallel
 
-from .conftest import CONFIGS, REPO, without_measurements
+from .conftest import CONFIGS, REPO, kill_once_checkpointed, without_measurements
 
 #: Two processes sum two halves of each batch's gradient where one process takes the
 #: whole batch in one kernel: float32 rounding, compounded over 40 steps, stays below this.
@@ -154,24 +152,6 @@ def test_co_teachings_noise_rate_estimate_reads_every_process_losses(tmp_path: P
     torch.testing.assert_close(saved["forget_rate"], single.forget_rate, rtol=1e-4, atol=0)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun's workers run in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process has just ended
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    for each in tree:
-        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-            os.kill(each, signal.SIGKILL)
-
-
 def test_two_processes_killed_mid_run_resume_exactly(tmp_path: Path) -> None:
     # Dropout draws differ by rank, so this also checks that each rank's random state comes back.
     longer = ["train.epochs=6", "model.kwargs.dropout=0.2", "train.checkpoint_every_steps=7",
@@ -182,14 +162,8 @@ def test_two_processes_killed_mid_run_resume_exactly(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     last = tmp_path / "cut" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not (last.is_file() and load_checkpoint(last)["progress"]["step"] > 20):
-        assert agent.poll() is None, "the run ended before it was killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    kill_tree(agent.pid)  # the agent and both workers at once
-    agent.wait()
-    cut = load_checkpoint(last)["progress"]["step"]
+    # The agent and both workers at once.
+    cut = kill_once_checkpointed(agent, tmp_path / "cut", past_step=20)
     time.sleep(1)  # nothing is left running: the folder stays as the kill left it
     assert load_checkpoint(last)["progress"]["step"] == cut
     assert 20 < cut < 120 and not (tmp_path / "cut" / "summary.json").exists()

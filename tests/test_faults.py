@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from metateach.checkpoint import load_checkpoint
 from metateach.cli import main
 from metateach.config import load_config
 from metateach.logging import read_metrics
 from metateach.trainer import Trainer
 
-from .conftest import CONFIGS, QUICK, REPO, without_measurements
+from .conftest import CONFIGS, QUICK, REPO, kill_once_checkpointed, without_measurements
 
 # --------------------------------------------------------------------------- #
 # A run killed outright
@@ -37,18 +34,12 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     run = tmp_path / "killed"
     command = [sys.executable, "tools/train.py", str(CONFIGS / "quickstart.yaml"), *KILLABLE,
                f"train.out_dir={tmp_path}", "train.run_name=killed"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last = run / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 300
-    # SIGKILL once a checkpoint past the first epoch is on disk: no handler runs, no file is closed.
-    while not (last.is_file() and load_checkpoint(last)["progress"]["step"] > 20):
-        assert process.poll() is None, f"the run ended before it was killed: {process.stderr}"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    saved = load_checkpoint(run)["progress"]
-    assert 20 < saved["step"] < 120 and not (run / "summary.json").exists()
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # Killed once a checkpoint past the first epoch is on disk.
+    cut = kill_once_checkpointed(process, run, past_step=20)
+    assert 20 < cut < 120 and not (run / "summary.json").exists()
     try:
         resumed = Trainer(
             load_config(CONFIGS / "quickstart.yaml", [*KILLABLE, f"train.resume={run}"])
