@@ -7,6 +7,7 @@ model, student, optimizer, schedule and teacher can be named in a config.
 from metateach import data, hypergrad, models, optim, teachers  # noqa: F401 - registration
 from metateach.config import ExperimentConfig, load_config
 from metateach.errors import CheckpointError, ConfigError, DataError, MetateachError
+from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
 from metateach.lesson import Lesson
 from metateach.models import create_model
 from metateach.registry import DATASETS, HYPERGRADS, MODELS, NOISES, OPTIMIZERS, SCHEDULES, TEACHERS
@@ -23,6 +24,7 @@ __all__ = [
     "FixedRule",
     "HYPERGRADS",
     "Hypergradient",
+    "HypergradientCheck",
     "Lesson",
     "ExperimentConfig",
     "MODELS",
@@ -36,6 +38,7 @@ __all__ = [
     "TEACHERS",
     "Teacher",
     "TeachingContext",
+    "check_hypergradient",
     "create_model",
     "load_config",
 ]

@@ -148,6 +148,17 @@ def bare_sgd_steps(
 SUBJECTS: dict[str, tuple[list[str], int]] = {
     "lookahead_vs_plain": (["teacher.name=meta_weight_net"], 1),  # one-step lookahead, its paper's
     "l2rw_vs_plain": (["teacher.name=learning_to_reweight"], 1),
+    # A loss_fn teacher under the same lookahead: L2T-DLF's gated cross-entropy, whose
+    # parameters act on the loss, where Meta-Weight-Net's act on the weights.
+    "loss_fn_lookahead_vs_plain": (
+        [
+            "teacher.name=l2t_dlf",
+            "teacher.hypergrad.method=lookahead",
+            "teacher.hypergrad.inner_steps=1",
+            "teacher.hypergrad.backprop_steps=1",
+        ],
+        1,
+    ),
     # Truncated reverse mode over K = 20 student steps, through the last B = 2.
     "deep_interaction_vs_plain": (
         [
@@ -329,6 +340,7 @@ DESCRIPTIONS = {
     "framework_overhead": "metateach's plain step (trainer, data path, no teacher) / bare step",
     "lookahead_vs_plain": "Meta-Weight-Net iteration (one-step lookahead + student step) / plain",
     "l2rw_vs_plain": "Learning-to-Reweight iteration / plain",
+    "loss_fn_lookahead_vs_plain": "L2T-DLF's learned loss (a loss_fn teacher) by lookahead / plain",
     "deep_interaction_vs_plain": "deep-interaction teacher, K = 20, B = 2, per student step / plain",
     "dln_vs_plain": "L2T-DLN, K = B = 15, per student step / plain",
     "co_teaching_vs_plain": "co-teaching (two networks) / plain",

@@ -49,6 +49,7 @@ __all__ = [
     "PolicyGradient",
     "PeerLearning",
     "Learning",
+    "LearnedUpdates",
     "effective_learning",
 ]
 
@@ -209,6 +210,19 @@ class Teacher(nn.Module, metaclass=ABCMeta):
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
         """The lesson for ``batch``, given what the student makes of it."""
 
+    def hypergradient_reference(self) -> Teacher:
+        """The teacher whose lesson this one's hypergradient is the exact derivative of.
+
+        :func:`~metateach.hypergrad.check.check_hypergradient` takes central
+        differences of its lessons. That is the teacher itself, unless its
+        lesson passes a surrogate gradient (a straight-through estimator,
+        ``x - x.detach()``), which central differences of its own lessons
+        cannot see: such a teacher returns a teacher with the same parameter
+        names whose lessons are a function of them with that gradient at the
+        current parameters.
+        """
+        return self
+
     def episode_reward(
         self, history: Sequence[Mapping[str, float]], context: TeachingContext
     ) -> float:
@@ -252,6 +266,35 @@ def effective_learning(settings: TeacherConfig) -> Learning:
         keep_weight_grad=asked.keep_weight_grad,
         options=dict(asked.options) or ({} if other_method else None),
     )
+
+
+class LearnedUpdates(metaclass=ABCMeta):
+    """What a teacher offers to be taught by a learned optimizer
+    (:class:`~metateach.hypergrad.learned_optimizer.LearnedOptimizer`, L2T-DLN's three levels).
+
+    Its lesson depends on weights phi that are *state*, not trainable
+    parameters (they are frozen: the teacher's optimizer never steps them);
+    its trainable parameters are the learned optimizer's.
+    """
+
+    @abstractmethod
+    def lesson_weights(self) -> dict[str, Tensor]:
+        """phi as the lessons use it now (detached values)."""
+
+    @abstractmethod
+    def use_lesson_weights(self, weights: dict[str, Tensor]) -> None:
+        """Make the lessons use ``weights`` (which may carry a graph) and store their values."""
+
+    @abstractmethod
+    def learned_update(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The learned optimizer's update to phi for the gradient ``grads``; advances its memory.
+
+        The update and the memory keep their graph to the optimizer's parameters.
+        """
+
+    @abstractmethod
+    def truncate_memory(self) -> None:
+        """Cut the memory's graph: backpropagation through time stops here."""
 
 
 class PeerTeacher(Teacher):

@@ -17,7 +17,6 @@ from metateach.hypergrad import (
     StudentOnly,
     TeachingStrategy,
 )
-from metateach.hypergrad.learned_optimizer import LearnedUpdates
 from metateach.hypergrad.peer import PeerTeaching
 from metateach.models import model_for
 from metateach.optim import optimizer_from_config
@@ -111,11 +110,6 @@ def build_teaching(
     )
     strategy: TeachingStrategy
     if isinstance(learning, Hypergradient):
-        if isinstance(teacher, LearnedUpdates) and learning.method != "learned_optimizer":
-            raise ConfigError(
-                f"teacher {settings.name!r} is written by its learned optimizer: it needs "
-                f"teacher.hypergrad.method=learned_optimizer (got {learning.method})"
-            )
         try:
             strategy = HYPERGRADS.build(
                 learning.method,

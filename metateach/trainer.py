@@ -45,7 +45,7 @@ from metateach.errors import (
 )
 from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
-from metateach.optim import build_schedule, optimizer_from_config
+from metateach.optim import build_schedule, optimizer_from_config, set_lr
 from metateach.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
@@ -645,9 +645,7 @@ class Trainer:
             tqdm.write(line)
 
     def _set_lr(self, epoch: float) -> None:
-        lr = self.cfg.optim.lr * self.schedule(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, self.cfg.optim.lr * self.schedule(epoch))
 
 
 @torch.inference_mode()

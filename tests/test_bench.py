@@ -31,6 +31,7 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
         "framework_overhead",
         "lookahead_vs_plain",
         "l2rw_vs_plain",
+        "loss_fn_lookahead_vs_plain",
         "deep_interaction_vs_plain",
         "dln_vs_plain",
         "co_teaching_vs_plain",

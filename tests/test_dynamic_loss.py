@@ -205,6 +205,24 @@ def test_backpropagation_through_rounds_matches_one_graph_through_them_all(dln: 
     assert relative_error(engine, reference) < 1e-9
 
 
+def test_a_hypergradient_over_two_rounds_leaves_the_lesson_and_the_memory(dln: Setup) -> None:
+    # learned_optimizer's hypergradient moves the lesson's weights and the LSTM's memory on its
+    # way; afterwards the teacher teaches with what it had, and a run goes as it would have.
+    def method(problem):
+        return LearnedOptimizer(problem, 3, 3, rounds=1)
+
+    expected = dln.hypergradient(method, 6)
+    dln.reset()
+    teacher = dln.teacher
+    phi = {k: v.clone() for k, v in teacher.lesson_weights().items()}
+    memory = teacher.memory.clone()
+    found = method(dln.problem()).hypergradient(dln.batches[:6], [context(t) for t in range(6)])
+    assert torch.equal(torch.cat([g.reshape(-1) for g in found.values()]), expected)
+    assert all(torch.equal(phi[k], v) for k, v in teacher.lesson_weights_in_use().items())
+    assert torch.equal(teacher.memory, memory)
+    assert torch.equal(dln.hypergradient(method, 6), expected)
+
+
 def test_l2t_dln_and_the_learned_optimizer_method_go_together(make_config) -> None:
     with pytest.raises(ConfigError, match="it needs teacher.hypergrad.method=learned_optimizer"):
         Trainer(

@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metateach.hypergrad.base import UpdateMeter
 from metateach.hypergrad.example_gradient import example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
 from metateach.hypergrad.implicit import Implicit
 from metateach.hypergrad.lookahead import Lookahead
+from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.reversible import Reversible
 from metateach.hypergrad.unrolled import Unrolled
 from metateach.lesson import lesson_loss
@@ -351,3 +351,50 @@ def test_update_meter_keeps_second_order_gradients_and_frees_the_graph():
     del y
     gc.collect()
     assert alive() is None
+
+
+def test_an_in_place_change_to_a_saved_tensor_raises_under_the_update_meter() -> None:
+    # Autograd skips its version check for tensors that pass through saved-tensor hooks;
+    # the meter's hooks make it themselves, so a corrupted graph still raises.
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    meter = UpdateMeter(torch.nn.Linear(1, 1))
+    meter.start()
+    try:
+        y = x.exp()  # exp saves its output for backward
+        y.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation.*at version 1"):
+            y.sum().backward()
+        z = x.exp()  # untouched: the meter lets the gradient through
+        (grad,) = torch.autograd.grad(z.sum(), x)
+    finally:
+        meter.stop()
+    assert torch.equal(grad, x.exp())
+
+
+def test_a_hypergradient_is_taken_without_stepping_anything(mlp: Setup) -> None:
+    # The public call returns what a run hands the teacher's optimizer at the end of a span,
+    # from plain (inputs, labels) pairs, and leaves the student, its momentum, the teacher,
+    # the random state, the validation stream and the method where they were.
+    expected = mlp.hypergradient(lambda p: Unrolled(p, 3, 2), 3)
+    mlp.reset()
+    problem = mlp.problem()
+    method = Unrolled(problem, 3, 2)
+    before, rng = mlp.state(), torch.get_rng_state()
+    pairs = [(b.x, b.y) for b in mlp.batches[:3]]
+    found = method.hypergradient(pairs, [context(t) for t in range(3)])
+    assert list(found) == [k for k, _ in mlp.teacher.named_parameters()]
+    assert torch.equal(torch.cat([g.reshape(-1) for g in found.values()]), expected)
+    after = mlp.state()
+    for part in before:
+        for key, value in before[part].items():
+            assert torch.equal(value, after[part][key]), (part, key)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert problem.val_stream.position == 0 and method.position == 0
+    assert method.pop_metrics() == {}
+    with pytest.raises(ValueError, match="one hypergradient, at the last of the 4 batches"):
+        method.hypergradient(pairs + pairs[:1])
+    with pytest.raises(ValueError, match="contexts must give one entry per batch: 3, got 1"):
+        method.hypergradient(pairs, [context(0)])
+    method.step(mlp.batches[0], context(0))
+    with pytest.raises(RuntimeError, match="inside a teacher span \\(1 steps in\\)"):
+        method.hypergradient(pairs)

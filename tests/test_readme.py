@@ -1,10 +1,13 @@
-"""The README's promises: the example teacher runs as shown."""
+"""The README's promises: the examples run as shown."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from metateach.trainer import Trainer
@@ -39,3 +42,21 @@ def test_the_example_teacher_trains_through_a_plugin(
         for a, p in zip(start, trainer.teaching.teacher.parameters(), strict=True)
     ]
     assert all(moved)  # both of its parameters learned
+
+
+@pytest.mark.parametrize(
+    ("script", "printed"),
+    [
+        ("check_my_teacher.py", "lookahead against central differences (window): passed"),
+        ("hypergradient_in_code.py", "{'scale': (), 'class_bias': (10,)}"),
+    ],
+)
+def test_the_hypergradient_examples_run_as_shown(tmp_path: Path, script: str, printed: str) -> None:
+    # Run as a reader runs them: a script beside my_teachers.py, in a fresh interpreter.
+    (tmp_path / "my_teachers.py").write_text(readme_block("# my_teachers.py"))
+    (tmp_path / script).write_text(readme_block(f"# {script}"))
+    done = subprocess.run(
+        [sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert printed in done.stdout

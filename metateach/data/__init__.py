@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from metateach.data.datasets import DatasetInfo, ImageData, ImagePool, load_dataset, resolve_root
-from metateach.data.loader import Batch, BatchLoader, BatchStream, Split, derive_seed
+from metateach.data.loader import (
+    Batch,
+    BatchLoader,
+    BatchStream,
+    RepeatedBatch,
+    Split,
+    as_batch,
+    derive_seed,
+)
 from metateach.data.noise import NoisyLabels, apply_label_noise, transition_counts
 from metateach.data.splits import long_tail_subsample, random_subset, stratified_split
 from metateach.data.transforms import Normalize, channel_stats, random_crop_flip
@@ -33,8 +41,10 @@ __all__ = [
     "ImagePool",
     "Normalize",
     "NoisyLabels",
+    "RepeatedBatch",
     "Split",
     "apply_label_noise",
+    "as_batch",
     "build_data",
     "channel_stats",
     "derive_seed",

@@ -18,7 +18,15 @@ from torch import Tensor
 
 from metateach.data.transforms import Normalize, random_crop_flip
 
-__all__ = ["Batch", "Split", "BatchLoader", "BatchStream", "derive_seed"]
+__all__ = [
+    "Batch",
+    "Split",
+    "BatchLoader",
+    "BatchStream",
+    "RepeatedBatch",
+    "as_batch",
+    "derive_seed",
+]
 
 
 class Batch(NamedTuple):
@@ -27,6 +35,20 @@ class Batch(NamedTuple):
     x: Tensor
     y: Tensor
     index: Tensor
+
+
+def as_batch(batch: Batch | tuple[Tensor, Tensor]) -> Batch:
+    """A :class:`Batch` from a plain (inputs, labels) pair, the samples indexed 0..n-1; a Batch as it is."""
+    if isinstance(batch, Batch):
+        return batch
+    if not (isinstance(batch, tuple | list) and len(batch) == 2):
+        raise TypeError(
+            f"a batch is a Batch or an (inputs, labels) pair of tensors, got {type(batch).__name__}"
+        )
+    x, y = batch
+    if len(x) != len(y):
+        raise ValueError(f"a batch's inputs and labels differ in length: {len(x)} and {len(y)}")
+    return Batch(x, y, torch.arange(len(y), device=y.device))
 
 
 class Split(NamedTuple):
@@ -161,3 +183,20 @@ class BatchStream:
         epoch, b = divmod(self.position, len(self.loader))
         self.position += 1
         return self.loader.batch_at(epoch, b)
+
+
+class RepeatedBatch:
+    """A stream that gives the same batch every time: a validation set that is one batch.
+
+    It has a stream's ``next()`` and ``position``, so a
+    :class:`~metateach.hypergrad.problem.BilevelProblem` takes it where it takes a
+    :class:`BatchStream`.
+    """
+
+    def __init__(self, batch: Batch | tuple[Tensor, Tensor]) -> None:
+        self.batch = as_batch(batch)
+        self.position = 0
+
+    def next(self) -> Batch:
+        self.position += 1
+        return self.batch

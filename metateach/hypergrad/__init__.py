@@ -12,44 +12,58 @@
 Teachers that sample their lessons learn by REINFORCE instead
 (:class:`~metateach.hypergrad.policy_gradient.Reinforce`).
 
+Every method's :meth:`~metateach.hypergrad.base.HypergradMethod.hypergradient`
+returns the hypergradient over a span of batches without stepping anything;
+:func:`~metateach.hypergrad.check.check_hypergradient` compares it with central
+differences of the validation loss.
+
 :func:`metateach.teaching.build_teaching` turns a configured teacher into the
 :class:`~metateach.hypergrad.base.TeachingStrategy` the trainer runs.
 """
 
 from __future__ import annotations
 
-from metateach.hypergrad import (  # noqa: F401
-    finite_difference,
-    implicit,
-    learned_optimizer,
-    lookahead,
-    reversible,
-    unrolled,
-)
 from metateach.hypergrad.base import (
+    Differentiates,
     HypergradMethod,
     PerStepMethod,
     StudentOnly,
     TeachingStrategy,
-    UpdateMeter,
 )
+from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
 from metateach.hypergrad.example_gradient import ExampleGradients, example_gradient
+from metateach.hypergrad.finite_difference import FiniteDifference
 from metateach.hypergrad.functional import (
     momentum_sgd_step,
     recover_momentum,
     reverse_momentum_sgd,
     student_forward,
 )
+from metateach.hypergrad.implicit import Implicit
+from metateach.hypergrad.learned_optimizer import LearnedOptimizer
+from metateach.hypergrad.lookahead import Lookahead
+from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.policy_gradient import Reinforce
 from metateach.hypergrad.problem import BilevelProblem, SGDSettings, TrainPass
+from metateach.hypergrad.reversible import Reversible
+from metateach.hypergrad.unrolled import Unrolled
 
 __all__ = [
     "BilevelProblem",
+    "Differentiates",
     "ExampleGradients",
     "example_gradient",
+    "FiniteDifference",
     "HypergradMethod",
+    "HypergradientCheck",
+    "Implicit",
+    "LearnedOptimizer",
+    "Lookahead",
     "PerStepMethod",
     "Reinforce",
+    "Reversible",
+    "check_hypergradient",
+    "Unrolled",
     "SGDSettings",
     "StudentOnly",
     "TeachingStrategy",

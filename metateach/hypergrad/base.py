@@ -10,7 +10,7 @@ own and is registered by name in :data:`metateach.registry.HYPERGRADS`.
 
 from __future__ import annotations
 
-import time
+import enum
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,14 +20,33 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from metateach.data import Batch
+from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
 from metateach.hypergrad.functional import Params
+from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.lesson import lesson_loss
-from metateach.teacher import TeachingContext
+from metateach.optim.schedules import set_lr
+from metateach.teacher import LearnedUpdates, Teacher, TeachingContext
 
-__all__ = ["TeachingStrategy", "StudentOnly", "HypergradMethod", "PerStepMethod", "UpdateMeter"]
+__all__ = ["Differentiates", "TeachingStrategy", "StudentOnly", "HypergradMethod", "PerStepMethod"]
+
+
+class Differentiates(enum.Enum):
+    """What a method's hypergradient is the derivative of: what
+    :func:`~metateach.hypergrad.check.check_hypergradient` compares it with."""
+
+    #: The validation loss after the span's K student steps, through the last B of
+    #: them (the first K - B taken under the teacher as it is).
+    WINDOW = "window"
+    #: The validation loss at the student's optimum of the training loss (the
+    #: implicit function theorem; exact only there).
+    OPTIMUM = "optimum"
+    #: The validation loss after a round of K steps under lesson weights that the
+    #: teacher's learned optimizer wrote from the previous round's gradient, held constant.
+    ROUNDS = "rounds"
+    #: The validation loss after one step, in each training sample's weight.
+    SAMPLE_WEIGHTS = "sample_weights"
 
 
 class TeachingStrategy(ABC):
@@ -124,13 +143,36 @@ class HypergradMethod(TeachingStrategy):
         backprop_steps: B, how many of them the hypergradient reaches back through.
     """
 
+    #: What its hypergradient is the derivative of.
+    differentiates: ClassVar[Differentiates] = Differentiates.WINDOW
+
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem)
+        reason = self.refuses(problem.teacher)
+        if reason is not None:
+            raise ValueError(reason)
         if not 1 <= backprop_steps <= inner_steps:
             raise ValueError(f"need 1 <= B <= K, got K={inner_steps}, B={backprop_steps}")
         self.inner_steps = inner_steps
         self.backprop_steps = backprop_steps
         self.position = 0  # student steps taken in the current window of K
+        #: While :meth:`hypergradient` runs: where the hypergradients go instead of the teacher.
+        self._captured: list[list[Tensor | None]] | None = None
+
+    @classmethod
+    def refuses(cls, teacher: Teacher | None) -> str | None:
+        """Why this method cannot teach ``teacher``, or None when it can.
+
+        A teacher whose lesson a learned optimizer writes (:class:`~metateach.teacher.LearnedUpdates`)
+        is taught by ``learned_optimizer`` alone: its lesson's weights are not
+        trainable parameters for another method to step.
+        """
+        if isinstance(teacher, LearnedUpdates):
+            return (
+                f"the lesson of {type(teacher).__name__} is written by its learned optimizer: "
+                "it needs teacher.hypergrad.method=learned_optimizer"
+            )
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         stream = self.problem.val_stream
@@ -153,6 +195,9 @@ class HypergradMethod(TeachingStrategy):
         over the processes is the step, the same on every one.
         """
         grads = sum_gradients(grads)
+        if self._captured is not None:
+            self._captured.append(grads)
+            return
         norm = torch.sqrt(
             sum((g.double().square().sum() for g in grads if g is not None), torch.zeros(()))
         )
@@ -160,6 +205,79 @@ class HypergradMethod(TeachingStrategy):
         if stepped:
             self.record(**{"teacher/hypergrad_norm": float(norm)})
         self.count("teacher/skipped_steps", 0 if stepped else 1)
+
+    def hypergradient(
+        self,
+        batches: Sequence[Batch | tuple[Tensor, Tensor]],
+        contexts: Sequence[TeachingContext] | None = None,
+        learning_rates: Sequence[float] | None = None,
+    ) -> dict[str, Tensor]:
+        """The hypergradient this method forms over ``batches``, by name of the teacher's trainable parameters.
+
+        The method takes its student steps on ``batches`` from the current
+        state, as in training, and the gradient it would hand the teacher's
+        optimizer at the last of them is returned. Then the student, its
+        optimizer, the teacher, the random state and the method are put back
+        as they were: nothing is stepped. ``batches`` make up one teacher span
+        from here: the last ends it and no other does (K batches for most
+        methods; ``learned_optimizer`` forms its first after two rounds when
+        ``rounds`` is 1).
+
+        Args:
+            batches: one per student step, :class:`~metateach.data.Batch` es or
+                plain (inputs, labels) pairs.
+            contexts: the teacher's context at each step (default: step t of
+                ``len(batches)``, no history).
+            learning_rates: the student's learning rate at each step (default:
+                the optimizer's, as it stands).
+        """
+        problem = self.problem
+        if problem.teacher is None:
+            raise ValueError("this problem has no teacher, so no hypergradient")
+        if self.position != 0 or not self.can_checkpoint():
+            raise RuntimeError(
+                f"{type(self).__name__} is inside a teacher span ({self.position} steps in); "
+                "a hypergradient is taken from the start of one"
+            )
+        batches, contexts, rates = _span(batches, contexts, learning_rates)
+        captured: list[list[Tensor | None]] = []
+        formed_at = []
+        with self._trial():
+            self._captured = captured
+            try:
+                for t, (batch, context) in enumerate(zip(batches, contexts, strict=True)):
+                    if rates is not None:
+                        set_lr(problem.optimizer, rates[t])
+                    self.step(batch, context)
+                    formed_at += [t] * (len(captured) - len(formed_at))
+            except BaseException:
+                self.end_of_run([], contexts[-1])  # drop the unfinished window
+                raise
+            finally:
+                self._captured = None
+        if formed_at != [len(batches) - 1]:
+            where = ", ".join(str(t + 1) for t in formed_at) or "none"
+            raise ValueError(
+                f"{type(self).__name__} must form one hypergradient, at the last of the "
+                f"{len(batches)} batches; it formed them after steps: {where} "
+                f"(K = {self.inner_steps} steps a teacher step)"
+            )
+        names = [k for k, p in problem.teacher.named_parameters() if p.requires_grad]
+        return {
+            k: torch.zeros_like(p) if g is None else g
+            for k, p, g in zip(names, problem.teacher_params(), captured[0], strict=True)
+        }
+
+    @contextmanager
+    def _trial(self) -> Iterator[None]:
+        """A block after which the problem (:meth:`BilevelProblem.preserved`) and this method
+        (its state, the validation and refill streams' positions) are as before it."""
+        state = self.state_dict()
+        with self.problem.preserved():
+            try:
+                yield
+            finally:
+                self.load_state_dict(state)
 
     @property
     def skipped(self) -> int:
@@ -225,81 +343,20 @@ class PerStepMethod(HypergradMethod):
         return problem.statistics(train.view, batch, lesson)
 
 
-class UpdateMeter:
-    """Time and memory of a teacher update, which may span several student steps.
-
-    Memory is counted in the tensors autograd saves for backward between
-    :meth:`start` and :meth:`stop` (distinct storages), the same way on any
-    device: ``teacher/graph_mb`` is all of them, ``teacher/graph_peak_mb``
-    the most held at one moment (a graph's tensors stop counting when the
-    graph is freed). On CUDA, ``teacher/peak_cuda_mb`` is the allocator's
-    peak as well.
-    """
-
-    def __init__(self, student: torch.nn.Module) -> None:
-        self.cuda = next(student.parameters()).is_cuda
-        self._saved: dict[tuple[int, str], int] = {}  # storage -> bytes, every one saved
-        self._held: dict[tuple[int, str], int] = {}  # storage -> saved tensors alive on it
-        self._held_bytes = 0
-        self._peak_bytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-        self._start = 0.0
-
-    def _pack(self, t: Tensor) -> _Held | Tensor:
-        if t._is_zerotensor():  # forward mode's symbolic zeros own no memory
-            return t
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), str(t.device))
-        self._saved[key] = storage.nbytes()
-        if key not in self._held:
-            self._held[key] = 0
-            self._held_bytes += storage.nbytes()
-            self._peak_bytes = max(self._peak_bytes, self._held_bytes)
-        self._held[key] += 1
-        # Detached: a saved output held with its grad_fn would form a cycle
-        # through C++ that no garbage collection frees. Autograd restores
-        # the grad_fn on unpacking.
-        return _Held(t.detach(), key, self)
-
-    def _release(self, key: tuple[int, str]) -> None:
-        self._held[key] -= 1
-        if not self._held[key]:
-            del self._held[key]
-            self._held_bytes -= self._saved.get(key, 0)
-
-    def start(self) -> None:
-        self._saved.clear()
-        self._held.clear()
-        self._held_bytes = self._peak_bytes = 0
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        self._start = time.perf_counter()
-        self._hooks.__enter__()
-
-    def stop(self) -> dict[str, float]:
-        self._hooks.__exit__(None, None, None)
-        metrics = {
-            "teacher/graph_mb": sum(self._saved.values()) / 2**20,
-            "teacher/graph_peak_mb": self._peak_bytes / 2**20,
-        }
-        if self.cuda:
-            torch.cuda.synchronize()
-            metrics["teacher/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        metrics["teacher/update_seconds"] = time.perf_counter() - self._start
-        return metrics
-
-
-class _Held:
-    """A tensor autograd saved under an :class:`UpdateMeter`; it stops counting when the graph lets go."""
-
-    __slots__ = ("tensor", "key", "meter")
-
-    def __init__(self, tensor: Tensor, key: tuple[int, str], meter: UpdateMeter) -> None:
-        self.tensor, self.key, self.meter = tensor, key, meter
-
-    def __del__(self) -> None:
-        self.meter._release(self.key)
-
-
-def _unpack(packed: _Held | Tensor) -> Tensor:
-    return packed.tensor if isinstance(packed, _Held) else packed
+def _span(
+    batches: Sequence[Batch | tuple[Tensor, Tensor]],
+    contexts: Sequence[TeachingContext] | None,
+    learning_rates: Sequence[float] | None,
+) -> tuple[list[Batch], list[TeachingContext], list[float] | None]:
+    """The arguments of :meth:`HypergradMethod.hypergradient`, checked, with their defaults."""
+    batches = [as_batch(b) for b in batches]
+    if not batches:
+        raise ValueError("a hypergradient needs at least one batch")
+    n = len(batches)
+    if contexts is None:
+        zero = torch.zeros((), dtype=torch.float64)
+        contexts = [TeachingContext(t, 0, n, zero, 0.0) for t in range(n)]
+    for what, given in (("contexts", contexts), ("learning_rates", learning_rates)):
+        if given is not None and len(given) != n:
+            raise ValueError(f"{what} must give one entry per batch: {n}, got {len(given)}")
+    return batches, list(contexts), None if learning_rates is None else list(learning_rates)

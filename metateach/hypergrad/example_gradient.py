@@ -7,15 +7,19 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from metateach.data import Batch
-from metateach.hypergrad.base import HypergradMethod
-from metateach.hypergrad.functional import Params, scratch_buffers, student_forward
+from metateach.data import Batch, as_batch
+from metateach.hypergrad.base import Differentiates, HypergradMethod
+from metateach.hypergrad.functional import student_forward
 from metateach.hypergrad.lookahead import lookahead_gradient
 from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.lesson import Lesson, lesson_loss
+from metateach.optim.schedules import set_lr
+from metateach.student import StudentStates
 from metateach.teacher import TeachingContext
 
 __all__ = ["ExampleGradients", "example_gradient"]
@@ -37,14 +41,14 @@ def example_gradient(
     """
     params = problem.params()
     eps = torch.zeros(len(batch.y), dtype=batch.x.dtype, device=batch.x.device, requires_grad=True)
-    buffers = scratch_buffers(problem.student)
 
-    def weighted_loss(at: Params) -> Tensor:
-        logits = student_forward(problem.student, at, batch.x, buffers).logits
-        return lesson_loss(Lesson(weights=eps), logits, batch.y)
+    def weighted_loss(states: StudentStates) -> Tensor:
+        return lesson_loss(Lesson(weights=eps), states.logits, batch.y)
 
     zero = [torch.zeros_like(p) for p in params.values()]
-    (grad,), _ = lookahead_gradient(problem, weighted_loss, params, zero, [eps], rng, val_batch)
+    (grad,), _ = lookahead_gradient(
+        problem, batch.x, weighted_loss, params, zero, [eps], rng, val_batch
+    )
     assert grad is not None
     return grad
 
@@ -59,16 +63,39 @@ class ExampleGradients(HypergradMethod):
     """
 
     data_parallel = True
+    differentiates = Differentiates.SAMPLE_WEIGHTS
 
     def __init__(self, problem: BilevelProblem) -> None:
         super().__init__(problem, inner_steps=1, backprop_steps=1)
 
+    def hypergradient(
+        self,
+        batches: Sequence[Batch | tuple[Tensor, Tensor]],
+        contexts: Sequence[TeachingContext] | None = None,
+        learning_rates: Sequence[float] | None = None,
+    ) -> dict[str, Tensor]:
+        """``{"sample_weights": d L_val / d eps}`` for the one batch in ``batches``, from the current
+        state: the teacher has no parameters, and reads its lesson off this. Nothing is stepped;
+        the arguments are as for :meth:`HypergradMethod.hypergradient`."""
+        if len(batches) != 1:
+            raise ValueError(f"example gradients are taken on one batch, got {len(batches)}")
+        with self._trial():
+            if learning_rates is not None:
+                set_lr(self.problem.optimizer, learning_rates[0])
+            _, grad = self._examined(as_batch(batches[0]))
+        return {"sample_weights": grad}
+
+    def _examined(self, batch: Batch) -> tuple[StudentStates, Tensor]:
+        """The real forward pass on ``batch`` and the samples' hypergradients."""
+        problem = self.problem
+        rng = problem.rng_state()
+        states = student_forward(problem.student, problem.params(), batch.x)
+        return states, example_gradient(problem, batch, rng)
+
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem
         with self.measured():
-            rng = problem.rng_state()
-            states = student_forward(problem.student, problem.params(), batch.x)
-            grad = example_gradient(problem, batch, rng)
+            states, grad = self._examined(batch)
         view = problem.view(states, batch, context)._replace(example_grad=grad.detach())
         lesson = problem.lesson(batch, view, teacher_grad=False)
         problem.apply_gradients(lesson_loss(lesson, states.logits, batch.y))

@@ -16,7 +16,7 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
-from metateach.hypergrad.base import PerStepMethod
+from metateach.hypergrad.base import Differentiates, PerStepMethod
 from metateach.hypergrad.functional import Params, decayed_gradients, dot
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.registry import HYPERGRADS
@@ -36,14 +36,16 @@ class Implicit(PerStepMethod):
         -d/d omega <grad_theta L_train(theta, omega), H^{-1} v>,
 
     H^{-1} v solved with Hessian-vector products by TorchOpt's linear solvers:
-    conjugate gradient (``solver: cg``, optionally damped by ``damping``) or a
-    truncated Neumann series (``solver: neumann``, step ``alpha``). Exact at an
-    optimum with an exact solve; an approximation elsewhere.
+    conjugate gradient (``solver: cg``, optionally damped by ``damping``, until
+    its residual falls to ``tolerance``) or a truncated Neumann series
+    (``solver: neumann``, step ``alpha``). Exact at an optimum with an exact
+    solve; an approximation elsewhere.
 
     Args:
         solver: ``cg`` or ``neumann``.
-        iterations: solver iterations.
+        iterations: solver iterations (cg: at most).
         damping: cg only: solve (H + damping I) x = v, for Hessians that are not positive definite.
+        tolerance: cg only: stop once ||residual|| <= tolerance ||v|| (TorchOpt's default, 1e-5).
         alpha: neumann only: H^{-1} ~ alpha sum_j (I - alpha H)^j; needs alpha < 2 / lambda_max(H).
 
     Runs data-parallel: v and every Hessian-vector product are summed over
@@ -52,6 +54,7 @@ class Implicit(PerStepMethod):
     """
 
     data_parallel = True
+    differentiates = Differentiates.OPTIMUM
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class Implicit(PerStepMethod):
         solver: str = "cg",
         iterations: int = 10,
         damping: float = 0.0,
+        tolerance: float = 1e-5,
         alpha: float = 0.01,
     ) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
@@ -68,8 +72,12 @@ class Implicit(PerStepMethod):
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         if solver == "cg":
-            self.solve = torchopt.linear_solve.solve_cg(maxiter=iterations, ridge=damping or None)
+            self.solve = torchopt.linear_solve.solve_cg(
+                maxiter=iterations, ridge=damping or None, rtol=tolerance
+            )
         else:
             self.solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=iterations, alpha=alpha)
 

@@ -32,7 +32,6 @@ References:
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,41 +40,14 @@ from torch import Tensor
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.hypergrad.base import Differentiates
 from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem
 from metateach.hypergrad.unrolled import Unrolled
 from metateach.registry import HYPERGRADS
-from metateach.teacher import TeachingContext
+from metateach.teacher import LearnedUpdates, Teacher, TeachingContext
 
-__all__ = ["LearnedUpdates", "LearnedOptimizer"]
-
-
-class LearnedUpdates(ABC):
-    """What a teacher offers to be taught by :class:`LearnedOptimizer`.
-
-    Its lesson depends on weights phi that are *state*, not trainable
-    parameters (they are frozen: the teacher's optimizer never steps them);
-    its trainable parameters are the learned optimizer's.
-    """
-
-    @abstractmethod
-    def lesson_weights(self) -> Params:
-        """phi as the lessons use it now (detached values)."""
-
-    @abstractmethod
-    def use_lesson_weights(self, weights: Params) -> None:
-        """Make the lessons use ``weights`` (which may carry a graph) and store their values."""
-
-    @abstractmethod
-    def learned_update(self, grads: Params) -> Params:
-        """The learned optimizer's update to phi for the gradient ``grads``; advances its memory.
-
-        The update and the memory keep their graph to the optimizer's parameters.
-        """
-
-    @abstractmethod
-    def truncate_memory(self) -> None:
-        """Cut the memory's graph: backpropagation through time stops here."""
+__all__ = ["LearnedOptimizer"]
 
 
 @HYPERGRADS.register("learned_optimizer")
@@ -92,18 +64,15 @@ class LearnedOptimizer(Unrolled):
     #: Each process's d e / d phi is its share: the learned optimizer reads their
     #: sum, and psi's gradient through phi is summed when the teacher steps.
     data_parallel = True
+    differentiates = Differentiates.ROUNDS
 
     def __init__(
         self, problem: BilevelProblem, inner_steps: int, backprop_steps: int, rounds: int = 10
     ) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
-        if not isinstance(problem.teacher, LearnedUpdates):
-            raise ValueError(
-                "the learned_optimizer method needs a teacher whose lesson a learned optimizer "
-                f"writes (such as l2t_dln); {type(problem.teacher).__name__} is not one"
-            )
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
+        assert isinstance(problem.teacher, LearnedUpdates)  # see refuses()
         self.teacher: LearnedUpdates = problem.teacher
         self.rounds = rounds
         self.rounds_done = 0
@@ -113,6 +82,15 @@ class LearnedOptimizer(Unrolled):
         self._phi: Params | None = None
         self._psi_grads: list[Tensor] | None = None
         self._leaves: Params | None = None
+
+    @classmethod
+    def refuses(cls, teacher: Teacher | None) -> str | None:
+        if isinstance(teacher, LearnedUpdates):
+            return None
+        return (
+            "the learned_optimizer method needs a teacher whose lesson a learned optimizer "
+            f"writes (such as l2t_dln); {type(teacher).__name__} is not one"
+        )
 
     def can_checkpoint(self) -> bool:
         # Only between meta-windows does nothing live in a graph.

@@ -8,8 +8,8 @@ and u = grad L_val(theta'), the chain rule gives
 
 The right-hand side is
 :meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`: one
-forward-mode pass of the training loss with theta carrying the tangent u,
-then reverse mode through the lesson alone. No second-order backward
+forward-mode pass of the student with theta carrying the tangent u, then
+reverse mode twice through the lesson alone. No second-order backward
 through the student is taken. The result is the number the differentiated virtual step
 gives (``tests/test_hypergrad.py`` checks it against finite differences
 and against the graph through the virtual step, with BatchNorm and Nesterov).
@@ -34,6 +34,7 @@ from metateach.hypergrad.base import PerStepMethod
 from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.registry import HYPERGRADS
+from metateach.student import StudentStates
 
 __all__ = ["Lookahead", "lookahead_gradient", "virtual_direction"]
 
@@ -62,22 +63,23 @@ def virtual_direction(
 
 def lookahead_gradient(
     problem: BilevelProblem,
-    loss_at: Callable[[Params], Tensor],
+    x: Tensor,
+    loss_of: Callable[[StudentStates], Tensor],
     params: Params,
     grads: Sequence[Tensor],
     targets: Sequence[Tensor],
     rng: RNGState | None,
     val_batch: Batch | None = None,
 ) -> tuple[tuple[Tensor | None, ...], Tensor]:
-    """d L_val(theta') / d ``targets`` and L_val(theta'), theta' one optimizer step on ``loss_at``.
+    """d L_val(theta') / d ``targets`` and L_val(theta'), theta' one optimizer step on the training loss.
 
-    ``loss_at(params)`` is the training loss, with its graph to ``targets``;
-    ``grads`` its gradient in ``params`` (the caller has it from its own
-    pass, taken from the random state ``rng``). ``val_batch`` as in
-    :func:`virtual_direction`.
+    The training loss is ``loss_of`` the student's states on the inputs
+    ``x``, with its graph to ``targets``; ``grads`` its gradient in
+    ``params`` (the caller has it from its own pass, taken from the random
+    state ``rng``). ``val_batch`` as in :func:`virtual_direction`.
     """
     direction, val_loss = virtual_direction(problem, params, grads, val_batch)
-    mixed = problem.mixed_gradient(loss_at, params, direction, targets, rng)
+    mixed = problem.mixed_gradient(x, loss_of, params, direction, targets, rng)
     scale = -problem.sgd().gradient_scale
     return tuple(None if g is None else scale * g for g in mixed), val_loss
 
@@ -99,9 +101,9 @@ class Lookahead(PerStepMethod):
     ) -> Sequence[Tensor | None]:
         problem = self.problem
         grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
-        loss_at = problem.replayed_loss(batch, train.view.context)
+        loss_of = problem.lesson_loss_of(batch, train.view.context)
         found, val_loss = lookahead_gradient(
-            problem, loss_at, params, grads, problem.teacher_params(), self.forward_rng
+            problem, batch.x, loss_of, params, grads, problem.teacher_params(), self.forward_rng
         )
         self.record(**{"teacher/val_loss": float(val_loss)})
         return found

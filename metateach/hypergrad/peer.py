@@ -15,6 +15,7 @@ from metateach.data import Batch
 from metateach.hypergrad.base import TeachingStrategy
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.lesson import Lesson, lesson_loss
+from metateach.optim.schedules import set_lr
 from metateach.teacher import PeerTeacher, TeachingContext
 
 __all__ = ["PeerTeaching"]
@@ -67,9 +68,7 @@ class PeerTeaching(TeachingStrategy):
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         student, peer = self.problem, self.peer
         # The peer follows the student's learning-rate schedule.
-        lr = student.optimizer.param_groups[0]["lr"]
-        for group in peer.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(peer.optimizer, student.optimizer.param_groups[0]["lr"])
         rngs, passes = [], []
         for side in (student, peer):
             rngs.append(side.step_rng())

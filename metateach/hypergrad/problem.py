@@ -11,6 +11,7 @@ the validation loss, a real student step, and a teacher step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, autograd
 
-from metateach.data import Batch, BatchStream
+from metateach.data import Batch, BatchStream, RepeatedBatch
 from metateach.distributed import sum_gradients
 from metateach.errors import NonFiniteStep
 from metateach.hypergrad.functional import (
@@ -108,13 +109,19 @@ class SGDSettings:
 class BilevelProblem:
     """Student, teacher and validation data, and what the teaching strategies do with them.
 
+    Built by :func:`metateach.teaching.build_teaching` from a config, or in
+    code (see the README's "Hypergradients in code").
+
     Args:
         student: the student network.
         optimizer: its real optimizer; hypergradient methods require momentum SGD.
         teacher: the teacher, or None for plain training.
         teacher_optimizer: the teacher's optimizer, when it learns.
-        val_stream: clean validation batches for the outer objective, when the teacher learns.
-        clean_targets: the training split's true labels (for statistics only).
+        val_stream: clean validation batches for the outer objective, when the
+            teacher learns: a stream, or one batch (a :class:`~metateach.data.Batch`
+            or a plain (inputs, labels) pair) used every time.
+        clean_targets: the training split's true labels, by sample index (for
+            statistics only; by default the labels the batches carry).
         keep_weight_grad: the teacher sees states that keep their graph to the
             student's parameters (dw/dtheta kept); otherwise they are detached.
         refill: further training batches, for a filtering teacher whose batches
@@ -123,12 +130,16 @@ class BilevelProblem:
 
     student: Student
     optimizer: torch.optim.Optimizer
-    teacher: Teacher | None
-    teacher_optimizer: torch.optim.Optimizer | None
-    val_stream: BatchStream | None
-    clean_targets: Tensor
+    teacher: Teacher | None = None
+    teacher_optimizer: torch.optim.Optimizer | None = None
+    val_stream: BatchStream | RepeatedBatch | None = None
+    clean_targets: Tensor | None = None
     keep_weight_grad: bool = False
     refill: BatchStream | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.val_stream, tuple | list):  # one batch (a Batch is a tuple too)
+            self.val_stream = RepeatedBatch(self.val_stream)
 
     # ------------------------------------------------------------------ #
     # The student's state as parameter dicts
@@ -216,17 +227,36 @@ class BilevelProblem:
         ``real=True`` is the pass of a real step: BatchNorm updates its running
         statistics. Any other pass (virtual, replayed) runs on scratch buffers.
         """
-        logits, view = self.forward(params, batch, context, real=real)
-        lesson = self.lesson(batch, view, teacher_grad)
-        return TrainPass(lesson_loss(lesson, logits, batch.y), logits, view, lesson)
+        return self.taught(self.states(params, batch.x, real=real), batch, context, teacher_grad)
 
-    def replayed_loss(self, batch: Batch, context: TeachingContext) -> Callable[[Params], Tensor]:
-        """The lesson's loss on ``batch`` as a function of the student's parameters.
+    def taught(
+        self,
+        states: StudentStates,
+        batch: Batch,
+        context: TeachingContext,
+        teacher_grad: bool = True,
+    ) -> TrainPass:
+        """The lesson's loss on ``batch`` given the student's forward pass ``states``.
 
-        For passes that repeat a step's (on scratch BatchNorm buffers); run
-        it from the step's random state for the same dropout draws.
+        Everything the teacher's parameters act in happens here: the view, the
+        lesson, the loss function. With ``teacher_grad`` the loss keeps its
+        graph to the teacher's parameters.
         """
-        return lambda params: self.train_loss(params, batch, context, real=False).loss
+        view = self.view(states, batch, context)
+        lesson = self.lesson(batch, view, teacher_grad)
+        return TrainPass(lesson_loss(lesson, states.logits, batch.y), states.logits, view, lesson)
+
+    def lesson_loss_of(
+        self, batch: Batch, context: TeachingContext
+    ) -> Callable[[StudentStates], Tensor]:
+        """The teacher's lesson loss on ``batch`` as a function of the student's states (for
+        :meth:`mixed_gradient`), with its graph to the teacher's parameters."""
+        return lambda states: self.taught(states, batch, context).loss
+
+    def states(self, params: Params, x: Tensor, *, real: bool) -> StudentStates:
+        """The student's forward pass at ``params``; ``real`` as in :meth:`train_loss`."""
+        buffers = None if real else scratch_buffers(self.student)
+        return student_forward(self.student, params, x, buffers)
 
     def forward(
         self, params: Params, batch: Batch, context: TeachingContext, *, real: bool
@@ -235,36 +265,64 @@ class BilevelProblem:
 
         ``real`` as in :meth:`train_loss`.
         """
-        buffers = None if real else scratch_buffers(self.student)
-        states = student_forward(self.student, params, batch.x, buffers)
+        states = self.states(params, batch.x, real=real)
         return states.logits, self.view(states, batch, context)
 
     def mixed_gradient(
         self,
-        loss_at: Callable[[Params], Tensor],
+        x: Tensor,
+        loss_of: Callable[[StudentStates], Tensor],
         params: Params,
         direction: Mapping[str, Tensor],
         targets: Sequence[Tensor],
         rng: RNGState | None,
     ) -> tuple[Tensor | None, ...]:
-        """d/d ``targets`` of <grad_theta L(theta), ``direction``> at theta = ``params``, L = ``loss_at``.
+        """d/d ``targets`` of <grad_theta L(theta), ``direction``> at theta = ``params``.
 
-        The mixed second derivative of a training loss applied to a vector,
-        without a second-order backward through the student: one forward-mode
-        pass of ``loss_at`` with theta carrying the tangent ``direction`` gives
-        the inner product for the whole batch at once (it is the loss's
-        directional derivative), and reverse mode takes it to the targets
-        through the lesson alone. The pass starts from the random state ``rng``
-        of the pass it repeats, so that dropout draws the same masks; it
-        should run on scratch BatchNorm buffers (``real=False``).
+        L(theta) = ``loss_of(s(theta))``, s the student's states (logits,
+        features, maps) on the inputs ``x``. The mixed second derivative of a
+        training loss applied to a vector, in two parts, without a second-order
+        backward through the student:
+
+        1. One forward-mode pass of the student, theta carrying the tangent
+           ``direction``, gives the states s and their tangents
+           s' = (ds/dtheta) ``direction`` for the whole batch at once.
+        2. The loss as a function of the states, which holds everything the
+           targets act in (the view, the lesson, its loss function), is
+           differentiated twice in reverse mode: <grad_s L(s), s'> is L's
+           directional derivative along ``direction``, and its gradient in the
+           targets is the result.
+
+        Reverse mode never runs through a forward-mode rule. Not every one of
+        PyTorch's is safe to differentiate in reverse: log_softmax's modifies a
+        tensor it saved (pytorch/pytorch#162350), and a loss function with the
+        teacher's parameters before a softmax (a learned temperature) got a
+        wrong hypergradient that way. The second-order part runs on the
+        states, not the network: it costs what the lesson costs.
+
+        The pass starts from the random state ``rng`` of the pass it repeats,
+        so that dropout draws the same masks, and runs on scratch BatchNorm buffers.
         """
         with fwAD.dual_level(), self.own_rng(rng), warnings.catch_warnings():
             # On first use, forward mode registers some of its rules with torch.jit.script,
             # which warns of its own deprecation: PyTorch's business, not the user's.
             warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-            duals = {k: fwAD.make_dual(p.detach(), direction[k]) for k, p in params.items()}
-            slope = fwAD.unpack_dual(loss_at(duals)).tangent
-        if slope is None or not slope.requires_grad:  # the loss does not depend on them here
+            duals = {
+                k: fwAD.make_dual(p.detach(), direction[k].detach()) for k, p in params.items()
+            }
+            states = self.states(duals, x, real=False)
+            unpacked = [fwAD.unpack_dual(s) for s in (states.logits, states.features, *states.maps)]
+            leaves = [u.primal.detach().requires_grad_() for u in unpacked]
+            tangents = [None if u.tangent is None else u.tangent.detach() for u in unpacked]
+        loss = loss_of(StudentStates(leaves[0], leaves[1], tuple(leaves[2:])))
+        grads = autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        terms = [
+            (g * t).sum()
+            for g, t in zip(grads, tangents, strict=True)
+            if g is not None and t is not None
+        ]
+        slope = sum(terms)
+        if not isinstance(slope, Tensor) or not slope.requires_grad:  # no target acts here
             return (None,) * len(targets)
         return autograd.grad(slope, list(targets), allow_unused=True)
 
@@ -288,6 +346,26 @@ class BilevelProblem:
         teacher never changes the dropout masks of the student's real steps.
         """
         return _forked_rng(self.device, state)
+
+    @contextlib.contextmanager
+    def preserved(self) -> Iterator[None]:
+        """A block after which the student (parameters and buffers), its optimizer's state,
+        the teacher's state and the random state are as they were before it."""
+        student = {k: v.clone() for k, v in self.student.state_dict().items()}
+        optimizer = copy.deepcopy(self.optimizer.state_dict())
+        teacher = (
+            None
+            if self.teacher is None
+            else {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
+        )
+        try:
+            with self.own_rng():
+                yield
+        finally:
+            self.student.load_state_dict(student)
+            self.optimizer.load_state_dict(optimizer)
+            if self.teacher is not None:
+                self.teacher.load_state_dict(teacher)
 
     def rng_state(self) -> RNGState:
         """The random state now, to replay a forward pass with the same draws."""
@@ -444,6 +522,7 @@ class BilevelProblem:
         (default: the batch; a refilled batch's candidates, see :meth:`refilled`).
         """
         predicted = view.logits.detach().argmax(dim=1)
+        clean = batch.y if self.clean_targets is None else self.clean_targets[batch.index]
         learned = (
             lesson.mask.sum() if lesson is not None and lesson.mask is not None else batch.y.numel()
         )
@@ -451,7 +530,7 @@ class BilevelProblem:
             [
                 view.losses.detach().sum().double(),
                 (predicted == batch.y).sum().double(),
-                (predicted == self.clean_targets[batch.index]).sum().double(),
+                (predicted == clean).sum().double(),
                 torch.as_tensor(learned, dtype=torch.float64, device=batch.y.device),
                 torch.as_tensor(
                     len(batch.y) if examined is None else examined,

@@ -125,8 +125,10 @@ class Reversible(HypergradMethod):
             if t == 0:
                 # The window's first step: only its teacher term is left, <d_0, d_v>'s
                 # derivative in omega, which forward mode gives without a second-order graph.
-                loss_at = problem.replayed_loss(record.batch, record.context)
-                mixed = problem.mixed_gradient(loss_at, params, d_v, teacher_params, record.rng)
+                loss_of = problem.lesson_loss_of(record.batch, record.context)
+                mixed = problem.mixed_gradient(
+                    record.batch.x, loss_of, params, d_v, teacher_params, record.rng
+                )
                 d_omega = [a if g is None else a + g for a, g in zip(d_omega, mixed, strict=True)]
                 break
             theta = {k: p.detach().requires_grad_() for k, p in params.items()}

@@ -17,8 +17,9 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
-from metateach.hypergrad.base import HypergradMethod, UpdateMeter
+from metateach.hypergrad.base import HypergradMethod
 from metateach.hypergrad.functional import Params
+from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
@@ -132,8 +133,10 @@ class Unrolled(HypergradMethod):
             k: torch.zeros_like(g) if a is None else a
             for (k, g), a in zip(first.gradient.items(), adjoint, strict=True)
         }
-        loss_at = problem.replayed_loss(first.batch, first.context)
-        mixed = problem.mixed_gradient(loss_at, first.params, direction, targets, first.rng)
+        loss_of = problem.lesson_loss_of(first.batch, first.context)
+        mixed = problem.mixed_gradient(
+            first.batch.x, loss_of, first.params, direction, targets, first.rng
+        )
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
         self._params = self._momentum = self._first = None
         return tuple(_add(a, b) for a, b in zip(later, mixed, strict=True))

@@ -2,7 +2,7 @@
 
 from metateach.optim.optimizers import build_optimizer, optimizer_from_config
 from metateach.optim.sam import SAM, sam_perturbation
-from metateach.optim.schedules import build_schedule, constant, cosine, step_decay
+from metateach.optim.schedules import build_schedule, constant, cosine, set_lr, step_decay
 
 __all__ = [
     "SAM",
@@ -12,5 +12,6 @@ __all__ = [
     "build_schedule",
     "constant",
     "cosine",
+    "set_lr",
     "step_decay",
 ]

@@ -11,11 +11,19 @@ import bisect
 import math
 from collections.abc import Callable, Sequence
 
+import torch
+
 from metateach.registry import SCHEDULES
 
-__all__ = ["build_schedule", "step_decay", "cosine", "linear_decay", "constant"]
+__all__ = ["build_schedule", "step_decay", "cosine", "linear_decay", "constant", "set_lr"]
 
 Schedule = Callable[[float], float]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group of ``optimizer`` the learning rate ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 @SCHEDULES.register("constant")

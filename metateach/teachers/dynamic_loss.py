@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,10 @@ from torch.func import functional_call
 
 from metateach.data import Batch
 from metateach.hypergrad.functional import Params
-from metateach.hypergrad.learned_optimizer import LearnedUpdates
 from metateach.lesson import Lesson
 from metateach.optim.learned import CoordinatewiseLSTM
 from metateach.registry import TEACHERS
-from metateach.teacher import Hypergradient, StudentView, Teacher
+from metateach.teacher import Hypergradient, LearnedUpdates, StudentView, Teacher
 
 __all__ = ["ENCODINGS", "DynamicLossNetwork", "DynamicLossTeacher", "fit_to_cross_entropy"]
 
@@ -201,6 +200,10 @@ class DynamicLossTeacher(Teacher, LearnedUpdates):
 
     def lesson_weights_in_use(self) -> Params:
         return self._weights if self._weights is not None else dict(self.dln.named_parameters())
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._weights = None  # the loaded network is the lesson now, not phi from before
 
     # LearnedUpdates ------------------------------------------------------
 
