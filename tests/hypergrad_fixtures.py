@@ -36,6 +36,17 @@ class FeatureTeacher(Teacher):
         return Lesson.weighted(torch.sigmoid(score))
 
 
+def exercised(teacher: Teacher) -> Teacher:
+    """``teacher`` with its zero-initialized parameters and state (an LSTM's memory) moved, as
+    after some teaching, so that every gradient path carries a signal."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in [*teacher.parameters(), *teacher.buffers()]:
+            if t.is_floating_point() and not t.any():
+                t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return teacher
+
+
 class FixedStream:
     """Always the same validation batch, with the position attribute a stream has."""
 
@@ -78,13 +89,9 @@ class Setup:
         kwargs = {"hidden": [6, 5], "dropout": dropout} if model == "mlp" else {}
         self.shape = SHAPE if model == "mlp" else (1, 8, 8)
         self.student = create_model(model, CLASSES, self.shape, kwargs).double()
-        self.teacher = (teacher or (lambda s: FeatureTeacher(s.feature_dim)))(self.student).double()
-        with torch.no_grad():
-            # Zero-initialized layers are perturbed, so that every gradient path is exercised.
-            g = torch.Generator().manual_seed(3)
-            for p in self.teacher.parameters():
-                if not p.any():
-                    p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        self.teacher = exercised(
+            (teacher or (lambda s: FeatureTeacher(s.feature_dim)))(self.student).double()
+        )
         self.settings = (lr, momentum, weight_decay)
         self.nesterov = nesterov
         self.batches = [self._batch(8, 100 + i) for i in range(12)]

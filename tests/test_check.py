@@ -28,6 +28,8 @@ from metateach.models import create_model
 from metateach.student import Student
 from metateach.teacher import ExampleGradient, Hypergradient, StudentView
 
+from .hypergrad_fixtures import exercised
+
 CLASSES = 3
 
 
@@ -48,17 +50,6 @@ def data(shape: tuple[int, ...], steps: int = 6) -> tuple[list[tuple[Tensor, Ten
         return torch.randn(n, *shape, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
     return [pair(8) for _ in range(steps)], Batch(*pair(10), torch.arange(10))
-
-
-def exercised(teacher: Teacher) -> Teacher:
-    """``teacher`` with its zero-initialized parameters and state (an LSTM's memory) moved, as
-    after some teaching, so that every gradient path carries a signal."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for t in [*teacher.parameters(), *teacher.buffers()]:
-            if t.is_floating_point() and not t.any():
-                t.add_(0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype))
-    return teacher
 
 
 # --------------------------------------------------------------------------- #

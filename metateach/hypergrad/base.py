@@ -240,21 +240,32 @@ class HypergradMethod(TeachingStrategy):
                 "a hypergradient is taken from the start of one"
             )
         batches, contexts, rates = _span(batches, contexts, learning_rates)
+        state = self.state_dict()
+        with problem.preserved():
+            try:
+                return self._span_hypergradient(batches, contexts, rates)
+            finally:
+                self.load_state_dict(state)  # its own state and the streams' positions
+
+    def _span_hypergradient(
+        self, batches: list[Batch], contexts: list[TeachingContext], rates: list[float] | None
+    ) -> dict[str, Tensor]:
+        """:meth:`hypergradient`'s work, on checked arguments; everything is put back after it."""
+        problem = self.problem
+        assert problem.teacher is not None
         captured: list[list[Tensor | None]] = []
         formed_at = []
-        with self._trial():
-            self._captured = captured
-            try:
-                for t, (batch, context) in enumerate(zip(batches, contexts, strict=True)):
-                    if rates is not None:
-                        set_lr(problem.optimizer, rates[t])
-                    self.step(batch, context)
-                    formed_at += [t] * (len(captured) - len(formed_at))
-            except BaseException:
-                self.end_of_run([], contexts[-1])  # drop the unfinished window
-                raise
-            finally:
-                self._captured = None
+        self._captured = captured
+        try:
+            for t, (batch, context) in enumerate(zip(batches, contexts, strict=True)):
+                self.set_rate(rates, t)
+                self.step(batch, context)
+                formed_at += [t] * (len(captured) - len(formed_at))
+        except BaseException:
+            self.end_of_run([], contexts[-1])  # drop the unfinished window
+            raise
+        finally:
+            self._captured = None
         if formed_at != [len(batches) - 1]:
             where = ", ".join(str(t + 1) for t in formed_at) or "none"
             raise ValueError(
@@ -268,16 +279,10 @@ class HypergradMethod(TeachingStrategy):
             for k, p, g in zip(names, problem.teacher_params(), captured[0], strict=True)
         }
 
-    @contextmanager
-    def _trial(self) -> Iterator[None]:
-        """A block after which the problem (:meth:`BilevelProblem.preserved`) and this method
-        (its state, the validation and refill streams' positions) are as before it."""
-        state = self.state_dict()
-        with self.problem.preserved():
-            try:
-                yield
-            finally:
-                self.load_state_dict(state)
+    def set_rate(self, rates: Sequence[float] | None, t: int) -> None:
+        """The student's learning rate for step ``t`` of a span, when ``rates`` give one."""
+        if rates is not None:
+            set_lr(self.problem.optimizer, rates[t])
 
     @property
     def skipped(self) -> int:

@@ -238,6 +238,7 @@ def check_hypergradient(
         teacher = copy.deepcopy(teacher.hypergradient_reference()).double().cpu()
         student = copy.deepcopy(student).double().cpu()
         batches = [_float64(b) for b in (train if _is_sequence(train) else [train])]
+        val_batch = _float64(val)
         rates = list(lr) if isinstance(lr, Sequence) else [float(lr)]
         total = warmup_steps + (2 * k if kind is Differentiates.ROUNDS else k)
         steps = [batches[t % len(batches)] for t in range(total)]
@@ -252,7 +253,7 @@ def check_hypergradient(
             student,
             schedule.optimizer([p for p in student.parameters() if p.requires_grad]),
             teacher,
-            val_stream=_float64(val),
+            val_stream=val_batch,
             keep_weight_grad=keep,
         )
         notes = []
@@ -264,7 +265,7 @@ def check_hypergradient(
             untaught.real_step(steps[t], contexts[t])
 
         torch.manual_seed(seed)  # the method's span and every replay draw alike
-        replay = Replay(student, problem.optimizer, schedule, _float64(val), keep)
+        replay = Replay(student, problem.optimizer, schedule, val_batch, keep)
         built = (
             ExampleGradients(problem)
             if method_class is ExampleGradients

@@ -7,18 +7,15 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from metateach.data import Batch, as_batch
+from metateach.data import Batch
 from metateach.hypergrad.base import Differentiates, HypergradMethod
 from metateach.hypergrad.functional import student_forward
 from metateach.hypergrad.lookahead import lookahead_gradient
 from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.lesson import Lesson, lesson_loss
-from metateach.optim.schedules import set_lr
 from metateach.student import StudentStates
 from metateach.teacher import TeachingContext
 
@@ -68,21 +65,15 @@ class ExampleGradients(HypergradMethod):
     def __init__(self, problem: BilevelProblem) -> None:
         super().__init__(problem, inner_steps=1, backprop_steps=1)
 
-    def hypergradient(
-        self,
-        batches: Sequence[Batch | tuple[Tensor, Tensor]],
-        contexts: Sequence[TeachingContext] | None = None,
-        learning_rates: Sequence[float] | None = None,
+    def _span_hypergradient(
+        self, batches: list[Batch], contexts: list[TeachingContext], rates: list[float] | None
     ) -> dict[str, Tensor]:
-        """``{"sample_weights": d L_val / d eps}`` for the one batch in ``batches``, from the current
-        state: the teacher has no parameters, and reads its lesson off this. Nothing is stepped;
-        the arguments are as for :meth:`HypergradMethod.hypergradient`."""
+        """``{"sample_weights": d L_val / d eps}`` for the one batch of the span: the teacher has
+        no parameters, and reads its lesson off this (see :meth:`HypergradMethod.hypergradient`)."""
         if len(batches) != 1:
             raise ValueError(f"example gradients are taken on one batch, got {len(batches)}")
-        with self._trial():
-            if learning_rates is not None:
-                set_lr(self.problem.optimizer, learning_rates[0])
-            _, grad = self._examined(as_batch(batches[0]))
+        self.set_rate(rates, 0)
+        _, grad = self._examined(batches[0])
         return {"sample_weights": grad}
 
     def _examined(self, batch: Batch) -> tuple[StudentStates, Tensor]:
