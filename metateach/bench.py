@@ -249,7 +249,7 @@ def higher_lookahead_step(trainer: Trainer, batch: Batch) -> None:
         states = fmodel(batch.x, return_states=True)
         view = problem.view(states, batch, context)
         diffopt.step(lesson_loss(teacher(batch, view), states.logits, batch.y))
-        val = problem.next_val_batch()
+        (val,) = problem.val_stream.draw()
         val_loss = F.cross_entropy(fmodel(val.x), val.y)
         problem.teacher_step(torch.autograd.grad(val_loss, problem.teacher_params()))
     states = model(batch.x, return_states=True)

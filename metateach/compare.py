@@ -31,6 +31,19 @@ row per setting, with their difference; variants are then named
 ``last_epoch`` adds, for both methods, the mean over seeds of a metric of
 each run's last epoch (a fraction, shown in %).
 
+The deep-interaction paper's Figure 2 (weight against loss, and the
+internal states' t-SNE by class and by weight) for some of the variants,
+one row each, from their first seed's run, goes to ``figure2.png``::
+
+    figure2: {T0 (surface features M1): surface, T1 (internal states I0 + M0): internal}
+
+A setting chosen on validation, as papers choose a baseline's hyperparameter,
+is a row of its own: per seed, the variant of the group with the best
+validation accuracy (``best/val_acc``), and its numbers::
+
+    select:
+      focal: [focal_g05, focal_g1, focal_g2]   # the paper may give a number for "focal"
+
 :func:`run_comparison` trains every (variant, seed) pair in a folder of its
 own, skips pairs already finished and resumes pairs that were cut short, so
 an interrupted comparison loses nothing. :func:`summarize` turns the runs'
@@ -52,6 +65,7 @@ from typing import Any
 import yaml
 
 from metateach.config import config_to_dict, load_config
+from metateach.diagnostics import SNAPSHOT, WeightSnapshot
 from metateach.errors import ConfigError, check_keys
 from metateach.logging import read_metrics
 from metateach.rundir import check_same_experiment, unfinished
@@ -61,6 +75,7 @@ __all__ = [
     "load_comparison",
     "run_comparison",
     "summarize",
+    "selected",
     "markdown_table",
     "paired_table",
     "write_results",
@@ -92,6 +107,10 @@ class Comparison:
     configs: dict[str, Path] = field(default_factory=dict)
     #: Two methods side by side, one row per setting (the module docstring's ``table``).
     pairs: PairedTable | None = None
+    #: Row title -> variant, for the deep-interaction paper's Figure 2 (``figure2.png``).
+    figure2: dict[str, str] = field(default_factory=dict)
+    #: Row name -> variants, one chosen per seed on validation accuracy.
+    select: dict[str, list[str]] = field(default_factory=dict)
 
     def config_of(self, variant: str) -> Path:
         """The experiment ``variant`` runs."""
@@ -118,7 +137,7 @@ def load_comparison(path: str | Path) -> Comparison:
     content = yaml.safe_load(path.read_text()) or {}
     check_keys(
         content,
-        {"config", "seeds", "variants", "overrides", "paper", "table"},
+        {"config", "seeds", "variants", "overrides", "paper", "table", "figure2", "select"},
         f"comparison file {path}",
     )
     if "variants" not in content:
@@ -131,12 +150,30 @@ def load_comparison(path: str | Path) -> Comparison:
     seeds = content.get("seeds", [0, 1, 2])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"comparison file {path}: seeds must be a list of integers")
-    paper = content.get("paper", {})
-    if not isinstance(paper, dict) or not all(
-        k in variants and isinstance(v, int | float) for k, v in paper.items()
+    select = content.get("select", {})
+    if not isinstance(select, dict) or not all(
+        isinstance(group, list)
+        and group
+        and all(v in variants for v in group)
+        and name not in variants
+        for name, group in select.items()
     ):
         raise ConfigError(
-            f"comparison file {path}: paper must map variant names to numbers "
+            f"comparison file {path}: select must map new row names to lists of variants "
+            f"(variants: {', '.join(variants)})"
+        )
+    paper = content.get("paper", {})
+    if not isinstance(paper, dict) or not all(
+        (k in variants or k in select) and isinstance(v, int | float) for k, v in paper.items()
+    ):
+        raise ConfigError(
+            f"comparison file {path}: paper must map variant (or select) names to numbers "
+            f"(variants: {', '.join(variants)})"
+        )
+    figure2 = content.get("figure2", {})
+    if not isinstance(figure2, dict) or not all(v in variants for v in figure2.values()):
+        raise ConfigError(
+            f"comparison file {path}: figure2 must map row titles to variant names "
             f"(variants: {', '.join(variants)})"
         )
     return Comparison(
@@ -148,6 +185,8 @@ def load_comparison(path: str | Path) -> Comparison:
         paper={str(k): float(v) for k, v in paper.items()},
         configs=configs,
         pairs=_paired_table(content["table"], variants, path) if "table" in content else None,
+        figure2={str(k): str(v) for k, v in figure2.items()},
+        select={str(k): [str(v) for v in group] for k, group in select.items()},
     )
 
 
@@ -269,15 +308,17 @@ def write_results(
     ``results.md`` has it above the table by variant.
 
     With teaching speed measured, also ``results_speed.png``: validation
-    accuracy against training samples of every run, and the target.
+    accuracy against training samples of every run, and the target; with
+    ``figure2`` asked for, ``figure2.png``.
     """
-    from metateach.plots import plot_comparison, plot_speed_comparison
+    from metateach.plots import plot_comparison, plot_figure2, plot_speed_comparison
 
     pairs = comparison.pairs
     last_epoch = list(pairs.last_epoch.values()) if pairs else []
     if last_epoch:
         results = [{**r, **_last_epoch(r["folder"], last_epoch)} for r in results]
-    rows = summarize(results, last_epoch)
+    chosen = selected(results, comparison.select)
+    rows = summarize([*results, *chosen], last_epoch)
     table = markdown_table(rows, comparison.paper)
     document = table
     if pairs:  # the paired table first, and returned
@@ -286,6 +327,10 @@ def write_results(
     (folder / "results.json").write_text(
         json.dumps({"runs": list(results), "summary": rows}, indent=2) + "\n"
     )
+    if chosen:
+        document += "\n\nChosen on validation accuracy, by seed: " + "; ".join(
+            f"{r['variant']} seed {r['seed']}: {r['chosen']}" for r in chosen
+        )
     (folder / "results.md").write_text(document + "\n")
     plot_comparison(rows, comparison.name, folder / "results.png")
     if any("reached" in row for row in rows):  # teaching speed: the accuracy curves
@@ -296,6 +341,15 @@ def write_results(
         common = [*comparison.overrides, *overrides]
         target = load_config(comparison.config_of(first), common).train.target_val_acc
         plot_speed_comparison(curves, target, comparison.name, folder / "results_speed.png")
+    if comparison.figure2:
+        first_run = {}
+        for result in results:
+            first_run.setdefault(result["variant"], Path(result["folder"]))
+        snapshots = {
+            title: WeightSnapshot.load(first_run[variant] / "diagnostics" / SNAPSHOT)
+            for title, variant in comparison.figure2.items()
+        }
+        plot_figure2(snapshots, comparison.name, folder / "figure2.png")
     return table
 
 
@@ -317,6 +371,22 @@ def _last_epoch(folder: str | Path, keys: Sequence[str]) -> dict[str, float]:
         if "epoch" in record:
             values.update({k: record[k] for k in keys if k in record})
     return values
+
+
+def selected(
+    results: Sequence[dict[str, Any]], select: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """For each ``select`` row and seed, the run of its group with the best validation accuracy,
+    renamed to the row (with ``chosen``: the variant it was). Seeds missing a run of the
+    group are left out, so every choice is among all its candidates."""
+    chosen = []
+    for name, group in select.items():
+        for seed in dict.fromkeys(r["seed"] for r in results):
+            runs = [r for r in results if r["seed"] == seed and r["variant"] in group]
+            if len(runs) == len(group):
+                best = max(runs, key=lambda r: r["best/val_acc"])
+                chosen.append({**best, "variant": name, "chosen": best["variant"]})
+    return chosen
 
 
 def summarize(results: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> list[dict[str, Any]]:

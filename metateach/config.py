@@ -194,8 +194,10 @@ class HypergradConfig:
     backprop_steps: int | None = None
     #: Let gradients flow through the lesson's dependence on the student (dw/dtheta kept).
     keep_weight_grad: bool | None = None
-    #: Clean validation samples per teacher step.
-    val_batch_size: int = 100
+    #: Clean validation samples per teacher step: a batch of this many, drawn in turn,
+    #: or ``all``, the whole validation split (the papers' M(D_valid)), in chunks of
+    #: ``train.eval_batch_size``.
+    val_batch_size: int | str = 100
     #: The method's own settings, e.g. ``{solver: neumann, iterations: 20}`` for ``implicit``;
     #: for a policy-gradient teacher (l2t), those of REINFORCE, e.g.
     #: ``{exploration: parameters, noise_std: 0.1, mirrored: true}``.
@@ -218,6 +220,10 @@ class TeacherConfig:
     #: further training batches until they are full (L2T); for teachers that learn
     #: by policy gradient or not at all.
     refill: bool = False
+    #: How the student's average training loss, which a teacher may read, is taken:
+    #: ``mean`` since the first step (the deep-interaction paper's M1) or ``ema``
+    #: (exponential, 0.9); unset keeps the teacher's declaration.
+    loss_average: str | None = None
     optim: TeacherOptimConfig = field(default_factory=TeacherOptimConfig)
     hypergrad: HypergradConfig = field(default_factory=HypergradConfig)
 
@@ -354,6 +360,8 @@ def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
             for key in _TEACHER_LEARNING:
                 if key in hypergrad:
                     hypergrad[key] = getattr(defaults, key)
+        if OmegaConf.select(below, f"{section}.loss_average") is not None:
+            below[section].loss_average = None  # the old teacher's declaration, like its method
     return OmegaConf.merge(below, above)
 
 

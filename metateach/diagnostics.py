@@ -43,10 +43,13 @@ __all__ = [
     "diagnostic_indices",
     "draw_diagnostics",
     "P_TRUE",
+    "SNAPSHOT",
     "CURVE_KEYS",
     "loss_curve",
 ]
 
+#: The file, in a run's ``diagnostics/`` folder, of the teacher's last weight snapshot.
+SNAPSHOT = "snapshot.npz"
 #: The true-class probabilities at which a learned loss is recorded each epoch.
 P_TRUE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: Their metric names, in the same order.
@@ -63,6 +66,18 @@ class WeightSnapshot:
     noisy: np.ndarray  # True where the given label is wrong
     features: np.ndarray  # the student's second-to-last layer
     loss_curve: np.ndarray | None = None  # a replaced loss at P_TRUE (see loss_curve)
+
+    def save(self, path: Path) -> Path:
+        """The arrays as an ``.npz`` (what :func:`metateach.plots.plot_figure2` reads back)."""
+        arrays = {k: v for k, v in vars(self).items() if v is not None}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> WeightSnapshot:
+        with np.load(path) as arrays:
+            return cls(**{k: arrays[k] for k in arrays.files})
 
     def summary(self) -> dict[str, float]:
         """Shares of the total weight and mean weights on clean and mislabeled samples."""
@@ -135,6 +150,7 @@ class TeacherDiagnostics:
             for r in history
             if CURVE_KEYS[0] in r
         ]
+        self.snapshot.save(folder / SNAPSHOT)  # for a comparison's Figure 2 (plots.plot_figure2)
         return draw_diagnostics(
             self.snapshot, shares, self.data.noise.realized_rate, title, folder, curves
         )
@@ -168,6 +184,9 @@ def weight_snapshot(
     val_batch = problem.val_stream.loader.batch_at(0, 0) if problem.val_stream is not None else None
     parts: dict[str, list[Tensor]] = {k: [] for k in ("weights", "losses", "features")}
     curve = None
+    # A teacher's buffers (MentorNet-PD's running threshold) are put back after; its
+    # parameters it does not change, and they may sit in a live graph (L2T-DLN's).
+    buffers = {name: b.clone() for name, b in teacher.named_buffers()}
     with problem.own_rng():
         for start in range(0, len(indices), batch_size):
             index = indices[start : start + batch_size]
@@ -199,6 +218,9 @@ def weight_snapshot(
             parts["weights"].append(weights.float().cpu())
             parts["losses"].append(view.losses.detach().float().cpu())
             parts["features"].append(view.features.detach().float().flatten(1).cpu())
+    with torch.no_grad():
+        for name, value in teacher.named_buffers():
+            value.copy_(buffers[name])
     weights = torch.cat(parts["weights"])
     weights = weights / weights.mean().clamp(min=1e-12)
     return WeightSnapshot(

@@ -22,6 +22,7 @@ __all__ = [
     "plot_training_curves",
     "plot_weight_vs_loss",
     "plot_tsne",
+    "plot_figure2",
     "plot_weight_histogram",
     "plot_noisy_weight_share",
     "plot_comparison",
@@ -155,6 +156,40 @@ def plot_episodes(records: Sequence[Mapping[str, float]], title: str, path: str 
 def plot_weight_vs_loss(snapshot: WeightSnapshot, title: str, path: str | Path) -> Path:
     """Figure 2(a, d): each sample's weight against its training loss, coloured by class."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    _weight_vs_loss(ax, snapshot)
+    ax.set_title(f"weight against loss - {title}")
+    return _save(fig, path)
+
+
+def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int = 0) -> Path:
+    """Figure 2(b, c, e, f): t-SNE of the internal states, coloured by class and by weight."""
+    fig, (by_class, by_weight) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    _tsne(fig, by_class, by_weight, snapshot, seed)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_figure2(
+    snapshots: Mapping[str, WeightSnapshot], title: str, path: str | Path, seed: int = 0
+) -> Path:
+    """The deep-interaction paper's Figure 2 for several teachers, one row each (T0, T1):
+    weight against loss by class, then the internal states' t-SNE by class and by weight."""
+    fig, axes = plt.subplots(
+        len(snapshots), 3, figsize=(18, 5 * len(snapshots)), squeeze=False, constrained_layout=True
+    )
+    for (name, snapshot), (loss_ax, by_class, by_weight) in zip(
+        snapshots.items(), axes, strict=True
+    ):
+        _weight_vs_loss(loss_ax, snapshot)
+        loss_ax.set_title(f"{name}: weight against loss")
+        _tsne(fig, by_class, by_weight, snapshot, seed)
+        by_class.set_title(f"{name}: internal states (t-SNE), by given label")
+        by_weight.set_title(f"{name}: internal states (t-SNE), by weight")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _weight_vs_loss(ax: plt.Axes, snapshot: WeightSnapshot) -> None:
     classes = np.unique(snapshot.targets)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for i, c in enumerate(classes):
@@ -170,24 +205,19 @@ def plot_weight_vs_loss(snapshot: WeightSnapshot, title: str, path: str | Path) 
     if snapshot.noisy.any():
         ax.scatter(snapshot.losses[snapshot.noisy], snapshot.weights[snapshot.noisy], s=14, facecolors="none",
                    edgecolors="black", linewidths=0.4, label="mislabeled")  # fmt: skip
-    ax.set(
-        xlabel="training loss (given label)",
-        ylabel="weight (mean 1)",
-        title=f"weight against loss - {title}",
-    )
+    ax.set(xlabel="training loss (given label)", ylabel="weight (mean 1)")
     if len(classes) <= 20:
         ax.legend(fontsize=7, ncol=2, markerscale=2)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
 
 
-def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int = 0) -> Path:
-    """Figure 2(b, c, e, f): t-SNE of the internal states, coloured by class and by weight."""
+def _tsne(
+    fig: plt.Figure, by_class: plt.Axes, by_weight: plt.Axes, snapshot: WeightSnapshot, seed: int
+) -> None:
     from sklearn.manifold import TSNE
 
     n = len(snapshot.features)
     features = snapshot.features.astype(np.float64)
-    fig, (by_class, by_weight) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     if n < 4 or not np.isfinite(features).all() or float(features.std(axis=0).max()) == 0.0:
         # A collapsed student (all states equal) has nothing to embed; say so instead.
         for ax in (by_class, by_weight):
@@ -199,8 +229,7 @@ def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int 
                 va="center",
             )
             ax.set_axis_off()
-        fig.suptitle(title)
-        return _save(fig, path)
+        return
     embedding = TSNE(
         n_components=2, init="pca", perplexity=min(30.0, max(2.0, (n - 1) / 3)), random_state=seed
     )
@@ -221,8 +250,6 @@ def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int 
     for ax in (by_class, by_weight):
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title)
-    return _save(fig, path)
 
 
 def plot_weight_histogram(snapshot: WeightSnapshot, title: str, path: str | Path) -> Path:

@@ -2,8 +2,9 @@
 
 A student is a feature extractor followed by a shallow head:
 ``logits = head(features(x))``. The deep-interaction teacher reads
-``features`` (the second-to-last layer, "I0") and the intermediate maps
-("I1".."I3"); other teachers read only the logits. Every student in
+``features`` (the second-to-last layer, "I0") and the maps of the stages
+below it ("I1".."I3", see :attr:`Student.levels`); other teachers read only
+the logits. Every student in
 :mod:`metateach.models` subclasses :class:`Student`, and so should yours.
 """
 
@@ -32,14 +33,21 @@ class StudentStates(NamedTuple):
 class Student(nn.Module, metaclass=ABCMeta):
     """A classifier split into ``stages`` -> ``pool`` -> ``head``.
 
-    Subclasses set ``num_classes``, ``feature_dim`` and ``stage_dims`` (the
-    channels, or widths, of each stage's output) and implement
-    :meth:`stages` and :meth:`pool`; ``self.classifier`` is the head.
+    Subclasses set ``num_classes``, ``feature_dim`` and ``map_shapes`` (the
+    per-sample shape of each stage's output, shallow to deep), implement
+    :meth:`stages` and :meth:`pool`, and set ``levels`` when the deepest
+    stage is the second-to-last layer itself; ``self.classifier`` is the head.
     """
 
     num_classes: int
     feature_dim: int
-    stage_dims: tuple[int, ...]
+    map_shapes: tuple[tuple[int, ...], ...]
+    #: The deep-interaction paper's I1, I2, I3 (Fan et al. 2020, Table 3): the stages
+    #: below the second-to-last layer, deepest first, as indices into ``maps``. When
+    #: :meth:`pool` averages the deepest stage into the features (the CIFAR ResNets),
+    #: that stage's maps are I1; when the deepest stage *is* the second-to-last layer
+    #: (LeNet, MLP), set ``levels`` to start one stage further down, or I1 would be I0.
+    levels: tuple[int, ...] = (-1, -2, -3)
     classifier: nn.Module
 
     @abstractmethod

@@ -51,6 +51,8 @@ __all__ = [
     "Learning",
     "LearnedUpdates",
     "effective_learning",
+    "loss_averaging",
+    "LOSS_AVERAGES",
 ]
 
 
@@ -60,7 +62,9 @@ class TeachingContext(NamedTuple):
     step: int  # student steps taken before this batch
     epoch: int  # the epoch in progress, from 0
     total_steps: int  # steps the whole run will take
-    avg_train_loss: Tensor  # running (exponential) average of the batch losses, a 0-dim tensor
+    #: The batch losses' average so far, a 0-dim tensor: their mean since the student's
+    #: first step, or an exponential average (see :data:`LOSS_AVERAGES`).
+    avg_train_loss: Tensor
     best_val_acc: float  # best validation accuracy so far (0 before the first evaluation)
     episode: int = 0  # which student of the run (train.episodes), from 0
 
@@ -205,6 +209,12 @@ class Teacher(nn.Module, metaclass=ABCMeta):
     """
 
     learns: ClassVar[Learning] = FixedRule()
+    #: How ``view.context.avg_train_loss`` averages the batch losses (:data:`LOSS_AVERAGES`);
+    #: a config's ``teacher.loss_average`` may change it.
+    loss_average: ClassVar[str] = "ema"
+    #: State-dict names whose shape follows the number of classes: a teacher loaded from a
+    #: checkpoint on a data set with another class count keeps these freshly initialized.
+    per_class: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
@@ -234,6 +244,21 @@ class Teacher(nn.Module, metaclass=ABCMeta):
         raise NotImplementedError(
             f"{type(self).__name__} learns by policy gradient but defines no episode_reward()"
         )
+
+
+#: How :attr:`TeachingContext.avg_train_loss` averages the batch losses.
+LOSS_AVERAGES = {
+    "mean": "the mean of every batch loss since the student's first step",
+    "ema": "an exponential moving average, 0.9 old + 0.1 new (the first loss to start)",
+}
+
+
+def loss_averaging(settings: TeacherConfig) -> str:
+    """The configured teacher's ``loss_average``: ``teacher.loss_average``, else its declaration."""
+    from metateach.registry import TEACHERS
+
+    declared = getattr(TEACHERS.get(settings.name), "loss_average", Teacher.loss_average)
+    return settings.loss_average or declared
 
 
 def effective_learning(settings: TeacherConfig) -> Learning:

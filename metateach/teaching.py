@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,11 @@ def build_teaching(
         else None,
         # Its own seed: the validation batches do not shift the training order.
         val_stream=data.val_stream(
-            settings.hypergrad.val_batch_size, derive_seed(cfg.train.seed, 1), device, shard
+            settings.hypergrad.val_batch_size,
+            derive_seed(cfg.train.seed, 1),
+            device,
+            shard,
+            chunk_size=cfg.train.eval_batch_size,
         )
         if isinstance(learning, Hypergradient | ExampleGradient)
         else None,
@@ -134,14 +139,36 @@ def build_teaching(
     return Teaching(teacher, problem.teacher_optimizer, strategy)
 
 
-def load_teacher_weights(teacher: Teacher, path: str) -> None:
-    """Load the teacher of a metateach checkpoint (``teacher.checkpoint``)."""
+def load_teacher_weights(teacher: Teacher, path: str) -> list[str]:
+    """Load the teacher of a metateach checkpoint (``teacher.checkpoint``).
+
+    A teacher moved to a data set with another number of classes keeps its
+    fresh initialization for the tensors it declares :attr:`Teacher.per_class`
+    (a label embedding) when their shapes differ, and says so in a warning;
+    any other mismatch is an error. Returns the names kept fresh.
+    """
     state = load_checkpoint(path)
     if state.get("teacher") is None:
         raise CheckpointError(f"checkpoint {path} holds no teacher (teacher.checkpoint)")
+    saved = dict(state["teacher"])
+    own = teacher.state_dict()
+    fresh = [
+        name
+        for name in teacher.per_class
+        if name in saved and name in own and saved[name].shape != own[name].shape
+    ]
+    for name in fresh:
+        saved[name] = own[name]
+    if fresh:
+        warnings.warn(
+            f"teacher.checkpoint {path}: {', '.join(fresh)} re-initialized, not loaded "
+            "(one row per class, and this data set has another number of classes)",
+            stacklevel=2,
+        )
     try:
-        teacher.load_state_dict(state["teacher"])
+        teacher.load_state_dict(saved)
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(
             f"teacher in {path} does not fit this teacher: {first_line(e)}"
         ) from None
+    return fresh

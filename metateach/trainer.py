@@ -49,7 +49,7 @@ from metateach.optim import build_schedule, optimizer_from_config, set_lr
 from metateach.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
-from metateach.teacher import TeachingContext
+from metateach.teacher import TeachingContext, loss_averaging
 from metateach.teaching import build_teaching
 
 __all__ = ["Trainer", "TrainState", "EpochTotals", "evaluate_models", "train"]
@@ -152,6 +152,7 @@ class Trainer:
         self._pending_since = time.perf_counter()
         # The running average of the batch losses, a teacher's view of the student's history.
         self._loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._loss_averaging = loss_averaging(cfg.teacher)
         self._save_due = False  # a checkpoint waits for the teaching strategy to allow it
         # The teacher's weights on a fixed sample of training data, measured each epoch.
         self._diagnostics = (
@@ -269,7 +270,11 @@ class Trainer:
         if self.world.size > 1:  # the global batch's numbers, the same on every rank
             (stats,) = all_sum([stats])
         batch_loss = stats[0] / self.train_loader.global_size(state.batch)
-        if state.step == 0:
+        if self._loss_averaging == "mean":  # over the episode's steps so far, this one included
+            self._loss_average = self._loss_average + (batch_loss - self._loss_average) / (
+                state.step + 1
+            )
+        elif state.step == 0:
             self._loss_average = batch_loss.clone()
         else:
             self._loss_average = 0.9 * self._loss_average + 0.1 * batch_loss
@@ -697,7 +702,7 @@ def _check_data_parallel(cfg: ExperimentConfig, strategy: Any, world: World) -> 
         ("train.eval_batch_size", cfg.train.eval_batch_size),
         ("teacher.hypergrad.val_batch_size", cfg.teacher.hypergrad.val_batch_size),
     ):
-        if size < world.size:
+        if isinstance(size, int) and size < world.size:
             raise ConfigError(
                 f"{key}={size} is the global batch and cannot be split over {world.size} "
                 "processes; make it at least the number of processes"

@@ -10,6 +10,7 @@ from typing import Any
 
 from metateach.config import WANDB_MODES, ExperimentConfig
 from metateach.errors import ConfigError
+from metateach.teacher import LOSS_AVERAGES
 
 __all__ = ["validate", "TEACHER_CONTEXT"]
 
@@ -57,7 +58,12 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("logging.diagnostic_samples", *_at_least(1)),
     ("teacher.hypergrad.inner_steps", *_at_least(1, optional=True)),
     ("teacher.hypergrad.backprop_steps", *_at_least(1, optional=True)),
-    ("teacher.hypergrad.val_batch_size", *_at_least(1)),
+    (
+        "teacher.hypergrad.val_batch_size",
+        lambda v: v == "all" or (isinstance(v, int) and v >= 1),
+        "an integer >= 1, or all",
+    ),
+    ("teacher.loss_average", lambda v: v in (None, *LOSS_AVERAGES), "mean or ema (or unset)"),
     ("teacher.optim.lr", lambda v: v > 0, "> 0"),
     ("teacher.optim.weight_decay", *_at_least(0)),
     ("teacher.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -200,7 +206,8 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
     if learning.method == "reversible" and (cfg.optim.momentum <= 0 or cfg.optim.nesterov):
         raise ConfigError(
             "teacher.hypergrad.method=reversible runs momentum SGD backwards: it needs "
-            "optim.momentum > 0 and optim.nesterov=false"
+            "optim.momentum > 0 and optim.nesterov=false (teacher.hypergrad.method=unrolled "
+            "gives the same hypergradient for any SGD, keeping the window's graphs)"
         )
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metateach.data import Batch
+from metateach.data import Batch, RepeatedBatch
 from metateach.hypergrad import BilevelProblem
 from metateach.lesson import Lesson, lesson_loss
 from metateach.models import create_model
@@ -47,18 +47,6 @@ def exercised(teacher: Teacher) -> Teacher:
     return teacher
 
 
-class FixedStream:
-    """Always the same validation batch, with the position attribute a stream has."""
-
-    def __init__(self, batch: Batch) -> None:
-        self.batch = batch
-        self.position = 0
-
-    def next(self) -> Batch:
-        self.position += 1
-        return self.batch
-
-
 def make_batch(n: int, seed: int) -> Batch:
     g = torch.Generator().manual_seed(seed)
     return Batch(
@@ -84,9 +72,10 @@ class Setup:
         teacher: Callable[[Student], Teacher] | None = None,
         nesterov: bool = False,
         dropout: float = 0.0,
+        hidden: tuple[int, ...] = (6, 5),
     ) -> None:
         torch.manual_seed(0)
-        kwargs = {"hidden": [6, 5], "dropout": dropout} if model == "mlp" else {}
+        kwargs = {"hidden": list(hidden), "dropout": dropout} if model == "mlp" else {}
         self.shape = SHAPE if model == "mlp" else (1, 8, 8)
         self.student = create_model(model, CLASSES, self.shape, kwargs).double()
         self.teacher = exercised(
@@ -125,7 +114,7 @@ class Setup:
             optimizer=self.optimizer,
             teacher=self.teacher,
             teacher_optimizer=torch.optim.SGD(self.teacher.parameters(), lr=0.0),
-            val_stream=FixedStream(self.val),  # type: ignore[arg-type]
+            val_stream=RepeatedBatch(self.val),
             clean_targets=torch.zeros(64, dtype=torch.long),
             keep_weight_grad=keep_weight_grad,
         )

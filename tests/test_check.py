@@ -256,7 +256,7 @@ class StateReader(Teacher):
         super().__init__()
         g = torch.Generator().manual_seed(11)
         self.features = nn.Parameter(0.3 * torch.randn(student.feature_dim, generator=g))
-        self.maps = nn.Parameter(0.3 * torch.randn(student.stage_dims[0], generator=g))
+        self.maps = nn.Parameter(0.3 * torch.randn(student.map_shapes[0][0], generator=g))
         self.margin = nn.Parameter(torch.tensor(0.5))
 
     def forward(self, batch: Batch, view: StudentView) -> Lesson:

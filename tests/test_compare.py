@@ -16,11 +16,13 @@ from metateach.compare import (
     load_comparison,
     markdown_table,
     run_comparison,
+    selected,
     summarize,
     write_results,
 )
 from metateach.compare_cli import main
 from metateach.config import load_config
+from metateach.diagnostics import SNAPSHOT, WeightSnapshot
 from metateach.errors import CheckpointError, ConfigError
 from metateach.trainer import train
 
@@ -85,7 +87,7 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
     [
         (
             {"config": "x.yaml", "variants": {}, "seed": [1]},
-            "unknown key 'seed'; valid: config, overrides, paper, seeds, table, variants",
+            "unknown key 'seed'; valid: config, figure2, overrides, paper, seeds, select, table, variants",
         ),
         ({"variants": {}}, "missing key 'config'"),
         (
@@ -125,6 +127,14 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
         (
             {"config": "x.yaml", "variants": {"a_x": []}, "table": {"pairs": {}}},
             "table: unknown key 'pairs'; valid: last_epoch, pair, row_title, rows",
+        ),
+        (
+            {"config": "x.yaml", "variants": {"a": []}, "figure2": {"T0": "b"}},
+            "figure2 must map row titles to variant names (variants: a)",
+        ),
+        (
+            {"config": "x.yaml", "variants": {"a": []}, "select": {"best": ["a", "b"]}},
+            "select must map new row names to lists of variants (variants: a)",
         ),
     ],
 )
@@ -244,3 +254,40 @@ def test_variants_may_run_experiments_of_their_own(tmp_path: Path) -> None:
     results = run_comparison(comparison, tmp_path / "out", QUICK, train=recording)
     assert seen == ["none", "learning_to_reweight"]
     assert [r["variant"] for r in results] == ["plain", "taught"]
+
+
+def test_figure2_draws_each_named_teacher_from_its_first_run(tmp_path: Path) -> None:
+    spec = write_yaml(tmp_path / "fig.yaml", {
+        "config": str(CONFIGS / "quickstart.yaml"),
+        "seeds": [0],
+        "overrides": ["teacher.name=deep_interaction", "teacher.hypergrad.inner_steps=2"],
+        "variants": {"surface": ["teacher.kwargs.features=[M1]"],
+                     "internal": ["teacher.kwargs.features=[I0,M0]"]},
+        "figure2": {"T0": "surface", "T1": "internal"},
+    })  # fmt: skip
+    comparison = load_comparison(spec)
+    assert comparison.figure2 == {"T0": "surface", "T1": "internal"}
+    drawn = [o for o in QUICK if o != "logging.plots=false"]
+    results = run_comparison(comparison, tmp_path / "out", drawn)
+    for result in results:
+        snapshot = WeightSnapshot.load(Path(result["folder"]) / "diagnostics" / SNAPSHOT)
+        assert len(snapshot.weights) == 200 and snapshot.features.shape[0] == 200
+    write_results(comparison, tmp_path / "out", results)
+    assert (tmp_path / "out" / "figure2.png").stat().st_size > 10_000
+
+
+def test_a_setting_chosen_on_validation_is_a_row_of_its_own() -> None:
+    def run(variant: str, seed: int, val: float, test: float) -> dict:
+        return {"variant": variant, "seed": seed, "best/val_acc": val, "test/acc": test,
+                "best/test_acc": test}  # fmt: skip
+
+    results = [run("g1", 0, 0.90, 0.80), run("g2", 0, 0.95, 0.70),
+               run("g1", 1, 0.97, 0.85), run("g2", 1, 0.93, 0.99), run("g1", 2, 0.99, 0.5)]  # fmt: skip
+    chosen = selected(results, {"focal": ["g1", "g2"]})
+    # Seed 2 lacks g2's run: no choice is made among part of the candidates.
+    assert [(r["seed"], r["chosen"], r["test/acc"]) for r in chosen] == [
+        (0, "g2", 0.70),
+        (1, "g1", 0.85),
+    ]
+    row = summarize(chosen)[0]
+    assert row["variant"] == "focal" and row["test/acc"] == pytest.approx(77.5)

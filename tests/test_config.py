@@ -85,11 +85,13 @@ def test_naming_another_teacher_or_model_starts_its_kwargs_afresh(tmp_path: Path
 def test_naming_another_teacher_drops_the_old_ones_hypergradient_settings() -> None:
     cell = CONFIGS / "deep_interaction" / "table5_cifar10_uniform40.yaml"
     declared = load_config(cell).teacher.hypergrad
-    assert (declared.method, declared.inner_steps, declared.backprop_steps) == ("unrolled", 20, 2)
+    assert (declared.method, declared.inner_steps, declared.backprop_steps) == ("reversible", 20, 2)
+    assert load_config(cell).teacher.loss_average == "mean"
     baseline = load_config(cell, ["teacher.name=none"])  # was an error: 'none' does not learn
     assert baseline.teacher.hypergrad.method is None
     mwn = load_config(cell, ["teacher.name=meta_weight_net"])
     assert (mwn.teacher.hypergrad.method, mwn.teacher.hypergrad.inner_steps) == (None, None)
+    assert mwn.teacher.loss_average is None
     # Settings given beside the new name apply; the validation batch size stays.
     both = load_config(cell, ["teacher.name=meta_weight_net", "teacher.hypergrad.inner_steps=5"])
     assert both.teacher.hypergrad.inner_steps == 5
@@ -294,5 +296,13 @@ def test_paper_cell_configs_hold_their_tables_settings() -> None:
         mwnet.teacher.optim.lr,
         mwnet.optim.nesterov,
     ) == (100.0, 100, 1e-5, True)
-    assert len(list((CONFIGS / "deep_interaction").glob("table*.yaml"))) == 14
+    # Algorithm 1 on Eq. 2's plain momentum, even on Meta-Weight-Net's (Nesterov) schedule.
+    for cell in (table1, table5, table6):
+        assert (cell.teacher.hypergrad.method, cell.optim.nesterov) == ("reversible", False)
+        assert (cell.teacher.hypergrad.val_batch_size, cell.teacher.loss_average) == ("all", "mean")
+    assert load_config(CONFIGS / "meta_weight_net" / "cifar10_flip20_resnet32.yaml").optim.nesterov
+    tables = {
+        t: len(list((CONFIGS / "deep_interaction").glob(f"table{t}_*.yaml"))) for t in range(1, 8)
+    }
+    assert tables == {1: 9, 2: 6, 3: 4, 4: 3, 5: 4, 6: 4, 7: 5}  # table 1: 6 cells, 3 L2T baselines
     assert len(list((CONFIGS / "meta_weight_net").glob("*.yaml"))) == 20

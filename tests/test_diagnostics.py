@@ -27,7 +27,9 @@ def test_weight_shares_on_clean_and_mislabeled_samples() -> None:
     assert summary["teacher/mean_weight_noisy"] == 0.0
 
 
-@pytest.mark.parametrize("teacher", ["meta_weight_net", "learning_to_reweight", "deep_interaction"])
+@pytest.mark.parametrize(
+    "teacher", ["meta_weight_net", "learning_to_reweight", "deep_interaction", "mentornet_pd"]
+)
 def test_diagnostics_do_not_change_the_run(make_config, teacher: str) -> None:
     common = (f"teacher.name={teacher}", "teacher.hypergrad.inner_steps=3" if teacher == "deep_interaction" else "train.seed=0",
               "noise.type=symmetric", "noise.rate=0.3", "data.train_subset=300")  # fmt: skip
@@ -41,6 +43,8 @@ def test_diagnostics_do_not_change_the_run(make_config, teacher: str) -> None:
     watched.fit()
     for key, value in quiet.model.state_dict().items():
         assert torch.equal(value, watched.model.state_dict()[key]), key
+    for key, value in quiet.teaching.teacher.state_dict().items():  # a running threshold too
+        assert torch.equal(value, watched.teaching.teacher.state_dict()[key]), key
     records = [
         json.loads(line) for line in (watched.run_dir / "metrics.jsonl").read_text().splitlines()
     ]

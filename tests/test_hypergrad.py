@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metateach.data import Batch, WholeSplit
+from metateach.errors import ConfigError
 from metateach.hypergrad.example_gradient import example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
 from metateach.hypergrad.implicit import Implicit
@@ -26,6 +28,7 @@ from metateach.hypergrad.reversible import Reversible
 from metateach.hypergrad.unrolled import Unrolled
 from metateach.lesson import lesson_loss
 from metateach.teachers import DeepInteractionTeacher, MetaWeightNet
+from metateach.trainer import Trainer
 
 from .hypergrad_fixtures import CLASSES, Setup, context
 
@@ -285,7 +288,8 @@ def deep_interaction(features: tuple[str, ...], hidden_layers: int = 0):
 def test_the_deep_interaction_teacher_gets_exact_hypergradients(
     features, hidden_layers: int, method: str
 ) -> None:
-    setup = Setup("mlp", teacher=deep_interaction(features, hidden_layers))
+    # Three hidden layers: the last is I0, the two before it I1 and I2.
+    setup = Setup("mlp", teacher=deep_interaction(features, hidden_layers), hidden=(4, 6, 5))
     make = (
         (lambda p: Unrolled(p, 3, 3)) if method == "unrolled" else (lambda p: Reversible(p, 3, 3))
     )
@@ -398,3 +402,35 @@ def test_a_hypergradient_is_taken_without_stepping_anything(mlp: Setup) -> None:
     method.step(mlp.batches[0], context(0))
     with pytest.raises(RuntimeError, match="inside a teacher span \\(1 steps in\\)"):
         method.hypergradient(pairs)
+
+
+def test_val_batch_size_all_takes_the_whole_validation_split_in_chunks(make_config) -> None:
+    """M(D_valid): the chunks' gradients add up to the gradient on the split as one batch
+    (an MLP student, so BatchNorm's per-chunk statistics do not enter)."""
+    trainer = Trainer(
+        make_config(
+            "teacher.name=deep_interaction",
+            "teacher.hypergrad.val_batch_size=all",
+            "train.eval_batch_size=64",
+        )
+    )
+    problem = trainer.teaching.strategy.problem
+    assert isinstance(problem.val_stream, WholeSplit)
+    chunks = problem.val_stream.draw()
+    n = len(trainer.data.val)
+    assert [len(c.y) for c in chunks] == [64] * (n // 64) + ([n % 64] if n % 64 else [])
+    whole = Batch(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
+    assert torch.equal(whole.index.sort().values, torch.arange(n))
+    params = {k: p.detach().requires_grad_() for k, p in problem.params().items()}
+    chunked, chunked_loss = problem.val_gradient(params)
+    direct, direct_loss = problem.val_gradient(params, whole)
+    assert chunked_loss.item() == pytest.approx(direct_loss.item(), rel=1e-6)
+    for k in params:
+        assert torch.allclose(chunked[k], direct[k], rtol=1e-5, atol=1e-7), k
+    assert problem.val_stream.position == 2
+    with pytest.raises(
+        ConfigError, match="teacher.hypergrad.val_batch_size .*an integer >= 1, or all"
+    ):
+        Trainer(
+            make_config("teacher.name=deep_interaction", "teacher.hypergrad.val_batch_size=most")
+        )

@@ -65,6 +65,7 @@ def test_cnn9_is_co_teachings_network() -> None:
     ("name", "shape", "kwargs"),
     [
         ("resnet8", (3, 32, 32), {}),
+        ("resnet8", (3, 15, 13), {}),
         ("cnn9", (1, 28, 28), {}),
         ("cifar_resnet", (3, 32, 32), {"depth": 14}),
         ("wide_resnet", (3, 32, 32), {"depth": 10, "widen": 2, "dropout": 0.3}),
@@ -85,7 +86,7 @@ def test_students_split_into_features_and_head(
     assert torch.allclose(model.head(features), logits, atol=1e-6)
     states = model(x, return_states=True)
     assert isinstance(states, StudentStates)
-    assert tuple(m.shape[1] for m in states.maps) == model.stage_dims
+    assert tuple(tuple(m.shape[1:]) for m in states.maps) == model.map_shapes
     assert torch.allclose(states.logits, logits, atol=1e-6) and torch.allclose(
         states.features, features, atol=1e-6
     )

@@ -141,3 +141,13 @@ def test_data_entries_point_data_root_under_the_data_folder(tmp_path: Path) -> N
     # The quickstart's digits come with scikit-learn, so any data.root will do.
     run_suite(suite, tmp_path / "runs", data_dir=Path("/data"), train=recording)
     assert roots == ["/data/cifar10-jpeg"]
+
+
+def test_list_names_every_run_of_a_suite_and_runs_nothing(capsys) -> None:
+    assert main(["paper_deep_interaction", "--list"]) == 0
+    listing = capsys.readouterr().out
+    for cell in ("table2_i0_m0_m1", "table3_i3_m0", "table4_mlp2", "table7_k100_b5"):
+        assert f"configs/deep_interaction/{cell}.yaml" in listing, cell
+    assert "cifar10_flip20_mentornet" in listing and "paper 86.36" in listing
+    assert "cifar10_resnet32_focal_g05" in listing and "to_cifar100" in listing
+    assert "train first: configs/deep_interaction/appendixB_teacher.yaml" in listing

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from metateach.data import Batch
 from metateach.errors import ConfigError
 from metateach.hypergrad import ExampleGradients, StudentOnly
-from metateach.hypergrad.unrolled import Unrolled
+from metateach.hypergrad.reversible import Reversible
 from metateach.lesson import lesson_loss
 from metateach.models import create_model
 from metateach.teacher import StudentView, TeachingContext
@@ -17,11 +19,13 @@ from metateach.teachers import (
     DeepInteractionTeacher,
     FocalLoss,
     LearningToReweight,
+    MentorNetPD,
     MetaWeightNet,
     RandomFilter,
     SelfPacedLearning,
 )
 from metateach.teachers.focal import focal_loss
+from metateach.teachers.mentornet import predefined_curriculum
 from metateach.trainer import Trainer
 
 
@@ -105,6 +109,38 @@ def test_meta_weight_net_weights_are_a_function_of_the_loss_summing_to_the_batch
     assert torch.allclose(teacher(batch, same_loss).weights, torch.ones(12))
 
 
+def test_mentornet_pd_follows_its_predefined_curriculum() -> None:
+    losses = torch.tensor([0.1, 0.5, 0.9, 1.4, 3.0])
+    threshold = torch.tensor(0.8)
+    assert torch.equal(predefined_curriculum(losses, threshold, 0.18), torch.ones(5))  # burn-in
+    assert predefined_curriculum(losses, threshold, 0.5).tolist() == [1, 1, 0, 0, 0]  # self-paced
+    linear = predefined_curriculum(losses, threshold, 0.95, gamma=1.0)
+    assert linear.tolist() == pytest.approx([1, 1, 0.9, 0.4, 0])  # clip(1 - (l - lambda) / gamma)
+
+
+def test_mentornet_pd_thresholds_at_a_running_percentile_and_drops_examples() -> None:
+    teacher = MentorNetPD(percentile=0.5, decay=0.9, dropout=[[0.5, 0.2], [0.1, 0.8]])
+    assert (teacher.dropout_rate(0.1), teacher.dropout_rate(0.5)) == (0.5, 0.1)
+    batch, logits = batch_of(20)
+    losses = F.cross_entropy(logits, batch.y, reduction="none")
+    torch.manual_seed(0)
+    early = teacher(batch, view_of(logits, batch.y, progress=0.1))
+    median = torch.quantile(losses.double(), 0.5)
+    assert teacher.threshold.item() == pytest.approx(0.1 * median.item())  # from 0, as theirs
+    assert int((early.weights > 0).sum()) == 10  # burn-in ones, half dropped
+    late = teacher(batch, view_of(logits, batch.y, progress=0.5))
+    assert teacher.threshold.item() == pytest.approx(0.19 * median.item())
+    kept = late.weights > 0
+    assert int(kept.sum()) <= 18 and torch.all(losses[kept] <= teacher.threshold.float())
+    assert "threshold" in teacher.state_dict()  # a resumed run picks it up
+    for bad, message in (
+        ({"percentile": 0}, "percentile must be in"),
+        ({"dropout": [[0.5, 0.5]]}, "dropout must be .* adding up to 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            MentorNetPD(**bad)
+
+
 def test_deep_interaction_inputs_follow_the_feature_choice() -> None:
     student = create_model("resnet8", 10, (3, 32, 32))
     states = student(torch.randn(5, 3, 32, 32), return_states=True)
@@ -112,7 +148,8 @@ def test_deep_interaction_inputs_follow_the_feature_choice() -> None:
     context = TeachingContext(30, 1, 120, torch.tensor(1.5), 0.4)
     losses = F.cross_entropy(states.logits, batch.y, reduction="none")
     view = StudentView(states.logits, losses, states.features, states.maps, context)
-    widths = {"I0": 64, "I1": 64, "I2": 32, "I3": 16, "M0": 16, "M1": 14}
+    widths = {"I0": 64, "I1": 64 * 8 * 8, "I2": 32 * 16 * 16, "I3": 16 * 32 * 32, "M0": 16}
+    widths["M1"] = 14
     for features in (["I0", "M0"], ["I1"], ["I2", "I3"], ["M1"], ["I0", "M0", "M1"]):
         teacher = DeepInteractionTeacher(10, student, features)
         inputs = teacher.inputs(batch, view)
@@ -128,11 +165,55 @@ def test_deep_interaction_inputs_follow_the_feature_choice() -> None:
     probs = states.logits.softmax(1)
     margin = probs[0, 0] - probs[0, 1:].max()
     assert surface[0, 13].item() == pytest.approx(margin.item(), abs=1e-6)
-    i1 = DeepInteractionTeacher(10, student, ["I1"]).inputs(batch, view)
-    assert torch.allclose(i1, states.maps[-1].mean(dim=(2, 3)))
+    gridded = DeepInteractionTeacher(10, student, ["I1", "I3"], map_grid=2).inputs(batch, view)
+    assert torch.allclose(
+        gridded[:, : 64 * 4], F.adaptive_avg_pool2d(states.maps[-1], 2).flatten(1)
+    )
+    assert gridded.shape == (5, (64 + 16) * 2 * 2)
     assert (
         len(DeepInteractionTeacher(10, student, ["I0"], hidden_layers=2).net) == 5
     )  # (Linear, ReLU) x 2, Linear
+
+
+@pytest.mark.parametrize(
+    ("model", "levels"),
+    [
+        ("resnet32", {"I0": (64,), "I1": (64, 8, 8), "I2": (32, 16, 16), "I3": (16, 32, 32)}),
+        ("resnet110", {"I0": (64,), "I1": (64, 8, 8), "I2": (32, 16, 16), "I3": (16, 32, 32)}),
+        ("wrn28_10", {"I0": (640,), "I1": (640, 8, 8), "I2": (320, 16, 16), "I3": (160, 32, 32)}),
+        ("lenet", {"I0": (500,), "I1": (50, 4, 4), "I2": (20, 12, 12)}),
+    ],
+)
+def test_deep_interaction_levels_are_the_papers_distinct_maps(model: str, levels: dict) -> None:
+    """I0..I3 as the teacher's docstring states them: distinct inputs of those sizes.
+
+    The CIFAR students' I1 is the 8x8 maps themselves, not their average
+    (which is I0); LeNet's fc layer is I0, so its I1 is conv2's maps.
+    """
+    shape = (1, 28, 28) if model == "lenet" else (3, 32, 32)
+    torch.manual_seed(0)
+    student = create_model(model, 10, shape).eval()
+    with torch.no_grad():
+        states = student(torch.randn(2, *shape), return_states=True)
+    context = TeachingContext(0, 0, 10, torch.tensor(1.0), 0.0)
+    view = StudentView(states.logits, states.logits[:, 0], states.features, states.maps, context)
+    batch = Batch(torch.zeros(2), torch.tensor([1, 2]), torch.arange(2))
+    inputs = {
+        name: DeepInteractionTeacher(10, student, [name]).inputs(batch, view) for name in levels
+    }
+    for name, size in levels.items():
+        assert inputs[name].shape == (2, math.prod(size)), name
+    assert torch.equal(inputs["I1"], states.maps[student.levels[0]].flatten(1))
+    names = list(levels)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if inputs[a].shape == inputs[b].shape:
+                assert not torch.allclose(inputs[a], inputs[b]), (a, b)
+    pooled_i1 = states.maps[student.levels[0]].flatten(2).mean(2)
+    assert pooled_i1.shape[1] != inputs["I1"].shape[1]  # a map, not one number a channel
+    if model == "lenet":
+        with pytest.raises(ValueError, match=r"I3 is not available: LeNet has 2 stage\(s\) below"):
+            DeepInteractionTeacher(10, student, ["I0", "I3"])
 
 
 @pytest.mark.parametrize(
@@ -154,7 +235,7 @@ def test_deep_interaction_options_are_checked(kwargs: dict, message: str) -> Non
 def test_a_teacher_that_cannot_fit_the_student_is_a_config_error(make_config) -> None:
     with pytest.raises(
         ConfigError,
-        match=r"teacher 'deep_interaction' \(teacher.name\) .*I3 needs a student with 3 stages; it has 1",
+        match=r"teacher 'deep_interaction' \(teacher.name\) .*I3 is not available: MLP has 0 stage",
     ):
         Trainer(make_config("teacher.name=deep_interaction", "teacher.kwargs.features=[I3]"))
 
@@ -162,10 +243,11 @@ def test_a_teacher_that_cannot_fit_the_student_is_a_config_error(make_config) ->
 @pytest.mark.parametrize(
     ("teacher", "strategy"),
     [
-        (["teacher.name=deep_interaction", "teacher.hypergrad.inner_steps=4"], Unrolled),
+        (["teacher.name=deep_interaction", "teacher.hypergrad.inner_steps=4"], Reversible),
         (["teacher.name=learning_to_reweight"], ExampleGradients),
         (["teacher.name=focal", "teacher.kwargs.gamma=1.0"], StudentOnly),
         (["teacher.name=self_paced"], StudentOnly),
+        (["teacher.name=mentornet_pd"], StudentOnly),
         (["teacher.name=random_filter", "teacher.kwargs.keep=0.7"], StudentOnly),
     ],
 )

@@ -12,7 +12,7 @@ from metateach.errors import CheckpointError, ConfigError
 from metateach.hypergrad import StudentOnly
 from metateach.trainer import Trainer
 
-from .conftest import without_measurements
+from .conftest import without_measurements, write_cifar100
 from .test_trainer import epoch_records
 
 METHODS = [
@@ -196,3 +196,29 @@ def test_a_frozen_teacher_ignores_its_learning_settings() -> None:
         ],
     )
     assert cfg.teacher.learn is False
+
+
+def test_a_teacher_moved_to_another_class_count_starts_its_label_embedding_afresh(
+    make_config, tmp_path: Path, skip_cifar_checksums: None
+) -> None:
+    """Appendix B's transfer to another data set: what depends on the classes is re-initialized,
+    with a warning naming it; the rest loads."""
+    common = ("teacher.name=deep_interaction", "teacher.hypergrad.inner_steps=2")
+    trained = Trainer(make_config(*common, "train.run_name=t", "train.epochs=1"))
+    trained.fit()
+    write_cifar100(tmp_path, train=300, test=100)
+    cifar100 = ("data.name=cifar100", f"data.root={tmp_path}", "data.val_size=100")
+    with pytest.warns(UserWarning, match=r"embedding.weight re-initialized, not loaded"):
+        moved = Trainer(
+            make_config(*common, *cifar100, "teacher.learn=false", "train.run_name=m",
+                        f"teacher.checkpoint={trained.run_dir}")
+        )  # fmt: skip
+    source, target = trained.teaching.teacher, moved.teaching.teacher
+    assert (source.embedding.weight.shape[0], target.embedding.weight.shape[0]) == (10, 100)
+    assert torch.equal(source.net[-1].weight, target.net[-1].weight)  # W_I, W_M and b load
+    assert torch.equal(source.net[-1].bias, target.net[-1].bias)
+    surface = (*common, "teacher.kwargs.features=[I0,M1]")
+    with_m1 = Trainer(make_config(*surface, "train.run_name=s", "train.epochs=1"))
+    with_m1.fit()
+    with pytest.raises(CheckpointError, match=r"does not fit this teacher"):  # M1's one-hot width
+        Trainer(make_config(*surface, *cifar100, f"teacher.checkpoint={with_m1.run_dir}"))

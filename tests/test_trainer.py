@@ -250,3 +250,58 @@ def test_a_failing_wandb_warns_once_and_training_goes_on(
     err = capsys.readouterr().err
     assert err.count("warning: W&B could not start (PermissionError: cannot write)") == 1
     assert metrics["epoch"] == 2 and len(epoch_records(trainer.run_dir)) == 2
+
+
+@pytest.mark.parametrize(
+    ("teacher", "average"),
+    [
+        ("focal", "ema"),
+        ("deep_interaction", "mean"),
+        ("focal", "mean"),
+        ("deep_interaction", "ema"),
+    ],
+)
+def test_the_teachers_average_training_loss_is_the_one_asked_for(
+    make_config, teacher: str, average: str
+) -> None:
+    """M1's "average training loss until the current iteration": the mean since the start
+    (the deep-interaction teacher's declaration) or an exponential average (the default)."""
+    declared = (
+        teacher == "deep_interaction"
+        and average == "mean"
+        or teacher == "focal"
+        and average == "ema"
+    )
+    overrides = [f"teacher.name={teacher}", "train.epochs=1"]
+    if teacher == "deep_interaction":
+        overrides.append("teacher.hypergrad.inner_steps=2")
+    if not declared:
+        overrides.append(f"teacher.loss_average={average}")
+    trainer = Trainer(make_config(*overrides))
+    strategy = trainer.teaching.strategy
+    seen: list[float] = []
+    losses: list[float] = []
+    step = strategy.step
+
+    def spy(batch, context):
+        seen.append(float(context.avg_train_loss))
+        stats = step(batch, context)
+        losses.append(float(stats[0]) / len(batch.y))
+        return stats
+
+    strategy.step = spy
+    trainer.fit(max_steps=6)
+    expected, running = [], 0.0
+    for t, loss in enumerate(losses[:-1]):
+        if average == "mean":
+            running += (loss - running) / (t + 1)
+        else:
+            running = loss if t == 0 else 0.9 * running + 0.1 * loss
+        expected.append(running)
+    assert len(losses) == 6
+    assert seen[1:] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_bad_loss_average_is_a_config_error(make_config) -> None:
+    with pytest.raises(ConfigError, match="teacher.loss_average .*mean or ema"):
+        Trainer(make_config("teacher.name=focal", "teacher.loss_average=median"))

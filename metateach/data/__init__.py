@@ -20,6 +20,7 @@ from metateach.data.loader import (
     BatchStream,
     RepeatedBatch,
     Split,
+    WholeSplit,
     as_batch,
     derive_seed,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Normalize",
     "NoisyLabels",
     "RepeatedBatch",
+    "WholeSplit",
     "Split",
     "apply_label_noise",
     "as_batch",
@@ -101,12 +103,22 @@ class DataBundle:
 
     def val_stream(
         self,
-        batch_size: int,
+        batch_size: int | str,
         seed: int,
         device: torch.device | str,
         shard: tuple[int, int] = (0, 1),
-    ) -> BatchStream:
-        """Endless shuffled batches of the clean validation split: the teacher's outer objective."""
+        chunk_size: int = 500,
+    ) -> BatchStream | WholeSplit:
+        """The clean validation data of the teacher's outer objective.
+
+        Endless shuffled batches of ``batch_size``; with ``"all"``, the whole
+        split every time, taken in chunks of ``chunk_size``.
+        """
+        if batch_size == "all":
+            return WholeSplit(
+                BatchLoader(self.val, chunk_size, self.normalize, device=device, shard=shard)
+            )
+        assert isinstance(batch_size, int)
         return BatchStream(
             BatchLoader(
                 self.val,

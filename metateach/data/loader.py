@@ -24,6 +24,7 @@ __all__ = [
     "BatchLoader",
     "BatchStream",
     "RepeatedBatch",
+    "WholeSplit",
     "as_batch",
     "derive_seed",
 ]
@@ -184,11 +185,15 @@ class BatchStream:
         self.position += 1
         return self.loader.batch_at(epoch, b)
 
+    def draw(self) -> list[Batch]:
+        """The next validation objective's data, for a validation stream: the next batch."""
+        return [self.next()]
+
 
 class RepeatedBatch:
     """A stream that gives the same batch every time: a validation set that is one batch.
 
-    It has a stream's ``next()`` and ``position``, so a
+    It has a stream's ``next()``, ``draw()`` and ``position``, so a
     :class:`~metateach.hypergrad.problem.BilevelProblem` takes it where it takes a
     :class:`BatchStream`.
     """
@@ -200,3 +205,28 @@ class RepeatedBatch:
     def next(self) -> Batch:
         self.position += 1
         return self.batch
+
+    def draw(self) -> list[Batch]:
+        return [self.next()]
+
+
+class WholeSplit:
+    """A validation stream whose every draw is the whole split: M(D_valid), not a batch of it.
+
+    The split comes in the loader's batches (chunks, in order, unaugmented),
+    made once and kept on the device; the outer objective is their
+    size-weighted mean, and its gradient is taken chunk by chunk, so memory
+    is that of one chunk. BatchNorm normalizes each chunk with its own
+    statistics, as it does a training batch.
+    """
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.loader = loader
+        self.position = 0
+        self._chunks: list[Batch] | None = None
+
+    def draw(self) -> list[Batch]:
+        self.position += 1
+        if self._chunks is None:
+            self._chunks = [self.loader.batch_at(0, b) for b in range(len(self.loader))]
+        return self._chunks

@@ -86,8 +86,7 @@ class Implicit(PerStepMethod):
     ) -> Sequence[Tensor | None]:
         problem = self.problem
         theta = list(params.values())
-        val_loss = problem.val_loss(params, problem.next_val_batch())
-        v = dict(zip(params, sum_gradients(autograd.grad(val_loss, theta)), strict=True))
+        v, val_loss = problem.val_gradient(params)
         grads = autograd.grad(train.loss, theta, create_graph=True, retain_graph=True)
         decay = problem.sgd().weight_decay if holds_constant_terms() else 0.0
         decayed = decayed_gradients(dict(zip(params, grads, strict=True)), params, decay)

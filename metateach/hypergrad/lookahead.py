@@ -45,20 +45,14 @@ def virtual_direction(
     """u = grad L_val(theta') and L_val(theta'), theta' the student optimizer's step on ``grads``.
 
     ``grads`` follow the order of ``params``; nothing here keeps a graph to
-    them. ``val_batch`` defaults to the validation stream's next. With the
+    them. ``val_batch`` defaults to the validation stream's next draw. With the
     batches sharded over processes, ``grads`` and the validation gradient
     are summed over them (:mod:`metateach.distributed`).
     """
     with torch.no_grad():
         virtual, _ = problem.sgd_step(params, problem.momentum(), sum_gradients(grads))
     virtual = {k: p.detach().requires_grad_() for k, p in virtual.items()}
-    val_loss = problem.val_loss(
-        virtual, val_batch if val_batch is not None else problem.next_val_batch()
-    )
-    *found, val_loss = sum_gradients(
-        [*autograd.grad(val_loss, list(virtual.values())), val_loss.detach()]
-    )
-    return dict(zip(virtual, found, strict=True)), val_loss
+    return problem.val_gradient(virtual, val_batch)
 
 
 def lookahead_gradient(

@@ -22,7 +22,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, autograd
 
-from metateach.data import Batch, BatchStream, RepeatedBatch
+from metateach.data import Batch, BatchStream, RepeatedBatch, WholeSplit
 from metateach.distributed import sum_gradients
 from metateach.errors import NonFiniteStep
 from metateach.hypergrad.functional import (
@@ -132,7 +132,7 @@ class BilevelProblem:
     optimizer: torch.optim.Optimizer
     teacher: Teacher | None = None
     teacher_optimizer: torch.optim.Optimizer | None = None
-    val_stream: BatchStream | RepeatedBatch | None = None
+    val_stream: BatchStream | RepeatedBatch | WholeSplit | None = None
     clean_targets: Tensor | None = None
     keep_weight_grad: bool = False
     refill: BatchStream | None = None
@@ -376,10 +376,42 @@ class BilevelProblem:
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
 
-    def next_val_batch(self) -> Batch:
-        if self.val_stream is None:
+    def val_gradient(
+        self,
+        params: Params,
+        batch: Batch | None = None,
+        *,
+        summed: bool = True,
+    ) -> tuple[Params, Tensor]:
+        """d L_val / d ``params`` and L_val (detached), on the validation stream's next draw.
+
+        The draw is one batch, or the whole validation split in chunks
+        (``val_batch_size: all``): the chunks' losses weigh by their sizes,
+        and each chunk's gradient is taken on its own, so memory is that of
+        one chunk. ``batch`` replaces the draw. Under data parallelism the
+        results are summed over the processes, unless ``summed`` is false
+        (for a caller that carries this process's share further back
+        through a graph that sums across processes itself).
+        """
+        if batch is not None:
+            chunks = [batch]
+        elif self.val_stream is not None:
+            chunks = self.val_stream.draw()
+        else:
             raise RuntimeError("this problem has no validation stream; the teacher cannot learn")
-        return self.val_stream.next()
+        total = sum(len(chunk.y) for chunk in chunks)
+        theta = list(params.values())
+        grads: list[Tensor] = []
+        losses: list[Tensor] = []
+        for chunk in chunks:
+            part = self.val_loss(params, chunk) * (len(chunk.y) / total)
+            found = autograd.grad(part, theta)
+            grads = [a + b for a, b in zip(grads, found, strict=True)] if grads else list(found)
+            losses.append(part.detach())
+        loss = torch.stack(losses).sum()
+        if summed:
+            *grads, loss = sum_gradients([*grads, loss])
+        return dict(zip(params, grads, strict=True)), loss
 
     # ------------------------------------------------------------------ #
     # Steps

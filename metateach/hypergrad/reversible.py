@@ -110,10 +110,7 @@ class Reversible(HypergradMethod):
         momentum = {k: v.detach().clone() for k, v in problem.momentum().items()}  # type: ignore[union-attr]
 
         theta = {k: p.requires_grad_() for k, p in params.items()}
-        val_loss = problem.val_loss(theta, problem.next_val_batch())
-        d_theta = dict(
-            zip(theta, sum_gradients(autograd.grad(val_loss, list(theta.values()))), strict=True)
-        )
+        d_theta, val_loss = problem.val_gradient(theta)
         d_omega = [torch.zeros_like(p) for p in teacher_params]
         # The adjoint of v_{t+1} including theta_{t+1}'s dependence on it; v_K itself has none.
         d_v = {k: -self._recorded[-1].lr * g for k, g in d_theta.items()}

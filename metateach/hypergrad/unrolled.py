@@ -124,8 +124,14 @@ class Unrolled(HypergradMethod):
         """d(validation loss at theta_K)/d ``targets``; frees the window's graph."""
         problem, first = self.problem, self._first
         assert self._params is not None and first is not None
-        val_loss = problem.val_loss(self._params, problem.next_val_batch())
-        found = autograd.grad(val_loss, [*targets, *first.gradient.values()], allow_unused=True)
+        # This process's share of d L_val / d theta_K, carried back through the window.
+        at_end, val_loss = problem.val_gradient(self._params, summed=False)
+        found = autograd.grad(
+            list(self._params.values()),
+            [*targets, *first.gradient.values()],
+            grad_outputs=list(at_end.values()),
+            allow_unused=True,
+        )
         # Under data parallelism each process holds a part of the leaf's adjoint (see
         # metateach.distributed); their sum is the direction.
         later, adjoint = found[: len(targets)], sum_gradients(found[len(targets) :])

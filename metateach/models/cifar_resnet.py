@@ -57,7 +57,10 @@ class CifarResNet(Student):
         n = (depth - 2) // 6
         self.num_classes = num_classes
         self.feature_dim = 64
-        self.stage_dims = (16, 32, 64)
+        _, height, width = in_shape
+        self.map_shapes = tuple(
+            (planes, -(-height // 2**i), -(-width // 2**i)) for i, planes in enumerate((16, 32, 64))
+        )
         self.conv = nn.Conv2d(in_shape[0], 16, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(16)
         widths = (16, 32, 64)

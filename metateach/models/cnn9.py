@@ -40,7 +40,11 @@ class CNN9(Student):
             raise ValueError(f"CNN9 needs images of at least 28x28, got {height}x{width}")
         self.num_classes = num_classes
         self.feature_dim = 128
-        self.stage_dims = (128, 256, 128)
+        self.map_shapes = (
+            (128, height, width),
+            (256, height // 2, width // 2),
+            (128, height // 4 - 6, width // 4 - 6),
+        )
         self.dropout = dropout
         self.block1 = nn.Sequential(_conv(channels, 128, 1), _conv(128, 128, 1), _conv(128, 128, 1))
         self.block2 = nn.Sequential(_conv(128, 256, 1), _conv(256, 256, 1), _conv(256, 256, 1))

@@ -18,7 +18,14 @@ __all__ = ["LeNet"]
 
 
 class LeNet(Student):
-    """conv5(20)-pool-conv5(50)-pool-fc(500)-head, ReLU activations."""
+    """conv5(20)-pool-conv5(50)-pool-fc(500)-head, ReLU activations.
+
+    Its stages are the two pooled convolutions and fc; fc is the
+    second-to-last layer (I0), so I1 is conv2's maps (50x4x4 on MNIST) and
+    I2 conv1's (20x12x12). There is no I3.
+    """
+
+    levels = (-2, -3)
 
     def __init__(
         self,
@@ -29,12 +36,13 @@ class LeNet(Student):
     ) -> None:
         super().__init__()
         channels, height, width = in_shape
-        out_h, out_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
+        mid_h, mid_w = (height - 4) // 2, (width - 4) // 2
+        out_h, out_w = (mid_h - 4) // 2, (mid_w - 4) // 2
         if out_h < 1 or out_w < 1:
             raise ValueError(f"LeNet needs images of at least 16x16, got {height}x{width}")
         self.num_classes = num_classes
         self.feature_dim = hidden
-        self.stage_dims = (20, 50, hidden)
+        self.map_shapes = ((20, mid_h, mid_w), (50, out_h, out_w), (hidden,))
         self.conv1 = nn.Conv2d(channels, 20, 5)
         self.conv2 = nn.Conv2d(20, 50, 5)
         self.fc = nn.Linear(50 * out_h * out_w, hidden)

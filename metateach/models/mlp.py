@@ -18,8 +18,11 @@ class MLP(Student):
     """Linear-ReLU layers of the given widths, then a linear head.
 
     The stages are the hidden layers' activations; the last one is the
-    second-to-last layer a teacher reads.
+    second-to-last layer a teacher reads (I0), and the ones before it, deepest
+    first, are I1, I2, I3.
     """
+
+    levels = (-2, -3, -4)
 
     def __init__(
         self,
@@ -33,7 +36,7 @@ class MLP(Student):
             raise ValueError("an MLP needs at least one hidden layer (model.kwargs.hidden)")
         self.num_classes = num_classes
         self.feature_dim = hidden[-1]
-        self.stage_dims = tuple(hidden)
+        self.map_shapes = tuple((width,) for width in hidden)
         widths = [math.prod(in_shape), *hidden]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -61,7 +61,10 @@ class WideResNet(Student):
         widths = (16 * widen, 32 * widen, 64 * widen)
         self.num_classes = num_classes
         self.feature_dim = widths[-1]
-        self.stage_dims = widths
+        _, height, width = in_shape
+        self.map_shapes = tuple(
+            (planes, -(-height // 2**i), -(-width // 2**i)) for i, planes in enumerate(widths)
+        )
         self.conv = nn.Conv2d(in_shape[0], 16, 3, 1, 1, bias=False)
         layers, in_planes = [], 16
         for i, planes in enumerate(widths):

@@ -10,6 +10,8 @@
                               small-loss samples (SRIT: with ``optim.sam.rho``)
 ``l2t``                       a data filter trained by REINFORCE to speed up      Fan et al. 2018
                               reaching a target accuracy
+``mentornet_pd``              a predefined curriculum on loss against its         Jiang et al. 2018
+                              running percentile (MentorNet-PD)
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
@@ -29,6 +31,7 @@ from metateach.teachers.dynamic_loss_function import DynamicLossFunctionTeacher
 from metateach.teachers.focal import FocalLoss
 from metateach.teachers.l2t import L2TFilter
 from metateach.teachers.learning_to_reweight import LearningToReweight
+from metateach.teachers.mentornet import MentorNetPD
 from metateach.teachers.meta_weight_net import MetaWeightNet
 from metateach.teachers.random_filter import RandomFilter
 from metateach.teachers.self_paced import SelfPacedLearning
@@ -43,6 +46,7 @@ __all__ = [
     "FocalLoss",
     "L2TFilter",
     "LearningToReweight",
+    "MentorNetPD",
     "MetaWeightNet",
     "RandomFilter",
     "SelfPacedLearning",
