@@ -183,7 +183,8 @@ def suite_listing(
         if only and name not in only:
             continue
         comparison = load_comparison(entry.file)
-        lines.append(f"  {name} ({entry.file}, seeds {comparison.seeds}):")
+        common = f", every run: {' '.join(comparison.overrides)}" if comparison.overrides else ""
+        lines.append(f"  {name} ({entry.file}, seeds {comparison.seeds}{common}):")
         for variant, overrides in comparison.variants.items():
             config = comparison.config_of(variant)
             every = [*_data_overrides(entry, data_dir), *comparison.overrides, *overrides]
