@@ -139,13 +139,13 @@ def build_teaching(
     return Teaching(teacher, problem.teacher_optimizer, strategy)
 
 
-def load_teacher_weights(teacher: Teacher, path: str) -> list[str]:
+def load_teacher_weights(teacher: Teacher, path: str) -> None:
     """Load the teacher of a metateach checkpoint (``teacher.checkpoint``).
 
     A teacher moved to a data set with another number of classes keeps its
     fresh initialization for the tensors it declares :attr:`Teacher.per_class`
     (a label embedding) when their shapes differ, and says so in a warning;
-    any other mismatch is an error. Returns the names kept fresh.
+    any other mismatch is an error.
     """
     state = load_checkpoint(path)
     if state.get("teacher") is None:
@@ -171,4 +171,3 @@ def load_teacher_weights(teacher: Teacher, path: str) -> list[str]:
         raise CheckpointError(
             f"teacher in {path} does not fit this teacher: {first_line(e)}"
         ) from None
-    return fresh
