@@ -80,10 +80,20 @@ __all__ = [
     "paired_table",
     "write_results",
     "accuracy_curve",
+    "course",
 ]
 
 #: What each run reports, and the table's column for it.
 METRICS = {"test/acc": "test accuracy (%)", "best/test_acc": "test accuracy at best val (%)"}
+#: What ``results_course.png`` draws epoch by epoch, where the runs logged it, as
+#: metric -> (axis label, factor to draw it in, y scale): the student's test
+#: accuracy, the teacher's share of weight on mislabeled samples (its diagnostic
+#: sample) and the norm of its hypergradient.
+COURSE = {
+    "test/acc": ("test accuracy (%)", 100.0, "linear"),
+    "teacher/noisy_weight_share": ("teacher's weight on mislabeled samples (%)", 100.0, "linear"),
+    "teacher/hypergrad_norm": ("hypergradient norm (epoch mean)", 1.0, "log"),
+}
 #: Teaching speed, for runs with ``train.target_val_acc``: what reaching it took.
 SPEED = {
     "target/step": "steps to the target",
@@ -309,9 +319,11 @@ def write_results(
 
     With teaching speed measured, also ``results_speed.png``: validation
     accuracy against training samples of every run, and the target; with
-    ``figure2`` asked for, ``figure2.png``.
+    ``figure2`` asked for, ``figure2.png``; where a teacher logged its
+    course (:data:`COURSE`), ``results_course.png``: each variant's mean over
+    seeds, epoch by epoch.
     """
-    from metateach.plots import plot_comparison, plot_figure2, plot_speed_comparison
+    from metateach.plots import plot_comparison, plot_course, plot_figure2, plot_speed_comparison
 
     pairs = comparison.pairs
     last_epoch = list(pairs.last_epoch.values()) if pairs else []
@@ -333,6 +345,13 @@ def write_results(
         )
     (folder / "results.md").write_text(document + "\n")
     plot_comparison(rows, comparison.name, folder / "results.png")
+    courses: dict[str, list[dict[str, list[tuple[int, float]]]]] = {}
+    for result in results:
+        courses.setdefault(result["variant"], []).append(course(result["folder"]))
+    if any(len(c) > 1 for runs in courses.values() for c in runs):  # a teacher logged its course
+        rates = [r["noise/realized_rate"] for r in results if "noise/realized_rate" in r]
+        noise = statistics.fmean(rates) if rates else None
+        plot_course(courses, COURSE, noise, comparison.name, folder / "results_course.png")
     if any("reached" in row for row in rows):  # teaching speed: the accuracy curves
         curves: dict[str, list] = {}
         for result in results:
@@ -362,6 +381,25 @@ def accuracy_curve(folder: str | Path) -> list[tuple[float, float]]:
         elif "val/acc" in record and "train/learned_samples" in record:
             points.append((record["train/learned_samples"], record["val/acc"]))
     return points
+
+
+def course(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Each :data:`COURSE` metric a run logged, as (epoch, value) at the end of every epoch.
+
+    A metric logged every few steps (the hypergradient's norm) is averaged
+    over the records of its epoch; one logged per epoch is that epoch's value.
+    """
+    series: dict[str, list[tuple[int, float]]] = {}
+    pending: dict[str, list[float]] = {}
+    for record in read_metrics(folder):
+        for key in COURSE:
+            if key in record:
+                pending.setdefault(key, []).append(record[key])
+        if "epoch" in record:
+            for key, values in pending.items():
+                series.setdefault(key, []).append((int(record["epoch"]), statistics.fmean(values)))
+            pending = {}
+    return series
 
 
 def _last_epoch(folder: str | Path, keys: Sequence[str]) -> dict[str, float]:

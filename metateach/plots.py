@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -26,6 +26,7 @@ __all__ = [
     "plot_weight_histogram",
     "plot_noisy_weight_share",
     "plot_comparison",
+    "plot_course",
     "plot_loss_curves",
 ]
 
@@ -338,6 +339,56 @@ def plot_comparison(rows: Sequence[Mapping[str, float]], title: str, path: str |
     ax.set(ylabel="test accuracy (%)", title=title)
     ax.tick_params(axis="x", rotation=30)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_course(
+    courses: Mapping[str, Sequence[Mapping[str, Sequence[tuple[int, float]]]]],
+    panels: Mapping[str, tuple[str, float, str]],
+    noise_rate: float | None,
+    title: str,
+    path: str | Path,
+) -> Path:
+    """Each variant's course through training, one panel per metric, the mean over its seeds.
+
+    ``courses``: variant -> one mapping per seed, metric -> (epoch, value)
+    (:func:`metateach.compare.course`); ``panels``: metric -> (axis label,
+    factor to draw it in, y scale), in order (:data:`metateach.compare.COURSE`).
+    A panel is drawn for each metric some run logged; a variant without the
+    metric (no teacher) is absent from it.
+    ``noise_rate`` marks the share of mislabeled samples, the weight they
+    get without a teacher.
+    """
+    drawn = [key for key in panels if any(key in c for runs in courses.values() for c in runs)]
+    fig, axes = plt.subplots(
+        1, len(drawn), figsize=(5.2 * len(drawn), 4.2), constrained_layout=True, squeeze=False
+    )
+    colors = plt.get_cmap("tab10" if len(courses) <= 10 else "tab20")
+    for ax, key in zip(axes[0], drawn, strict=True):
+        label, scale, yscale = panels[key]
+        for n, (variant, runs) in enumerate(courses.items()):
+            by_epoch: dict[int, list[float]] = {}
+            for run in runs:
+                for epoch, value in run.get(key, ()):
+                    by_epoch.setdefault(epoch, []).append(value)
+            if by_epoch:
+                epochs = sorted(by_epoch)
+                means = [scale * float(np.mean(by_epoch[e])) for e in epochs]
+                ax.plot(epochs, means, color=colors(n), label=f"{variant} ({len(runs)})")
+        if key == "teacher/noisy_weight_share" and noise_rate is not None:
+            ax.axhline(100 * noise_rate, color="gray", linestyle="--", label="mislabeled share")
+        ax.set(xlabel="epoch", ylabel=label, yscale=yscale)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    fig.legend(
+        handles.values(), handles.keys(), loc="outside right upper", fontsize=8,
+        title="variant (seeds)", title_fontsize=8,
+    )  # fmt: skip
+    fig.suptitle(f"{title}: the course of training, mean over seeds")
     return _save(fig, path)
 
 

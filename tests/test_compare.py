@@ -13,6 +13,7 @@ import yaml
 from metateach.compare import (
     Comparison,
     accuracy_curve,
+    course,
     load_comparison,
     markdown_table,
     run_comparison,
@@ -274,6 +275,41 @@ def test_figure2_draws_each_named_teacher_from_its_first_run(tmp_path: Path) -> 
         assert len(snapshot.weights) == 200 and snapshot.features.shape[0] == 200
     write_results(comparison, tmp_path / "out", results)
     assert (tmp_path / "out" / "figure2.png").stat().st_size > 10_000
+
+
+def test_the_course_figure_follows_each_teacher_epoch_by_epoch(tmp_path: Path) -> None:
+    comparison = Comparison(config=None, seeds=[0], variants={"none": [], "taught": []})
+    taught = [
+        {"step": 50, "teacher/hypergrad_norm": 1.0},
+        {"step": 100, "teacher/hypergrad_norm": 3.0},
+        {"step": 120, "epoch": 1, "test/acc": 0.9, "teacher/noisy_weight_share": 0.3,
+         "teacher/hypergrad_norm": 2.0},
+        {"step": 150, "teacher/hypergrad_norm": 0.5},
+        {"step": 240, "epoch": 2, "test/acc": 0.8, "teacher/noisy_weight_share": 0.1},
+    ]  # fmt: skip
+    untaught = [
+        {"step": 120, "epoch": 1, "test/acc": 0.7},
+        {"step": 240, "epoch": 2, "test/acc": 0.6},
+    ]
+    results = []
+    for variant, records in {"none": untaught, "taught": taught}.items():
+        folder = tmp_path / f"{variant}-seed0"
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        results.append({"variant": variant, "seed": 0, "folder": str(folder), "test/acc": 0.5,
+                        "best/test_acc": 0.5, "noise/realized_rate": 0.4})  # fmt: skip
+    # A step-logged metric is its epoch's mean (the epoch record's own value included).
+    assert course(tmp_path / "taught-seed0") == {
+        "teacher/hypergrad_norm": [(1, 2.0), (2, 0.5)],
+        "test/acc": [(1, 0.9), (2, 0.8)],
+        "teacher/noisy_weight_share": [(1, 0.3), (2, 0.1)],
+    }
+    assert course(tmp_path / "none-seed0") == {"test/acc": [(1, 0.7), (2, 0.6)]}
+    write_results(comparison, tmp_path, results)
+    assert (tmp_path / "results_course.png").stat().st_size > 10_000
+    # Without a teacher's course there is nothing beyond the accuracy table to draw.
+    write_results(comparison, tmp_path / "none-seed0", results[:1])
+    assert not (tmp_path / "none-seed0" / "results_course.png").exists()
 
 
 def test_a_setting_chosen_on_validation_is_a_row_of_its_own() -> None:
