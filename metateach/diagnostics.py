@@ -12,6 +12,10 @@ and mislabeled samples, and the deep-interaction paper's Figure 2:
 * a histogram of the weights, clean and mislabeled samples apart;
 * the share of the total weight on mislabeled samples, epoch by epoch.
 
+Every epoch's losses and weights of the sample are kept, with each
+sample's given and true label (:class:`SampleRecord`, ``samples.npz``): the
+record a data-driven MentorNet learns from.
+
 A teacher that replaces the loss (L2T-DLN, L2T-DLF) is also drawn as its
 loss against the true class's probability, at several epochs (the L2T-DLN
 paper's figure of its dynamic loss network): each epoch records the loss at
@@ -38,18 +42,22 @@ from metateach.teacher import TeachingContext
 
 __all__ = [
     "WeightSnapshot",
+    "SampleRecord",
     "TeacherDiagnostics",
     "weight_snapshot",
     "diagnostic_indices",
     "draw_diagnostics",
     "P_TRUE",
     "SNAPSHOT",
+    "SAMPLES",
     "CURVE_KEYS",
     "loss_curve",
 ]
 
 #: The file, in a run's ``diagnostics/`` folder, of the teacher's last weight snapshot.
 SNAPSHOT = "snapshot.npz"
+#: The file, in a run's ``diagnostics/`` folder, of its :class:`SampleRecord`.
+SAMPLES = "samples.npz"
 #: The true-class probabilities at which a learned loss is recorded each epoch.
 P_TRUE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: Their metric names, in the same order.
@@ -97,6 +105,37 @@ class WeightSnapshot:
         }
 
 
+@dataclass
+class SampleRecord:
+    """The diagnostic sample at the end of every epoch: each sample's loss and the teacher's weight.
+
+    Rows follow the measurements (``episode``, ``epoch`` from 1, and
+    ``progress``, the fraction of the episode's steps done); columns the
+    samples, whose place in the training split, given label and true label
+    are kept beside. MentorNet-DD learns from this record
+    (:func:`metateach.teachers.mentornet.fit_mentornet`).
+    """
+
+    index: np.ndarray  # [n] positions in the training split
+    targets: np.ndarray  # [n] the given (possibly noisy) labels
+    clean_targets: np.ndarray  # [n] the true labels
+    episode: np.ndarray  # [E] from 0
+    epoch: np.ndarray  # [E] from 1
+    progress: np.ndarray  # [E] in (0, 1]
+    losses: np.ndarray  # [E, n] cross-entropy on the given label, as a training step sees it
+    weights: np.ndarray  # [E, n] effective weights (WeightSnapshot.weights)
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **vars(self))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> SampleRecord:
+        with np.load(path) as arrays:
+            return cls(**{k: arrays[k] for k in arrays.files})
+
+
 def loss_curve(loss_fn: LossFn, num_classes: int, device: torch.device) -> np.ndarray:
     """A replaced loss at each probability of :data:`P_TRUE` for the true class, the rest spread evenly."""
     p = torch.tensor(P_TRUE, dtype=torch.float64)
@@ -125,21 +164,68 @@ class TeacherDiagnostics:
         self.indices = diagnostic_indices(data, count, seed)
         self.batch_size = batch_size
         self.snapshot: WeightSnapshot | None = None
+        # Each measurement's (episode, epoch, progress), losses and weights, for the SampleRecord.
+        self.rows: list[tuple[int, int, float]] = []
+        self.losses: list[Tensor] = []
+        self.weights: list[Tensor] = []
 
     def measure(self, context: TeachingContext) -> dict[str, float]:
-        """The teacher's weights now, summarized (see :meth:`WeightSnapshot.summary`)."""
+        """The teacher's weights now, kept for the record, summarized (see :meth:`WeightSnapshot.summary`)."""
         self.snapshot = weight_snapshot(
             self.problem, self.data, self.indices, context, self.batch_size
         )
+        self.rows.append((context.episode, context.epoch + 1, context.progress))
+        self.losses.append(torch.from_numpy(self.snapshot.losses))
+        self.weights.append(torch.from_numpy(self.snapshot.weights))
         return self.snapshot.summary()
+
+    def record(self) -> SampleRecord:
+        """Every measurement so far."""
+        return SampleRecord(
+            index=self.indices.numpy(),
+            targets=self.data.train.targets[self.indices].numpy(),
+            clean_targets=self.data.train.clean_targets[self.indices].numpy(),
+            episode=np.array([r[0] for r in self.rows], dtype=np.int64),
+            epoch=np.array([r[1] for r in self.rows], dtype=np.int64),
+            progress=np.array([r[2] for r in self.rows], dtype=np.float64),
+            losses=self._stacked(self.losses),
+            weights=self._stacked(self.weights),
+        )
+
+    def _stacked(self, rows: list[Tensor]) -> np.ndarray:
+        return torch.stack(rows).numpy() if rows else np.zeros((0, len(self.indices)), np.float32)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The measurements so far, for a checkpoint: a resumed run's record loses none."""
+        record = self.record()
+        return {
+            "rows": torch.tensor([[e, ep, p] for e, ep, p in self.rows], dtype=torch.float64),
+            "losses": torch.from_numpy(record.losses),
+            "weights": torch.from_numpy(record.weights),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.rows = [(int(e), int(ep), float(p)) for e, ep, p in state["rows"].tolist()]
+        self.losses = list(state["losses"].unbind())
+        self.weights = list(state["weights"].unbind())
+
+    def save(self, context: TeachingContext, folder: Path) -> None:
+        """The record (``samples.npz``) and the latest snapshot (``snapshot.npz``, for Figure 2)."""
+        self.record().save(folder / SAMPLES)
+        self._latest(context).save(folder / SNAPSHOT)
+
+    def _latest(self, context: TeachingContext) -> WeightSnapshot:
+        """The latest snapshot; taken now, outside the record, if there is none (a finished run, resumed)."""
+        if self.snapshot is None:
+            self.snapshot = weight_snapshot(
+                self.problem, self.data, self.indices, context, self.batch_size
+            )
+        return self.snapshot
 
     def draw(
         self, context: TeachingContext, history: list[dict[str, float]], title: str, folder: Path
     ) -> dict[str, Path]:
         """The figures, from the latest snapshot (taken now if there is none) and the per-epoch shares."""
-        if self.snapshot is None:  # a finished run, resumed
-            self.measure(context)
-        assert self.snapshot is not None
         shares = [
             (int(r["epoch"]), r["teacher/noisy_weight_share"])
             for r in history
@@ -150,9 +236,8 @@ class TeacherDiagnostics:
             for r in history
             if CURVE_KEYS[0] in r
         ]
-        self.snapshot.save(folder / SNAPSHOT)  # for a comparison's Figure 2 (plots.plot_figure2)
         return draw_diagnostics(
-            self.snapshot, shares, self.data.noise.realized_rate, title, folder, curves
+            self._latest(context), shares, self.data.noise.realized_rate, title, folder, curves
         )
 
 

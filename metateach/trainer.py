@@ -513,6 +513,8 @@ class Trainer:
         if not self.world.main:
             self.logger.close()
             return metrics
+        if self._diagnostics is not None:
+            self._diagnostics.save(self.context(), self.run_dir / "diagnostics")
         if self._diagnostics is not None and self.cfg.logging.plots:
             figures = self._diagnostics.draw(
                 self.context(), state.history, self.run_dir.name, self.run_dir / "diagnostics"
@@ -568,6 +570,8 @@ class Trainer:
             if self.world.size > 1:  # every rank's own, for an exact resume
                 checkpoint["rng"]["ranks"] = _gather_rng(self.world)
             checkpoint["wandb_id"] = self.logger.wandb_id
+            if self._diagnostics is not None:
+                checkpoint["diagnostics"] = self._diagnostics.state_dict()
         path = self.run_dir / "checkpoints" / name
         return save_checkpoint(path, checkpoint) if self.world.main else path
 
@@ -586,6 +590,8 @@ class Trainer:
                 teaching.optimizer.load_state_dict(checkpoint["teaching"]["optimizer"])
             teaching.strategy.load_state_dict(checkpoint["teaching"]["strategy"])
             self._loss_average.fill_(checkpoint["teaching"]["loss_average"])
+            if self._diagnostics is not None and "diagnostics" in checkpoint:
+                self._diagnostics.load_state_dict(checkpoint["diagnostics"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {first_line(e)}") from None
         self.state = TrainState.from_dict(checkpoint["progress"])

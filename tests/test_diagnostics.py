@@ -76,3 +76,28 @@ def test_a_collapsed_student_still_gets_its_figures(tmp_path) -> None:
         noisy=np.zeros(50, dtype=bool), features=np.zeros((50, 8)),
     )  # fmt: skip
     assert plot_tsne(dead, "collapsed", tmp_path / "tsne.png").stat().st_size > 5_000
+
+
+def test_the_sample_record_keeps_every_epoch_through_a_resume(make_config) -> None:
+    from metateach.diagnostics import SAMPLES, SampleRecord
+
+    common = ("teacher.name=mentornet_pd", "train.epochs=3", "noise.type=symmetric",
+              "noise.rate=0.4", "logging.diagnostic_samples=100")  # fmt: skip
+    straight = Trainer(make_config(*common, "train.run_name=straight"))
+    straight.fit()
+    cut = Trainer(make_config(*common, "train.run_name=cut"))
+    cut.fit(max_steps=len(cut.train_loader) + 3)  # one epoch measured, then a checkpoint
+    Trainer(make_config(*common, f"train.resume={cut.run_dir}")).fit()
+
+    expected = SampleRecord.load(straight.run_dir / "diagnostics" / SAMPLES)
+    record = SampleRecord.load(cut.run_dir / "diagnostics" / SAMPLES)
+    assert record.epoch.tolist() == [1, 2, 3] and record.losses.shape == (3, 100)
+    assert record.progress.tolist() == pytest.approx([1 / 3, 2 / 3, 1])
+    for name, value in vars(expected).items():
+        np.testing.assert_array_equal(getattr(record, name), value, err_msg=name)
+    train = straight.data.train
+    assert (record.targets == train.targets[record.index].numpy()).all()
+    noisy = record.targets != record.clean_targets
+    assert noisy.any() and (noisy == train.is_noisy[record.index].numpy()).all()
+    # The losses are the student's as it went: the mislabeled samples' stay higher.
+    assert record.losses[-1][noisy].mean() > record.losses[-1][~noisy].mean()
