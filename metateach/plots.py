@@ -27,6 +27,7 @@ __all__ = [
     "plot_noisy_weight_share",
     "plot_comparison",
     "plot_course",
+    "plot_mentor_curriculum",
     "plot_loss_curves",
 ]
 
@@ -389,6 +390,41 @@ def plot_course(
         title="variant (seeds)", title_fontsize=8,
     )  # fmt: skip
     fig.suptitle(f"{title}: the course of training, mean over seeds")
+    return _save(fig, path)
+
+
+def plot_mentor_curriculum(
+    losses: np.ndarray,
+    right: np.ndarray,
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    title: str,
+    path: str | Path,
+) -> Path:
+    """A learned MentorNet's weight against the loss, beside how often a label at that loss is right.
+
+    ``losses``, ``right``: the record's examples (a loss each, and whether
+    its label is the true one), shown as the share of right labels per loss
+    bin; ``curves``: label -> (losses, weights) of the network.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    edges = np.quantile(losses, np.linspace(0, 1, 31))
+    edges = np.unique(edges)
+    which = np.clip(np.digitize(losses, edges[1:-1]), 0, len(edges) - 2)
+    centres = [losses[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
+    shares = [right[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
+    ax.plot(centres, shares, "ko", markersize=4, label="share of right labels (record)")
+    cmap = plt.get_cmap("viridis")
+    for n, (label, (x, v)) in enumerate(curves.items()):
+        ax.plot(x, v, color=cmap(n / max(len(curves) - 1, 1)), label=label)
+    ax.set(
+        xlabel="loss",
+        ylabel="weight v / share",
+        title=f"MentorNet-DD - {title}",
+        ylim=(-0.02, 1.02),
+    )
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

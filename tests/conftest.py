@@ -18,6 +18,7 @@ import yaml
 
 from metateach.checkpoint import load_checkpoint
 from metateach.config import load_config
+from metateach.diagnostics import SampleRecord
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -176,3 +177,20 @@ def kill_once_checkpointed(process: subprocess.Popen, run: Path, past_step: int)
             os.kill(each, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     return load_checkpoint(last)["progress"]["step"]
+
+
+def sample_record(path, epochs: int = 10, n: int = 200, seed: int = 0):
+    """A sample record in which the mislabeled samples' losses stay high and the others' fall."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, 10, n)
+    noisy = rng.random(n) < 0.3
+    targets = np.where(noisy, (clean + 1) % 10, clean)
+    progress = np.arange(1, epochs + 1) / epochs
+    low = rng.exponential(0.3, (epochs, n)) * (1 - progress[:, None])
+    losses = np.where(noisy, 3 + rng.exponential(1.0, (epochs, n)), low).astype(np.float32)
+    record = SampleRecord(
+        index=np.arange(n), targets=targets, clean_targets=clean,
+        episode=np.zeros(epochs, dtype=np.int64), epoch=np.arange(1, epochs + 1),
+        progress=progress, losses=losses, weights=np.ones((epochs, n), np.float32),
+    )  # fmt: skip
+    return record, record.save(path)

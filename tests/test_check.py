@@ -13,7 +13,9 @@ Two sweeps with :func:`metateach.check_hypergradient`, float64, rtol 1e-6:
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ from metateach.models import create_model
 from metateach.student import Student
 from metateach.teacher import ExampleGradient, Hypergradient, StudentView
 
+from .conftest import sample_record
 from .hypergrad_fixtures import exercised
 
 CLASSES = 3
@@ -57,7 +60,13 @@ def data(shape: tuple[int, ...], steps: int = 6) -> tuple[list[tuple[Tensor, Ten
 # --------------------------------------------------------------------------- #
 
 #: Options that keep a registered teacher small; a teacher not named here is built with its defaults.
+#: MentorNet-DD fits its network on a sample record (it learns by no hypergradient: the
+#: sweep leaves it out, and the checker refuses it).
 SMALL: dict[str, dict[str, Any]] = {
+    "mentornet_dd": {
+        "record": str(sample_record(Path(tempfile.mkdtemp()) / "samples.npz")[1]),
+        "fit": {"steps": 1},
+    },
     "meta_weight_net": {"hidden": 5},
     "deep_interaction": {"features": ["I0", "M0", "M1"], "embedding_dim": 4},
     "l2t_dlf": {"hidden": 4},

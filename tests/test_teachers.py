@@ -25,8 +25,15 @@ from metateach.teachers import (
     SelfPacedLearning,
 )
 from metateach.teachers.focal import focal_loss
-from metateach.teachers.mentornet import predefined_curriculum
+from metateach.teachers.mentornet import (
+    MentorNetDD,
+    MentorNetwork,
+    fit_mentornet,
+    predefined_curriculum,
+)
 from metateach.trainer import Trainer
+
+from .conftest import sample_record
 
 
 def view_of(logits: torch.Tensor, y: torch.Tensor, progress: float = 0.0, **extra) -> StudentView:
@@ -107,6 +114,53 @@ def test_meta_weight_net_weights_are_a_function_of_the_loss_summing_to_the_batch
     view = view_of(logits, batch.y)
     same_loss = view._replace(losses=torch.full((12,), 0.3))
     assert torch.allclose(teacher(batch, same_loss).weights, torch.ones(12))
+
+
+def test_mentornet_dd_fits_its_network_to_tell_right_labels_from_wrong(tmp_path) -> None:
+    record, _ = sample_record(tmp_path / "samples.npz")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    network, report = fit_mentornet(record, steps=400)
+    assert torch.equal(torch.get_rng_state(), before)  # the run's random state is left alone
+    assert report["examples"] == 2000 and report["clean_share"] == pytest.approx(
+        float((record.targets == record.clean_targets).mean())
+    )
+    assert report["held_out_accuracy"] > 0.95 and report["held_out_bce"] < 0.3
+    assert report["threshold"] == pytest.approx(
+        float(torch.quantile(torch.tensor(record.losses).double(), 0.9))
+    )
+    again, _ = fit_mentornet(record, steps=400)  # seeded: the same network
+    for a, b in zip(network.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert isinstance(network, MentorNetwork)
+    assert "epoch_embedding" not in dict(network.named_parameters())  # fixed, as the authors'
+
+
+def test_mentornet_dd_weighs_by_its_network_after_the_burn_in(tmp_path) -> None:
+    _, path = sample_record(tmp_path / "samples.npz")
+    teacher = MentorNetDD(str(path), fit={"steps": 300}, noise_rate=0.4, dropout=[[0.0, 1.0]])
+    assert teacher.percentile == 0.6  # the authors' for 40% noise
+    assert MentorNetDD(str(path), fit={"steps": 1}, noise_rate=0.2).percentile == 0.8
+    batch, logits = batch_of(20)
+    early = teacher(batch, view_of(logits, batch.y, progress=0.1))
+    assert torch.equal(early.weights, torch.ones(20))  # the burn-in
+    view = view_of(logits, batch.y, progress=0.6)
+    late = teacher(batch, view)
+    epochs = torch.full((20,), 18)  # the epoch feature held at the burn-in's end
+    expected = torch.sigmoid(
+        teacher.network(view.losses, view.losses - teacher.threshold.float(), 0 * epochs, epochs)
+    )
+    assert torch.allclose(late.weights, expected)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_mentornet_dd_names_a_missing_record_and_bad_settings(tmp_path, make_config) -> None:
+    cfg = make_config("teacher.name=mentornet_dd", f"teacher.kwargs.record={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match=r"teacher 'mentornet_dd'.*no sample record at .*nowhere"):
+        Trainer(cfg)
+    _, path = sample_record(tmp_path / "samples.npz")
+    with pytest.raises(ValueError, match="fit has no setting 'rate'"):
+        MentorNetDD(str(path), fit={"rate": 1})
 
 
 def test_mentornet_pd_follows_its_predefined_curriculum() -> None:

@@ -12,6 +12,8 @@
                               reaching a target accuracy
 ``mentornet_pd``              a predefined curriculum on loss against its         Jiang et al. 2018
                               running percentile (MentorNet-PD)
+``mentornet_dd``              a curriculum fitted to a record of training with    Jiang et al. 2018
+                              known labels (MentorNet-DD)
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
@@ -31,7 +33,7 @@ from metateach.teachers.dynamic_loss_function import DynamicLossFunctionTeacher
 from metateach.teachers.focal import FocalLoss
 from metateach.teachers.l2t import L2TFilter
 from metateach.teachers.learning_to_reweight import LearningToReweight
-from metateach.teachers.mentornet import MentorNetPD
+from metateach.teachers.mentornet import MentorNetDD, MentorNetPD
 from metateach.teachers.meta_weight_net import MetaWeightNet
 from metateach.teachers.random_filter import RandomFilter
 from metateach.teachers.self_paced import SelfPacedLearning
@@ -46,6 +48,7 @@ __all__ = [
     "FocalLoss",
     "L2TFilter",
     "LearningToReweight",
+    "MentorNetDD",
     "MentorNetPD",
     "MetaWeightNet",
     "RandomFilter",
