@@ -197,11 +197,10 @@ class TeacherDiagnostics:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The measurements so far, for a checkpoint: a resumed run's record loses none."""
-        record = self.record()
         return {
             "rows": torch.tensor([[e, ep, p] for e, ep, p in self.rows], dtype=torch.float64),
-            "losses": torch.from_numpy(record.losses),
-            "weights": torch.from_numpy(record.weights),
+            "losses": torch.from_numpy(self._stacked(self.losses)),
+            "weights": torch.from_numpy(self._stacked(self.weights)),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:

@@ -407,11 +407,11 @@ def plot_mentor_curriculum(
     bin; ``curves``: label -> (losses, weights) of the network.
     """
     fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
-    edges = np.quantile(losses, np.linspace(0, 1, 31))
-    edges = np.unique(edges)
+    edges = np.unique(np.quantile(losses, np.linspace(0, 1, 31)))
     which = np.clip(np.digitize(losses, edges[1:-1]), 0, len(edges) - 2)
-    centres = [losses[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
-    shares = [right[which == b].mean() for b in range(len(edges) - 1) if (which == b).any()]
+    bins = [which == b for b in np.unique(which)]
+    centres = [losses[b].mean() for b in bins]
+    shares = [right[b].mean() for b in bins]
     ax.plot(centres, shares, "ko", markersize=4, label="share of right labels (record)")
     cmap = plt.get_cmap("viridis")
     for n, (label, (x, v)) in enumerate(curves.items()):

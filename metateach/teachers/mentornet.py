@@ -250,7 +250,7 @@ def fit_mentornet(
     epochs = torch.from_numpy(np.minimum((record.progress * 100).astype(np.int64), 99))
     epochs = epochs.repeat_interleave(n)
     right = (
-        torch.from_numpy(record.targets == record.clean_targets).float().repeat(len(epochs) // n)
+        torch.from_numpy(record.targets == record.clean_targets).float().repeat(len(record.epoch))
     )
     threshold = float(torch.quantile(losses.double(), percentile))
     diffs = losses - threshold
