@@ -4,9 +4,11 @@ student's loss is computed from it.
 A :class:`Lesson` may carry per-sample weights, a selection mask and a
 replacement loss function, in any combination:
 
-* ``weights`` are normalized within the batch as the papers do: they sum to
-  the number of samples that count (Fan et al. 2020, Sec. 3.2), so a lesson
-  of weights changes which samples matter, not the step size;
+* ``weights`` multiply each sample's loss in the batch mean. Most teachers
+  normalize them within the batch as their papers do (:meth:`Lesson.weighted`):
+  they sum to the number of samples that count (Fan et al. 2020, Sec. 3.2), so
+  a lesson of weights changes which samples matter, not the step size.
+  Meta-Weight-Net, as its authors' stable code, gives them as they are;
 * ``mask`` selects samples (a data filter, or co-teaching's small-loss set);
 * ``loss_fn`` maps (logits, targets) to per-sample losses and replaces
   cross-entropy (a learned loss, as in L2T-DLN);
@@ -54,7 +56,7 @@ def normalize_weights(raw: Tensor, mask: Tensor | None = None) -> Tensor:
 
 @dataclass
 class Lesson:
-    """Per-sample ``weights`` (already normalized), a boolean ``mask``, a ``loss_fn``; each optional."""
+    """Per-sample ``weights`` (as the loss uses them), a boolean ``mask``, a ``loss_fn``; each optional."""
 
     weights: Tensor | None = None
     mask: Tensor | None = None

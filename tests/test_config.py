@@ -300,7 +300,16 @@ def test_paper_cell_configs_hold_their_tables_settings() -> None:
     for cell in (table1, table5, table6):
         assert (cell.teacher.hypergrad.method, cell.optim.nesterov) == ("reversible", False)
         assert (cell.teacher.hypergrad.val_batch_size, cell.teacher.loss_average) == ("all", "mean")
-    assert load_config(CONFIGS / "meta_weight_net" / "cifar10_flip20_resnet32.yaml").optim.nesterov
+    flip = load_config(CONFIGS / "meta_weight_net" / "cifar10_flip20_resnet32.yaml")
+    uniform = load_config(CONFIGS / "meta_weight_net" / "cifar10_uniform40_wrn28_10.yaml")
+    assert flip.optim.nesterov
+    # The teacher as each of the authors' scripts runs it: MW-Net.py for the flip cells, the
+    # first release for the uniform cells, the class-imbalance code for the long tails.
+    assert (flip.teacher.kwargs["normalize"], flip.teacher.optim.name) == (False, "adam")
+    assert (flip.teacher.optim.lr, flip.teacher.optim.weight_decay) == (1e-3, 1e-4)
+    assert (uniform.teacher.kwargs["normalize"], uniform.teacher.optim.name) == (True, "sgd")
+    assert (uniform.teacher.optim.lr, uniform.teacher.optim.nesterov) == (1e-3, True)
+    assert (mwnet.teacher.kwargs["normalize"], mwnet.teacher.optim.name) == (True, "sgd")
     tables = {
         t: len(list((CONFIGS / "deep_interaction").glob(f"table{t}_*.yaml"))) for t in range(1, 8)
     }

@@ -85,7 +85,8 @@ def assert_same_weights(saved: dict, module: torch.nn.Module) -> None:
 #: What two processes must reproduce, by name: the overrides of each run.
 CASES = {
     "plain": ["teacher.name=none"],
-    # One-step lookahead; the teacher's weights normalized over the global batch.
+    # One-step lookahead (Meta-Weight-Net's weights as given; deep_interaction's below are
+    # normalized over the global batch).
     "meta_weight_net": ["teacher.name=meta_weight_net", "teacher.hypergrad.val_batch_size=50"],
     # Unrolled: K = 10, B = 3 (four teacher steps), so a differentiated step's gradient is
     # summed inside the graph and the window's first step goes through forward mode.

@@ -104,15 +104,24 @@ def test_learning_to_reweight_clips_and_normalizes_the_example_gradients() -> No
         LearningToReweight()(batch, view_of(logits, batch.y))
 
 
-def test_meta_weight_net_weights_are_a_function_of_the_loss_summing_to_the_batch() -> None:
+def test_meta_weight_net_weights_are_a_function_of_the_loss_as_given_or_normalized() -> None:
     torch.manual_seed(0)
     teacher = MetaWeightNet(hidden=100)
     assert [tuple(p.shape) for p in teacher.parameters()] == [(100, 1), (100,), (1, 100), (1,)]
     batch, logits = batch_of(12)
-    weights = teacher(batch, view_of(logits, batch.y)).weights
-    assert weights.sum().item() == pytest.approx(12.0)
     view = view_of(logits, batch.y)
+    raw = teacher.net(view.losses.unsqueeze(1)).squeeze(1)
+    # The paper's Eq. 6 and the authors' stable code: the batch mean of w_i * loss_i.
+    lesson = teacher(batch, view)
+    assert torch.equal(lesson.weights, raw)
+    assert lesson_loss(lesson, logits, batch.y).item() == pytest.approx(
+        (raw * view.losses).mean().item()
+    )
     same_loss = view._replace(losses=torch.full((12,), 0.3))
+    assert torch.allclose(teacher(batch, same_loss).weights, teacher(batch, same_loss).weights[0])
+    # Their first release: the weights scaled to sum to the batch.
+    teacher.normalize = True
+    assert teacher(batch, view).weights.sum().item() == pytest.approx(12.0)
     assert torch.allclose(teacher(batch, same_loss).weights, torch.ones(12))
 
 
