@@ -220,6 +220,10 @@ class Teacher(nn.Module, metaclass=ABCMeta):
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
         """The lesson for ``batch``, given what the student makes of it."""
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers about the teacher itself, logged with each epoch's metrics under ``teacher/``."""
+        return {}
+
     def hypergradient_reference(self) -> Teacher:
         """The teacher whose lesson this one's hypergradient is the exact derivative of.
 

@@ -333,6 +333,7 @@ class Trainer:
             **self._target_metrics(),
             **self._evaluate_peers(),
             **self.teaching.strategy.pop_metrics(epoch=True),
+            **self._teacher_metrics(),
             **(self._diagnostics.measure(self.context()) if self._diagnostics else {}),
         }
         if self.cfg.train.episodes > 1:
@@ -649,6 +650,10 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
         metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
         self.logger.log(metrics, self._global_step())
+
+    def _teacher_metrics(self) -> dict[str, float]:
+        teacher = self.teaching.teacher
+        return {} if teacher is None else {f"teacher/{k}": v for k, v in teacher.metrics().items()}
 
     def _say(self, line: str) -> None:
         """A line on the console, from rank 0 alone."""

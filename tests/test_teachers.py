@@ -29,6 +29,7 @@ from metateach.teachers.mentornet import (
     MentorNetDD,
     MentorNetwork,
     fit_mentornet,
+    load_record,
     predefined_curriculum,
 )
 from metateach.trainer import Trainer
@@ -153,14 +154,46 @@ def test_mentornet_dd_weighs_by_its_network_after_the_burn_in(tmp_path) -> None:
     batch, logits = batch_of(20)
     early = teacher(batch, view_of(logits, batch.y, progress=0.1))
     assert torch.equal(early.weights, torch.ones(20))  # the burn-in
+    assert not teacher.fitted and teacher.metrics() == {}  # fitted when first needed
     view = view_of(logits, batch.y, progress=0.6)
     late = teacher(batch, view)
+    _, report = fit_mentornet(load_record(str(path)), steps=300)
+    assert teacher.metrics() == {f"mentor_fit/{k}": pytest.approx(v) for k, v in report.items()}
     epochs = torch.full((20,), 18)  # the epoch feature held at the burn-in's end
     expected = torch.sigmoid(
         teacher.network(view.losses, view.losses - teacher.threshold.float(), 0 * epochs, epochs)
     )
     assert torch.allclose(late.weights, expected)
     assert not any(p.requires_grad for p in teacher.parameters())
+    # A checkpoint brings the fitted network: a resumed run does not fit again.
+    resumed = MentorNetDD(str(path), fit={"steps": 300}, noise_rate=0.4, dropout=[[0.0, 1.0]])
+    resumed.load_state_dict(teacher.state_dict())
+    resumed.fit = None  # type: ignore[assignment]  # would fail if called
+    assert resumed.fitted and torch.equal(
+        resumed(batch, view).weights, teacher(batch, view).weights
+    )
+
+
+def test_mentornet_dd_logs_its_fit_and_a_resumed_run_does_not_refit(
+    tmp_path, make_config, monkeypatch
+) -> None:
+    import metateach.teachers.mentornet as mentornet
+
+    calls = []
+    fit = mentornet.fit_mentornet
+    monkeypatch.setattr(mentornet, "fit_mentornet", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    _, path = sample_record(tmp_path / "samples.npz")
+    common = ("teacher.name=mentornet_dd", f"teacher.kwargs.record={path}",
+              "teacher.kwargs.fit.steps=20", "teacher.kwargs.burn_in=0.1", "train.epochs=3")  # fmt: skip
+    cut = Trainer(make_config(*common, "train.run_name=dd"))
+    cut.fit(max_steps=2 * len(cut.train_loader) + 1)  # two epochs, then a checkpoint
+    first = [m for m in cut.state.history if "teacher/mentor_fit/held_out_accuracy" in m]
+    assert len(first) == 2 and calls == [1]  # fitted after the burn-in, in epoch 1
+    resumed = Trainer(make_config(*common, f"train.resume={cut.run_dir}"))
+    resumed.fit()
+    assert calls == [1]
+    last = resumed.state.history[-1]
+    assert last["teacher/mentor_fit/threshold"] == first[0]["teacher/mentor_fit/threshold"]
 
 
 def test_mentornet_dd_names_a_missing_record_and_bad_settings(tmp_path, make_config) -> None:

@@ -286,6 +286,9 @@ def fit_mentornet(
     return network, report
 
 
+#: What :func:`fit_mentornet` reports, in the order :class:`MentorNetDD` keeps it.
+FIT_REPORT = ("examples", "clean_share", "held_out_bce", "held_out_accuracy", "threshold")
+
 #: The authors' use-time percentile by noise rate (up to the key): 0.8 for 20%, 0.6 for 40%,
 #: 0.5 beyond.
 DD_PERCENTILES = ((0.2, 0.8), (0.4, 0.6), (1.0, 0.5))
@@ -295,9 +298,12 @@ DD_PERCENTILES = ((0.2, 0.8), (0.4, 0.6), (1.0, 0.5))
 class MentorNetDD(_Mentor):
     """Weights from a MentorNet network fitted to a record of training with known labels.
 
-    At construction the network is fitted (:func:`fit_mentornet`, seeded,
-    the run's random state untouched) on ``record``: a run folder whose
-    diagnostics wrote ``diagnostics/samples.npz``, or that file. In the
+    The network is fitted (:func:`fit_mentornet`, seeded, the run's random
+    state untouched) on ``record``: a run folder whose diagnostics wrote
+    ``diagnostics/samples.npz``, or that file. The record is read at
+    construction; the fit happens when the network is first needed, unless a
+    checkpoint brought the fitted network (a resumed run does not refit).
+    How well it fits is among the run's metrics (:meth:`metrics`). In the
     run, v = sigmoid(network(loss, loss - lambda, 0, epoch)), with every v
     1 during the burn-in and the epoch feature held at the burn-in's end
     after it; then example dropout. Lambda and example dropout are
@@ -338,13 +344,44 @@ class MentorNetDD(_Mentor):
             raise ValueError(
                 f"fit has no setting {unknown[0]!r} (valid: percentile, steps, batch_size, lr, seed)"
             )
-        self.network, self.fit_report = fit_mentornet(load_record(record), **settings)
-        self.network.requires_grad_(False)
+        self.record = load_record(record)
+        self.fit_settings = settings
+        with torch.random.fork_rng(devices=[]):  # its weights are the fit's or a checkpoint's
+            self.network = MentorNetwork().requires_grad_(False).eval()
+        self.register_buffer(
+            "fit_report", torch.full((len(FIT_REPORT),), math.nan, dtype=torch.float64)
+        )
+        self.register_load_state_dict_post_hook(lambda module, _: module._note_fit())
+        self._note_fit()
+
+    def _note_fit(self) -> None:
+        self.fitted = not bool(self.fit_report.isnan().any())
+
+    def fit(self) -> None:
+        """Fit the network on the record (:func:`fit_mentornet`)."""
+        with torch.enable_grad():  # the lesson is formed without
+            network, report = fit_mentornet(self.record, **self.fit_settings)
+        self.network.load_state_dict(network.state_dict())
+        self.fit_report.copy_(
+            torch.tensor([report[key] for key in FIT_REPORT], dtype=torch.float64)
+        )
+        self._note_fit()
+
+    def metrics(self) -> dict[str, float]:
+        """:func:`fit_mentornet`'s report, once the network is fitted."""
+        if not self.fitted:
+            return {}
+        return {
+            f"mentor_fit/{key}": value
+            for key, value in zip(FIT_REPORT, self.fit_report.tolist(), strict=True)
+        }
 
     def curriculum(self, losses: Tensor, threshold: Tensor, progress: float) -> Tensor:
         epoch = min(int(100 * progress), 99, self.burn_in)  # held after the burn-in
         if epoch < self.burn_in - 1:
             return torch.ones_like(losses)
+        if not self.fitted:
+            self.fit()
         epochs = torch.full_like(losses, epoch, dtype=torch.long)
         logits = self.network(
             losses.float(), (losses - threshold).float(), torch.zeros_like(epochs), epochs
