@@ -112,7 +112,7 @@ def test_meta_weight_net_weights_are_a_function_of_the_loss_as_given_or_normaliz
     batch, logits = batch_of(12)
     view = view_of(logits, batch.y)
     raw = teacher.net(view.losses.unsqueeze(1)).squeeze(1)
-    # The paper's Eq. 6 and the authors' stable code: the batch mean of w_i * loss_i.
+    # The authors' stable code (MW-Net.py): the batch mean of w_i * loss_i.
     lesson = teacher(batch, view)
     assert torch.equal(lesson.weights, raw)
     assert lesson_loss(lesson, logits, batch.y).item() == pytest.approx(

@@ -25,11 +25,10 @@ class MetaWeightNet(Teacher):
     It learns by one-step lookahead, as in the paper.
 
     ``normalize=False`` (the default) trains the student on the batch mean of
-    w_i * loss_i, as the paper's Eqs. 4 and 6 write it and as the authors'
-    noisy-label code that they call stable (``MW-Net.py``) does. With
-    ``normalize=True`` the weights are scaled to sum to the batch size, as
-    their first release (``train_WRN-28-10_Meta_PGC.py``) and their
-    class-imbalance code do. Normalized weights let the network zero most of
+    w_i * loss_i, as the authors' noisy-label code that they call stable
+    (``MW-Net.py``) does. With ``normalize=True`` the weights are scaled to
+    sum to the batch size, as their first release
+    (``train_WRN-28-10_Meta_PGC.py``) and their class-imbalance code do. Normalized weights let the network zero most of
     a batch and multiply the step on the rest: under 40% MNIST label noise
     that diverged in 3 of 4 runs (README, "Results on noisy labels").
     """
