@@ -106,9 +106,12 @@ CASES = {
                 "teacher.hypergrad.options={rounds: 2}", "teacher.hypergrad.val_batch_size=50",
                 "teacher.optim.name=sgd", "teacher.optim.lr=0.1"],
     # Implicit differentiation: conjugate gradient on summed Hessian-vector products (a
-    # strong weight decay, in rank 0's share alone).
+    # strong weight decay, in rank 0's share alone). Damped: ten undamped CG steps on this
+    # Hessian, far from an optimum and indefinite, amplify the rounding difference of a sum
+    # over two processes to 5e-4 in the student's weights (two steps, or damping, agree).
     "implicit": ["teacher.name=meta_weight_net", "teacher.hypergrad.method=implicit",
-                 "teacher.hypergrad.val_batch_size=50", "optim.weight_decay=0.05"],
+                 "teacher.hypergrad.val_batch_size=50", "optim.weight_decay=0.05",
+                 "teacher.hypergrad.options={damping: 1.0}"],
 }  # fmt: skip
 
 
