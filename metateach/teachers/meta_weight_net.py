@@ -28,9 +28,10 @@ class MetaWeightNet(Teacher):
     w_i * loss_i, as the authors' noisy-label code that they call stable
     (``MW-Net.py``) does. With ``normalize=True`` the weights are scaled to
     sum to the batch size, as their first release
-    (``train_WRN-28-10_Meta_PGC.py``) and their class-imbalance code do. Normalized weights let the network zero most of
-    a batch and multiply the step on the rest: under 40% MNIST label noise
-    that diverged in 3 of 4 runs (README, "Results on noisy labels").
+    (``train_WRN-28-10_Meta_PGC.py``) and their class-imbalance code do.
+    Normalized weights let the network zero most of a batch and multiply the
+    step on the rest: under 40% MNIST label noise that diverged in 3 of 4
+    runs (README, "Results on noisy labels").
     """
 
     learns = Hypergradient("lookahead")
