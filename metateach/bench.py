@@ -3,7 +3,7 @@
 Every time figure is time(subject) / time(reference), both measured here:
 after warm-up, the subject's measurements alternate with the reference's,
 and the ratio is of the medians. The reference is a plain SGD step in bare
-PyTorch, or for ``ours_vs_higher_lookahead`` the same Meta-Weight-Net
+PyTorch (an AdamW step for ``lookahead_adamw_vs_plain``, whose student is AdamW), or for ``ours_vs_higher_lookahead`` the same Meta-Weight-Net
 iteration written with ``higher``. Teachers that step every K student
 steps are measured over whole spans of K. The memory figures compare the
 peak graph memory of a teacher step at two truncations B. The student and
@@ -32,6 +32,7 @@ from metateach.data.datasets import DatasetInfo
 from metateach.data.noise import apply_label_noise
 from metateach.data.transforms import Normalize
 from metateach.lesson import lesson_loss
+from metateach.optim import rule_of
 from metateach.trainer import Trainer
 
 __all__ = [
@@ -147,6 +148,8 @@ def bare_sgd_steps(
 #: student steps a teacher step spans: a measurement covers whole spans, so their cost is amortized).
 SUBJECTS: dict[str, tuple[list[str], int]] = {
     "lookahead_vs_plain": (["teacher.name=meta_weight_net"], 1),  # one-step lookahead, its paper's
+    # The same with an AdamW student, against a bare AdamW step (:data:`STUDENT_OPTIMIZERS`).
+    "lookahead_adamw_vs_plain": (["teacher.name=meta_weight_net"], 1),
     "l2rw_vs_plain": (["teacher.name=learning_to_reweight"], 1),
     # A loss_fn teacher under the same lookahead: L2T-DLF's gated cross-entropy, whose
     # parameters act on the loss, where Meta-Weight-Net's act on the weights.
@@ -191,6 +194,16 @@ MEMORY: dict[str, tuple[str, int]] = {
 }
 
 
+#: Subjects whose student is not the bench's momentum SGD: the optimizer's overrides, and the
+#: ``torch.optim`` optimizer of the bare reference loop they are timed against.
+STUDENT_OPTIMIZERS: dict[str, tuple[list[str], Callable[..., torch.optim.Optimizer]]] = {
+    "lookahead_adamw_vs_plain": (
+        ["optim.name=adamw", "optim.lr=1e-3"],
+        partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-4),
+    ),
+}
+
+
 def _whole_spans(settings: BenchSettings, span: int) -> BenchSettings:
     """``settings`` with the warm-up and each measurement rounded up to whole teacher steps of ``span``."""
     return replace(
@@ -230,20 +243,32 @@ def teacher_step_memory(settings: BenchSettings, method: str, backprop_steps: in
     return metrics.get("teacher/peak_cuda_mb", metrics["teacher/graph_peak_mb"])
 
 
-def higher_lookahead_step(trainer: Trainer, batch: Batch) -> None:
+def torch_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer the trainer's student optimizer stands for, from its
+    state now: what ``higher`` differentiates (it knows PyTorch's classes only)."""
+    rule = rule_of(trainer.optimizer)
+    optimizer = rule.reference(trainer.model.parameters(), trainer.optimizer.param_groups[0]["lr"])
+    optimizer.load_state_dict(
+        {**optimizer.state_dict(), "state": trainer.optimizer.state_dict()["state"]}
+    )
+    return optimizer
+
+
+def higher_lookahead_step(trainer: Trainer, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
     """The reference of ``ours_vs_higher_lookahead``: one Meta-Weight-Net iteration with ``higher``.
 
     As its published loops write it: a differentiable copy of the student
     takes the virtual step (``higher``'s differentiable SGD from the real
     optimizer's state), the teacher steps on the validation loss's gradient
     through it, and the student steps on a new forward pass under the
-    updated teacher. ``tests/test_bench.py`` checks that it leaves the
-    student and the teacher where metateach's iteration does.
+    updated teacher. ``optimizer`` is the student's, as :func:`torch_optimizer` gives it.
+    ``tests/test_bench.py`` checks that it leaves the student and the teacher where
+    metateach's iteration does.
     """
     import higher
 
     problem, context = trainer.teaching.strategy.problem, trainer.context()
-    model, optimizer, teacher = problem.student, problem.optimizer, problem.teacher
+    model, teacher = problem.student, problem.teacher
     assert teacher is not None
     with higher.innerloop_ctx(model, optimizer, copy_initial_weights=True) as (fmodel, diffopt):
         states = fmodel(batch.x, return_states=True)
@@ -268,24 +293,33 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
     data = bench_data(settings, longest.warmup + longest.repeats * longest.steps + 1)
     results: dict[str, float] = {}
 
-    # The reference: a bare loop on the tensors the plain trainer's data path gives.
-    plain = trainer_for(settings, ["teacher.name=none"], data)
-    tensors = [(b.x, b.y) for b in plain.train_loader.epoch(1)]
-    optimizer = torch.optim.SGD(plain.model.parameters(), lr=0.1, momentum=0.9)
-    position = itertools.count()
+    def bare_loop(
+        overrides: Sequence[str], make: Callable[..., torch.optim.Optimizer]
+    ) -> Callable[[], None]:
+        """The reference: a bare loop on the tensors the plain trainer's data path gives."""
+        plain = trainer_for(settings, ["teacher.name=none", *overrides], data)
+        tensors = [(b.x, b.y) for b in plain.train_loader.epoch(1)]
+        optimizer = make(plain.model.parameters())
+        position = itertools.count()
 
-    def bare() -> None:
-        i = next(position) % len(tensors)
-        bare_sgd_steps(plain.model, optimizer, tensors[i : i + 1])
+        def bare() -> None:
+            i = next(position) % len(tensors)
+            bare_sgd_steps(plain.model, optimizer, tensors[i : i + 1])
 
+        return bare
+
+    sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     # The plain step through the trainer and its data path, then each teaching step.
+    plain = trainer_for(settings, ["teacher.name=none"], data)
     subjects = {"framework_overhead": (plain, plain.train_step, 1)}
     for key, span in spans.items():
-        trainer = trainer_for(settings, SUBJECTS[key][0], data)
+        overrides, _ = STUDENT_OPTIMIZERS.get(key, ([], sgd))
+        trainer = trainer_for(settings, [*SUBJECTS[key][0], *overrides], data)
         subjects[key] = (trainer, partial(_teaching_step, trainer), span)
     for key, (trainer, step, span) in subjects.items():
         stream = iter(trainer.train_loader.epoch(0))
         timing = _whole_spans(settings, span)
+        bare = bare_loop(*STUDENT_OPTIMIZERS.get(key, ([], sgd)))
         seconds, reference = paired_seconds(lambda s=stream, f=step: f(next(s)), bare, timing)
         if key == "framework_overhead":
             results["plain_step_ms"] = 1000 * reference
@@ -296,9 +330,10 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
         theirs = trainer_for(settings, SUBJECTS["lookahead_vs_plain"][0], data)
         ours_stream = iter(ours.train_loader.epoch(0))
         their_stream = iter(theirs.train_loader.epoch(0))
+        their_optimizer = torch_optimizer(theirs)
         seconds, reference = paired_seconds(
             lambda: _teaching_step(ours, next(ours_stream)),
-            lambda: higher_lookahead_step(theirs, next(their_stream)),
+            lambda: higher_lookahead_step(theirs, next(their_stream), their_optimizer),
             settings,
         )
         results["ours_vs_higher_lookahead"] = seconds / reference
@@ -339,6 +374,7 @@ DESCRIPTIONS = {
     "plain_step_ms": "one plain SGD step, bare PyTorch (ms): the reference",
     "framework_overhead": "metateach's plain step (trainer, data path, no teacher) / bare step",
     "lookahead_vs_plain": "Meta-Weight-Net iteration (one-step lookahead + student step) / plain",
+    "lookahead_adamw_vs_plain": "the same with an AdamW student / a bare AdamW step",
     "l2rw_vs_plain": "Learning-to-Reweight iteration / plain",
     "loss_fn_lookahead_vs_plain": "L2T-DLF's learned loss (a loss_fn teacher) by lookahead / plain",
     "deep_interaction_vs_plain": "deep-interaction teacher, K = 20, B = 2, per student step / plain",

@@ -107,15 +107,23 @@ class SAMConfig:
 
 @dataclass
 class OptimConfig:
-    """The student's optimizer. Weight decay is coupled (PyTorch's convention)."""
+    """The student's optimizer: a rule of :mod:`metateach.optim.optimizers` (``sgd``, ``adam``,
+    ``adamw``, ``rmsprop``, ``adagrad``, ``adadelta``). Weight decay is coupled (PyTorch's
+    convention) except in ``adamw``."""
 
     name: str = "sgd"
     lr: float = 0.1
+    #: SGD's and RMSprop's momentum.
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    #: SGD's Nesterov momentum.
     nesterov: bool = False
+    #: Adam's and AdamW's.
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    #: What one optimizer alone takes: RMSprop's ``alpha`` and ``centered``, Adam's ``eps_root``,
+    #: Adagrad's ``lr_decay`` and ``initial_accumulator_value``, Adadelta's ``rho``.
+    kwargs: dict[str, Any] = field(default_factory=dict)
     sam: SAMConfig = field(default_factory=SAMConfig)
 
 
@@ -329,7 +337,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
 
 
 #: Sections whose ``kwargs`` are arguments of the thing their ``name`` names.
-_NAMED_SECTIONS = ("model", "teacher")
+_NAMED_SECTIONS = ("model", "teacher", "optim", "teacher.optim")
 
 
 #: What a teacher's hypergradient settings declare about how it learns; a layer that names
@@ -353,7 +361,7 @@ def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
             continue
         below = copy.deepcopy(below)
         if OmegaConf.select(below, f"{section}.kwargs"):
-            below[section].kwargs = {}
+            OmegaConf.update(below, f"{section}.kwargs", {}, merge=False)
         hypergrad = OmegaConf.select(below, f"{section}.hypergrad")
         if hypergrad is not None:
             defaults = HypergradConfig()

@@ -99,6 +99,16 @@ def validate(cfg: ExperimentConfig) -> None:
         "model.kwargs",
         exclude={"num_classes": None, "in_shape": None},
     )
+    from metateach.optim.optimizers import COMMON_SETTINGS
+
+    for key, section in (("optim", cfg.optim), ("teacher.optim", cfg.teacher.optim)):
+        check_options(
+            OPTIMIZERS.get(section.name),
+            section.kwargs,
+            f"optimizer {section.name!r}",
+            f"{key}.kwargs",
+            exclude=dict.fromkeys(COMMON_SETTINGS),
+        )
     for key, ok, what in _RANGES:
         value: Any = cfg
         for part in key.split("."):
@@ -158,15 +168,10 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"teacher {teacher.name!r} learns by policy gradient but defines no episode_reward()"
         )
-    if isinstance(learning, Hypergradient | ExampleGradient) and cfg.optim.name != "sgd":
-        raise ConfigError(
-            f"teacher {teacher.name!r} differentiates the student's momentum SGD: set optim.name=sgd "
-            f"(got {cfg.optim.name})"
-        )
     if isinstance(learning, Hypergradient | ExampleGradient) and cfg.optim.sam.rho > 0:
         raise ConfigError(
-            f"teacher {teacher.name!r} differentiates the student's momentum SGD, not SAM's two-pass "
-            f"step: set optim.sam.rho=0 (got {cfg.optim.sam.rho})"
+            f"teacher {teacher.name!r} differentiates the student's optimizer step, not SAM's "
+            f"two-pass step: set optim.sam.rho=0 (got {cfg.optim.sam.rho})"
         )
     asked = [
         k for k, v in vars(teacher.hypergrad).items() if k in HYPERGRAD_KEYS and v not in (None, {})
@@ -203,12 +208,15 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
             f"teacher.hypergrad.backprop_steps (B={learning.backprop_steps}) must not exceed "
             f"teacher.hypergrad.inner_steps (K={learning.inner_steps})"
         )
-    if learning.method == "reversible" and (cfg.optim.momentum <= 0 or cfg.optim.nesterov):
-        raise ConfigError(
-            "teacher.hypergrad.method=reversible runs momentum SGD backwards: it needs "
-            "optim.momentum > 0 and optim.nesterov=false (teacher.hypergrad.method=unrolled "
-            "gives the same hypergradient for any SGD, keeping the window's graphs)"
-        )
+    from metateach.hypergrad.implicit import REFUSAL as IMPLICIT_REFUSAL
+    from metateach.hypergrad.reversible import REFUSAL as REVERSIBLE_REFUSAL
+    from metateach.optim.optimizers import rule_from_config
+
+    rule = rule_from_config(cfg.optim)
+    if learning.method == "reversible" and not rule.invertible:
+        raise ConfigError(REVERSIBLE_REFUSAL.format(name=cfg.optim.name))
+    if learning.method == "implicit" and rule.stationary_decay is None:
+        raise ConfigError(IMPLICIT_REFUSAL.format(name=cfg.optim.name))
 
 
 #: What a teacher's builder may ask for besides its options (``teacher.kwargs``):

@@ -15,6 +15,7 @@ from metateach.bench import (
     random_bundle,
     run_bench,
     teacher_step_memory,
+    torch_optimizer,
     trainer_for,
 )
 
@@ -30,6 +31,7 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
         "plain_step_ms",
         "framework_overhead",
         "lookahead_vs_plain",
+        "lookahead_adamw_vs_plain",
         "l2rw_vs_plain",
         "loss_fn_lookahead_vs_plain",
         "deep_interaction_vs_plain",
@@ -82,11 +84,12 @@ def test_the_higher_reference_computes_our_meta_weight_net_iteration() -> None:
     before = [p.detach().clone() for p in teachers[0].parameters()]
     for a, b in zip(ours.model.parameters(), theirs.model.parameters(), strict=True):
         assert torch.equal(a, b)  # the same start
+    optimizer = torch_optimizer(theirs)
     for ours_batch, their_batch in zip(
         ours.train_loader.epoch(0), theirs.train_loader.epoch(0), strict=True
     ):
         _teaching_step(ours, ours_batch)
-        higher_lookahead_step(theirs, their_batch)
+        higher_lookahead_step(theirs, their_batch, optimizer)
     moved = sum(
         float((a.detach() - b).abs().sum())
         for a, b in zip(teachers[0].parameters(), before, strict=True)

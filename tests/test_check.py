@@ -197,6 +197,150 @@ def test_a_method_that_cannot_teach_a_teacher_says_why() -> None:
 
 
 # --------------------------------------------------------------------------- #
+# Students that learn with Adam and AdamW
+# --------------------------------------------------------------------------- #
+
+#: The optimizers the sweep below runs every method under (SGD is the sweeps' above).
+ADAPTIVE = {
+    "adam": {"betas": [0.8, 0.99]},
+    "adamw": {"betas": [0.8, 0.99]},
+    "rmsprop": {"kwargs": {"alpha": 0.9}},
+}
+
+#: Adam's steps are ~lr per coordinate whatever the gradient's scale: a smaller rate, changing.
+ADAPTIVE_LR = [0.01, 0.02, 0.005, 0.015, 0.01]
+
+
+def adaptive_cells() -> Iterator[Any]:
+    """(optimizer, method, teacher): every method that differentiates an optimizer it is not
+    built for (all but reversible; implicit not under AdamW's decoupled decay), each with
+    Meta-Weight-Net where it teaches it, else the first teacher of the sweep above it
+    teaches. Two rounds of L2T-DLN's learned optimizer take a minute: run by .ci/run."""
+    for optimizer in ADAPTIVE:
+        for method in [*HYPERGRADS, "example_gradient"]:
+            if method == "reversible" or (method == "implicit" and optimizer == "adamw"):
+                continue
+            teachers = [t for t, m in CELLS if m == method]
+            teacher = "meta_weight_net" if "meta_weight_net" in teachers else teachers[0]
+            marks = [pytest.mark.slow] if method == "learned_optimizer" else []
+            yield pytest.param(optimizer, method, teacher, marks=marks)
+
+
+@pytest.mark.parametrize(("optimizer", "method", "teacher_name"), list(adaptive_cells()))
+def test_every_method_gets_the_exact_hypergradient_of_an_adaptive_student(
+    optimizer: str, method: str, teacher_name: str
+) -> None:
+    student, shape = student_of()
+    teacher = registered_teacher(teacher_name, student)
+    assert teacher is not None
+    batches, val = data(shape)
+    settings = {"lr": ADAPTIVE_LR, **settings_for(method, student)}
+    if method == "learned_optimizer":
+        # Two rounds under Adam move the validation loss by less: at h = 1e-6 the differences'
+        # rounding (error ~ 1/h: 1.3e-3 relative at 1e-6, 1.2e-4 at 1e-5) swamps the
+        # hypergradient of the LSTM's weights; at 3e-4 it falls below the check's tolerance.
+        settings["step"] = 3e-4
+    check = check_hypergradient(
+        teacher,
+        student,
+        batches,
+        val,
+        None if method == "example_gradient" else method,
+        optimizer=optimizer,
+        optimizer_settings=ADAPTIVE[optimizer],
+        **settings,
+    )
+    assert check.passed, str(check)
+    assert max(float(t.central_difference.norm()) for t in check.tensors) > 1e-5
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+@pytest.mark.parametrize(
+    ("regime", "method", "k", "b"),
+    [
+        ("first-step", "unrolled", 3, 2),  # from an empty state: the first steps' moments
+        pytest.param("batchnorm-conv", "lookahead", 1, 1, marks=pytest.mark.slow),
+        pytest.param("batchnorm-conv", "unrolled", 3, 2, marks=pytest.mark.slow),
+    ],
+)
+def test_adaptive_students_from_the_first_step_and_with_batchnorm(
+    optimizer: str, regime: str, method: str, k: int, b: int
+) -> None:
+    model = "resnet8" if regime == "batchnorm-conv" else "mlp"
+    student, shape = student_of(model)
+    batches, val = data(shape)
+    check = check_hypergradient(
+        StateReader(student),
+        student,
+        batches,
+        val,
+        method,
+        inner_steps=k,
+        backprop_steps=b,
+        lr=ADAPTIVE_LR,
+        optimizer=optimizer,
+        optimizer_settings=ADAPTIVE[optimizer],
+        warmup_steps=0 if regime == "first-step" else 2,
+    )
+    assert check.passed, str(check)
+    assert max(float(t.central_difference.norm()) for t in check.tensors) > 1e-5
+
+
+@pytest.mark.parametrize("method", ["lookahead", "unrolled"])
+def test_a_gradient_that_is_always_zero_leaves_adams_hypergradient_finite(method: str) -> None:
+    """An input pixel that is always 0 gives its weights a zero gradient, and without weight
+    decay Adam's v stays 0 there, where sqrt has an infinite derivative: with PyTorch's
+    eps_root = 0 the hypergradient is nan; the default 1e-30 gives the exact one."""
+    student, shape = student_of()
+    teacher = registered_teacher("meta_weight_net", student)
+    assert teacher is not None
+    batches, val = data(shape)
+    for x, _ in batches:
+        x[:, :, 0, 0] = 0
+    found = {}
+    for eps_root in (0.0, None):
+        settings = {} if eps_root is None else {"kwargs": {"eps_root": eps_root}}
+        found[eps_root] = check_hypergradient(
+            teacher, student, batches, val, method,
+            inner_steps=3 if method == "unrolled" else None,
+            backprop_steps=2 if method == "unrolled" else None,
+            lr=ADAPTIVE_LR, weight_decay=0.0, optimizer="adam", optimizer_settings=settings,
+        )  # fmt: skip
+    assert any(torch.isnan(t.hypergradient).any() for t in found[0.0].tensors)
+    assert found[None].passed, str(found[None])
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "method", "says"),
+    [
+        ("adam", "reversible", "reversible runs momentum SGD backwards: it needs optim.name=sgd"),
+        (
+            "adamw",
+            "implicit",
+            "optim.name=adamw with decoupled weight decay comes to rest elsewhere",
+        ),
+    ],
+)
+def test_methods_that_cannot_differentiate_an_optimizer_say_why(
+    optimizer: str, method: str, says: str
+) -> None:
+    student, shape = student_of()
+    batches, val = data(shape)
+    teacher = registered_teacher("meta_weight_net", student)
+    assert teacher is not None
+    with pytest.raises(ValueError, match=says):
+        check_hypergradient(
+            teacher,
+            student,
+            batches,
+            val,
+            method,
+            optimizer=optimizer,
+            **settings_for(method, student),
+        )
+
+
+# --------------------------------------------------------------------------- #
 # Teachers built to stress the lesson
 # --------------------------------------------------------------------------- #
 

@@ -144,7 +144,10 @@ def test_every_shipped_config_loads() -> None:
             ["teacher.name=oracle"],
             "unknown teacher 'oracle' (teacher.name); available: co_teaching, constant, ",
         ),
-        (["optim.name=lbfgs"], "unknown optimizer 'lbfgs' (optim.name); available: adam, sgd"),
+        (
+            ["optim.name=lbfgs"],
+            "unknown optimizer 'lbfgs' (optim.name); available: adadelta, adagrad, adam, adamw, rmsprop, sgd",
+        ),
         (["train.target_val_acc=1.5"], "train.target_val_acc must be in (0, 1], got 1.5"),
         (["train.stop_at_target=true"], "train.stop_at_target needs train.target_val_acc"),
         (

@@ -99,12 +99,25 @@ CASES = {
     # the per-process selections the single process's; both networks' steps, and SAM's
     # perturbation, take the summed gradient.
     "srit": ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=0", "optim.sam.rho=0.05"],
+    # The same around TorchOpt's Adam (co-teaching's own optimizer).
+    "srit_adam": ["teacher.name=co_teaching", "teacher.kwargs.forget_rate=0", "optim.sam.rho=0.05",
+                  "optim.name=adam", "optim.lr=1e-3"],
     # L2T-DLN: the LSTM reads the summed d e / d phi of each round of 5 steps (2 of them
     # differentiated) and steps on psi's summed gradient every 2 rounds.
     "l2t_dln": ["teacher.name=l2t_dln", "teacher.kwargs.init_steps=20",
                 "teacher.hypergrad.inner_steps=5", "teacher.hypergrad.backprop_steps=2",
                 "teacher.hypergrad.options={rounds: 2}", "teacher.hypergrad.val_batch_size=50",
                 "teacher.optim.name=sgd", "teacher.optim.lr=0.1"],
+    # The same two with an adaptive student: AdamW under one-step lookahead, Adam under
+    # unrolled windows (its moments carried through the graph, summed gradients inside).
+    # The teacher steps by SGD, as DEEP_INTERACTION's does: under the AdamW student one of
+    # Meta-Weight-Net's weights gets a hypergradient near zero, which the teacher's Adam
+    # turned into a step of 2e-4 in one process and not the other.
+    "meta_weight_net_adamw": ["teacher.name=meta_weight_net", "teacher.hypergrad.val_batch_size=50",
+                              "teacher.optim.name=sgd", "teacher.optim.lr=1",
+                              "optim.name=adamw", "optim.lr=1e-3"],
+    "deep_interaction_adam": [*DEEP_INTERACTION, "teacher.hypergrad.method=unrolled",
+                              "optim.name=adam", "optim.lr=1e-3"],
     # Implicit differentiation: conjugate gradient on summed Hessian-vector products (a
     # strong weight decay, in rank 0's share alone). Damped: ten undamped CG steps on this
     # Hessian, far from an optimum and indefinite, amplify the rounding difference of a sum

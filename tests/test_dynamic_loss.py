@@ -15,9 +15,9 @@ from torch.func import functional_call
 from metateach.checkpoint import LAST, load_checkpoint
 from metateach.diagnostics import CURVE_KEYS, P_TRUE
 from metateach.errors import ConfigError
-from metateach.hypergrad.functional import momentum_sgd_step
 from metateach.hypergrad.learned_optimizer import LearnedOptimizer
 from metateach.optim.learned import CoordinatewiseLSTM, preprocess_gradients
+from metateach.optim.rules import momentum_sgd_step
 from metateach.teachers import DynamicLossNetwork, DynamicLossTeacher
 from metateach.teachers.dynamic_loss import fit_to_cross_entropy, pairwise_encoding
 from metateach.teachers.dynamic_loss_function import (
@@ -165,7 +165,7 @@ def reference_psi_gradient(setup: Setup, k: int, rounds: int) -> torch.Tensor:
     phi = {k_: v.clone().requires_grad_() for k_, v in teacher.lesson_weights().items()}
     memory = teacher.memory.detach()
     params = {k_: p.detach() for k_, p in problem.params().items()}
-    momentum = {k_: v.detach() for k_, v in problem.momentum().items()}
+    momentum = dict(zip(params, problem.inner_state(), strict=True))
     total, pending, t = torch.zeros((), dtype=torch.float64), None, 0
     for r in range(rounds):
         if pending is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchopt
 
-from metateach.hypergrad.functional import (
+from metateach.optim.rules import (
     decayed_gradients,
     momentum_sgd_step,
     recover_momentum,

@@ -33,18 +33,13 @@ from metateach.hypergrad.base import (
 from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
 from metateach.hypergrad.example_gradient import ExampleGradients, example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
-from metateach.hypergrad.functional import (
-    momentum_sgd_step,
-    recover_momentum,
-    reverse_momentum_sgd,
-    student_forward,
-)
+from metateach.hypergrad.functional import student_forward
 from metateach.hypergrad.implicit import Implicit
 from metateach.hypergrad.learned_optimizer import LearnedOptimizer
 from metateach.hypergrad.lookahead import Lookahead
 from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.policy_gradient import Reinforce
-from metateach.hypergrad.problem import BilevelProblem, SGDSettings, TrainPass
+from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.hypergrad.reversible import Reversible
 from metateach.hypergrad.unrolled import Unrolled
 
@@ -64,13 +59,9 @@ __all__ = [
     "Reversible",
     "check_hypergradient",
     "Unrolled",
-    "SGDSettings",
     "StudentOnly",
     "TeachingStrategy",
     "TrainPass",
     "UpdateMeter",
-    "momentum_sgd_step",
-    "recover_momentum",
-    "reverse_momentum_sgd",
     "student_forward",
 ]

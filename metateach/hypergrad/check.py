@@ -5,8 +5,9 @@ on float64 copies of a teacher and a student, takes its hypergradient
 (:meth:`~metateach.hypergrad.base.HypergradMethod.hypergradient`) and compares
 it, parameter tensor by parameter tensor, with central differences of the
 validation loss. The differences re-run the student's steps in plain PyTorch
-(:mod:`metateach.hypergrad.replay`: ``torch.optim.SGD``, a forward pass, the
-teacher's lesson, ``backward``), independently of the method. What the
+(:mod:`metateach.hypergrad.replay`: the ``torch.optim`` optimizer the student's
+update rule stands for, a forward pass, the teacher's lesson, ``backward``),
+independently of the method and of the rule. What the
 validation loss is a function of follows the method's
 :class:`~metateach.hypergrad.base.Differentiates`:
 
@@ -38,15 +39,18 @@ from torch import Tensor, nn
 from metateach.data import Batch, as_batch
 from metateach.hypergrad.base import Differentiates, HypergradMethod, PerStepMethod
 from metateach.hypergrad.example_gradient import ExampleGradients
+from metateach.hypergrad.implicit import REFUSAL as IMPLICIT_REFUSAL
 from metateach.hypergrad.problem import BilevelProblem
 from metateach.hypergrad.replay import (
     Objective,
     Objectives,
     Replay,
     SampleWeights,
-    StudentSGD,
+    StudentSteps,
     central_difference,
 )
+from metateach.optim.optimizers import build_rule
+from metateach.optim.rules import MomentumSGD, RuleOptimizer
 from metateach.registry import HYPERGRADS
 from metateach.student import Student
 from metateach.teacher import (
@@ -148,6 +152,8 @@ def check_hypergradient(
     momentum: float = 0.9,
     weight_decay: float = 1e-3,
     nesterov: bool = False,
+    optimizer: str = "sgd",
+    optimizer_settings: Mapping[str, Any] | None = None,
     warmup_steps: int = 2,
     optimum_steps: int = 300,
     step: float = 1e-6,
@@ -180,7 +186,10 @@ def check_hypergradient(
         options: the method's own settings (``implicit``: its solver; for
             ``learned_optimizer`` the check takes ``rounds=1``, two rounds).
         lr: the student's learning rate, or one per step (warm-up included, cycled).
-        momentum, weight_decay, nesterov: the student's SGD.
+        momentum, weight_decay, nesterov: the student's optimizer's settings.
+        optimizer: the student's optimizer (``optim.name``: ``sgd``, ``adam``, ``adamw``, ...).
+        optimizer_settings: its other settings (``betas``, ``eps``, ``kwargs``), as
+            :func:`~metateach.optim.build_rule` takes them.
         warmup_steps: plain steps (cross-entropy, no teacher) before the span.
         optimum_steps: for ``implicit``: steps of training to the optimum, and
             of each re-training.
@@ -246,19 +255,33 @@ def check_hypergradient(
             TeachingContext(t, 0, total, torch.tensor(1.0, dtype=torch.float64), 0.5)
             for t in range(total)
         ]
-        schedule = StudentSGD(
-            [rates[t % len(rates)] for t in range(total)], momentum, weight_decay, nesterov
+        rule = build_rule(
+            optimizer,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            **dict(optimizer_settings or {}),
         )
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        schedule = StudentSteps([rates[t % len(rates)] for t in range(total)], rule)
+        notes = []
+        if kind is Differentiates.OPTIMUM:
+            # The optimum is the objective's (its coupled decay the rule's), whichever optimizer
+            # walks there: momentum SGD walks there to the check's precision, and re-walks there
+            # in the central differences.
+            if rule.stationary_decay is None:
+                raise ValueError(IMPLICIT_REFUSAL.format(name=rule.name))
+            schedule = StudentSteps(schedule.rates, MomentumSGD(momentum, rule.stationary_decay))
         problem = BilevelProblem(
             student,
-            schedule.optimizer([p for p in student.parameters() if p.requires_grad]),
+            RuleOptimizer(trainable, schedule.rule, schedule.rates[0]),
             teacher,
             val_stream=val_batch,
             keep_weight_grad=keep,
         )
-        notes = []
         if kind is Differentiates.OPTIMUM:
             notes.append(_train_to_optimum(problem, steps[0], contexts[0], optimum_steps))
+            problem.optimizer = RuleOptimizer(trainable, rule, schedule.rates[0])
         untaught = BilevelProblem(student, problem.optimizer)  # the warm-up's plain steps
         for t in range(warmup_steps):
             schedule.apply(problem.optimizer, t)
@@ -333,7 +356,7 @@ def _train_to_optimum(
         problem.real_step(batch, context)
     params = problem.params()
     loss = problem.train_loss(params, batch, context, real=False, teacher_grad=False).loss
-    decay = problem.sgd().weight_decay
+    decay = problem.rule.stationary_decay
     grads = torch.autograd.grad(loss, list(params.values()))
     decayed = [g + decay * p.detach() for g, p in zip(grads, params.values(), strict=True)]
     norm = float(torch.cat([d.reshape(-1) for d in decayed]).norm())

@@ -32,17 +32,17 @@ __all__ = ["FiniteDifference"]
 class FiniteDifference(PerStepMethod):
     """DARTS's approximation of ``lookahead``: first derivatives only.
 
-    With theta' the virtual step, c its gradient scale (lr, or lr (1 + mu)
-    with Nesterov) and v = grad L_val(theta'), the exact
-    hypergradient is -c * d/d omega <grad_theta L_train(theta, omega), v>.
+    With theta' the virtual step and w = (d theta' / d g)^T grad L_val(theta')
+    (-lr grad L_val(theta') for SGD, as in DARTS; see :mod:`~metateach.hypergrad.lookahead`),
+    the exact hypergradient is d/d omega <grad_theta L_train(theta, omega), w>.
     The mixed second derivative is replaced by a central difference,
 
-        -c * (grad_omega L_train(theta + eps v) - grad_omega L_train(theta - eps v)) / (2 eps),
+        (grad_omega L_train(theta + eps w) - grad_omega L_train(theta - eps w)) / (2 eps),
 
-    with eps = ``epsilon`` / ||v||. Error O(eps^2); no Hessian-vector products.
+    with eps = ``epsilon`` / ||w||. Error O(eps^2); no Hessian-vector products.
 
     Args:
-        epsilon: the step along v, relative to ||v|| (DARTS uses 0.01).
+        epsilon: the step along w, relative to ||w|| (DARTS uses 0.01).
     """
 
     data_parallel = True
@@ -83,7 +83,7 @@ class FiniteDifference(PerStepMethod):
             lesson = problem.lesson(batch, view, teacher_grad=True)
             difference = difference + sign * lesson_loss(lesson, states.logits, batch.y)
         self.record(**{"teacher/val_loss": float(val_loss)})
-        scale = -problem.sgd().gradient_scale / (2 * eps)
+        scale = 1 / (2 * eps)
         return [
             None if g is None else scale * g
             for g in autograd.grad(difference, problem.teacher_params(), allow_unused=True)

@@ -17,20 +17,31 @@ from torch import Tensor, autograd
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.hypergrad.base import Differentiates, PerStepMethod
-from metateach.hypergrad.functional import Params, decayed_gradients, dot
+from metateach.hypergrad.functional import Params, dot
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
+from metateach.optim.rules import decayed_gradients
 from metateach.registry import HYPERGRADS
 
 __all__ = ["Implicit"]
 
 SOLVERS = ("cg", "neumann")
 
+#: Why ``implicit`` refuses an optimizer (``optim.name``).
+REFUSAL = (
+    "teacher.hypergrad.method=implicit differentiates the minimizer of the training loss plus "
+    "coupled weight decay, where the student's optimizer comes to rest; optim.name={name} with "
+    "decoupled weight decay comes to rest elsewhere: set optim.weight_decay=0, use adam (coupled "
+    "decay), or another method (lookahead, unrolled)"
+)
+
 
 @HYPERGRADS.register("implicit")
 class Implicit(PerStepMethod):
     """Treat the student as at its optimum theta*(omega) and apply the implicit function theorem.
 
-    With H = d^2 L_train / d theta^2 (weight decay included) and
+    With H = d^2 L_train / d theta^2 (the optimizer's coupled weight decay included:
+    the stationary points of the objective are where it comes to rest, for
+    SGD, Adam, RMSprop, ...; AdamW's decoupled decay is refused) and
     v = grad L_val(theta), the hypergradient is
 
         -d/d omega <grad_theta L_train(theta, omega), H^{-1} v>,
@@ -68,6 +79,8 @@ class Implicit(PerStepMethod):
         alpha: float = 0.01,
     ) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
+        if problem.rule.stationary_decay is None:
+            raise ValueError(REFUSAL.format(name=problem.rule.name))
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if iterations < 1:
@@ -88,7 +101,7 @@ class Implicit(PerStepMethod):
         theta = list(params.values())
         v, val_loss = problem.val_gradient(params)
         grads = autograd.grad(train.loss, theta, create_graph=True, retain_graph=True)
-        decay = problem.sgd().weight_decay if holds_constant_terms() else 0.0
+        decay = problem.rule.stationary_decay if holds_constant_terms() else 0.0
         decayed = decayed_gradients(dict(zip(params, grads, strict=True)), params, decay)
 
         def hessian_vector(x: Params) -> Params:

@@ -1,18 +1,22 @@
 """One virtual step of the student, differentiated exactly, with first derivatives and one JVP.
 
-With theta' = theta - c (mu v + lambda theta + grad_theta L(theta, omega)) the
-student optimizer's step (c its :attr:`~metateach.hypergrad.problem.SGDSettings.gradient_scale`)
-and u = grad L_val(theta'), the chain rule gives
+With theta' = theta - U(g, s) the student optimizer's step, g = grad_theta
+L(theta, omega) the lesson's gradient, s the optimizer's state (momentum,
+Adam's moments, ...) and u = grad L_val(theta'), the chain rule gives
 
-    d L_val(theta') / d omega = -c d/d omega <grad_theta L(theta, omega), u>.
+    d L_val(theta') / d omega = d/d omega <g(theta, omega), w>,  w = (d theta' / d g)^T u.
 
-The right-hand side is
+w is one vector-Jacobian product of the update rule, element-wise
+(:meth:`~metateach.hypergrad.problem.BilevelProblem.virtual_step`): -lr u
+for momentum SGD, -lr (1 + mu) u with Nesterov's, the derivative of Adam's
+step for Adam. The right-hand side is
 :meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`: one
-forward-mode pass of the student with theta carrying the tangent u, then
+forward-mode pass of the student with theta carrying the tangent w, then
 reverse mode twice through the lesson alone. No second-order backward
 through the student is taken. The result is the number the differentiated virtual step
 gives (``tests/test_hypergrad.py`` checks it against finite differences
-and against the graph through the virtual step, with BatchNorm and Nesterov).
+and against the graph through the virtual step, with BatchNorm and Nesterov;
+``tests/test_check.py`` for every optimizer).
 
 References:
     Ren, Zeng, Yang and Urtasun, "Learning to reweight examples for robust
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
@@ -42,17 +45,18 @@ __all__ = ["Lookahead", "lookahead_gradient", "virtual_direction"]
 def virtual_direction(
     problem: BilevelProblem, params: Params, grads: Sequence[Tensor], val_batch: Batch | None = None
 ) -> tuple[Params, Tensor]:
-    """u = grad L_val(theta') and L_val(theta'), theta' the student optimizer's step on ``grads``.
+    """w = (d theta' / d g)^T grad L_val(theta') and L_val(theta'), theta' the student
+    optimizer's step on ``grads`` = g.
 
     ``grads`` follow the order of ``params``; nothing here keeps a graph to
     them. ``val_batch`` defaults to the validation stream's next draw. With the
     batches sharded over processes, ``grads`` and the validation gradient
     are summed over them (:mod:`metateach.distributed`).
     """
-    with torch.no_grad():
-        virtual, _ = problem.sgd_step(params, problem.momentum(), sum_gradients(grads))
-    virtual = {k: p.detach().requires_grad_() for k, p in virtual.items()}
-    return problem.val_gradient(virtual, val_batch)
+    virtual, pullback = problem.virtual_step(params, sum_gradients(grads))
+    virtual = {k: p.requires_grad_() for k, p in virtual.items()}
+    u, val_loss = problem.val_gradient(virtual, val_batch)
+    return pullback(u), val_loss
 
 
 def lookahead_gradient(
@@ -73,17 +77,16 @@ def lookahead_gradient(
     state ``rng``). ``val_batch`` as in :func:`virtual_direction`.
     """
     direction, val_loss = virtual_direction(problem, params, grads, val_batch)
-    mixed = problem.mixed_gradient(x, loss_of, params, direction, targets, rng)
-    scale = -problem.sgd().gradient_scale
-    return tuple(None if g is None else scale * g for g in mixed), val_loss
+    return problem.mixed_gradient(x, loss_of, params, direction, targets, rng), val_loss
 
 
 @HYPERGRADS.register("lookahead")
 class Lookahead(PerStepMethod):
-    """theta' = one momentum-SGD step of the lesson's loss; the teacher follows d L_val(theta') / d omega.
+    """theta' = one step of the student's optimizer on the lesson's loss; the teacher follows
+    d L_val(theta') / d omega.
 
-    The virtual step is the student's own optimizer step (momentum and weight
-    decay included); K = B = 1 in the engine's terms (``inner_steps`` > 1
+    The virtual step is the student's own optimizer step (its state, momentum or
+    moments, and weight decay included); K = B = 1 in the engine's terms (``inner_steps`` > 1
     updates the teacher every K-th step). Computed as the module docstring
     says: the training gradient, a validation gradient, one forward-mode pass.
     """

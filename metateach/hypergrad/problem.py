@@ -25,18 +25,14 @@ from torch import Tensor, autograd
 from metateach.data import Batch, BatchStream, RepeatedBatch, WholeSplit
 from metateach.distributed import sum_gradients
 from metateach.errors import NonFiniteStep
-from metateach.hypergrad.functional import (
-    Params,
-    momentum_sgd_step,
-    scratch_buffers,
-    student_forward,
-)
+from metateach.hypergrad.functional import Params, scratch_buffers, student_forward
 from metateach.lesson import Lesson, lesson_loss
+from metateach.optim.rules import State, UpdateRule, rule_of, set_state, state_of
 from metateach.optim.sam import SAM
 from metateach.student import Student, StudentStates
 from metateach.teacher import StudentView, Teacher, TeachingContext
 
-__all__ = ["BilevelProblem", "SGDSettings", "RNGState", "TrainPass", "RealPass"]
+__all__ = ["BilevelProblem", "RNGState", "TrainPass", "RealPass"]
 
 
 #: Candidate batches a refilled batch may draw beyond the first (``teacher.refill``).
@@ -86,25 +82,6 @@ def _all_finite(grads: Sequence[Tensor | None]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in present]).all())
 
 
-@dataclass(frozen=True)
-class SGDSettings:
-    """The student optimizer's current learning rate, momentum and weight decay."""
-
-    lr: float
-    momentum: float
-    weight_decay: float
-    nesterov: bool = False
-
-    @property
-    def gradient_scale(self) -> float:
-        """c in d theta' / d g = -c I: how far a step moves the parameters per unit of gradient.
-
-        lr for momentum SGD (theta' = theta - lr (mu v + g + lambda theta)), lr (1 + mu)
-        with Nesterov's momentum (theta' = theta - lr ((1 + mu) g + ...)).
-        """
-        return self.lr * (1 + self.momentum) if self.nesterov else self.lr
-
-
 @dataclass
 class BilevelProblem:
     """Student, teacher and validation data, and what the teaching strategies do with them.
@@ -114,7 +91,9 @@ class BilevelProblem:
 
     Args:
         student: the student network.
-        optimizer: its real optimizer; hypergradient methods require momentum SGD.
+        optimizer: its real optimizer: one :func:`~metateach.optim.build_optimizer` builds
+            (under SAM too), or a ``torch.optim.SGD``; the hypergradient methods
+            differentiate its update rule.
         teacher: the teacher, or None for plain training.
         teacher_optimizer: the teacher's optimizer, when it learns.
         val_stream: clean validation batches for the outer objective, when the
@@ -152,41 +131,62 @@ class BilevelProblem:
         """
         return {k: p for k, p in self.student.named_parameters() if p.requires_grad}
 
-    def momentum(self) -> dict[str, Tensor | None]:
-        """The optimizer's momentum buffers by parameter name (None before the first step)."""
-        return {
-            k: self.optimizer.state.get(p, {}).get("momentum_buffer")
-            for k, p in self.params().items()
-        }
+    @property
+    def rule(self) -> UpdateRule:
+        """The student optimizer's update rule, which virtual and unrolled steps take."""
+        return rule_of(self.optimizer)
 
-    def sgd(self) -> SGDSettings:
-        group = self.optimizer.param_groups[0]
-        return SGDSettings(
-            group["lr"],
-            group.get("momentum", 0.0),
-            group.get("weight_decay", 0.0),
-            group.get("nesterov", False),
-        )
+    @property
+    def lr(self) -> float:
+        """The student optimizer's learning rate now."""
+        return self.optimizer.param_groups[0]["lr"]
 
-    def sgd_step(
-        self, params: Params, momentum: Mapping[str, Tensor | None], grads: Sequence[Tensor]
-    ) -> tuple[Params, Params]:
-        """One functional step of the student's optimizer, at its current settings.
+    def inner_state(self) -> State:
+        """The student optimizer's state (momentum, moments, ...) for :meth:`params`, detached."""
+        return state_of(self.optimizer, self.rule, list(self.params().values()))
+
+    def inner_step(
+        self, params: Params, state: State, grads: Sequence[Tensor]
+    ) -> tuple[Params, State]:
+        """One functional step of the student's optimizer at its current learning rate.
 
         ``grads`` follow the order of ``params``; differentiable throughout.
         """
-        sgd = self.sgd()
-        named = dict(zip(params, grads, strict=True))
-        return momentum_sgd_step(
-            params, momentum, named, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.nesterov
-        )
+        new, state = self.rule.update(list(params.values()), state, grads, self.lr)
+        return dict(zip(params, new, strict=True)), state
+
+    def virtual_step(
+        self, params: Params, grads: Sequence[Tensor]
+    ) -> tuple[Params, Callable[[Params], Params]]:
+        """theta', one step of the student's optimizer from ``params`` on ``grads``, and the
+        pullback u -> (d theta' / d g)^T u of the step in the gradient.
+
+        theta' is detached. The pullback is one vector-Jacobian product of the
+        update rule, element-wise and cheap: -lr u for momentum SGD, the
+        derivative of Adam's, RMSprop's, ... step in its gradient for the others.
+        """
+        leaves = [g.detach().requires_grad_() for g in grads]
+        with torch.enable_grad():
+            new, _ = self.rule.update(
+                [p.detach() for p in params.values()], self.inner_state(), leaves, self.lr
+            )
+
+        def pullback(u: Params) -> Params:
+            found = autograd.grad(new, leaves, [u[k] for k in params], allow_unused=True)
+            return {
+                k: torch.zeros_like(g) if a is None else a
+                for k, g, a in zip(params, leaves, found, strict=True)
+            }
+
+        return dict(zip(params, (t.detach() for t in new), strict=True)), pullback
 
     @torch.no_grad()
-    def write_back(self, params: Params, momentum: Params) -> None:
-        """Make functional results the student's real state: parameters and momentum buffers."""
-        for name, p in self.params().items():
+    def write_back(self, params: Params, state: State) -> None:
+        """Make functional results the student's real state: parameters and optimizer state."""
+        own = self.params()
+        for name, p in own.items():
             p.copy_(params[name])
-            self.optimizer.state[p]["momentum_buffer"] = momentum[name].detach().clone()
+        set_state(self.optimizer, self.rule, list(own.values()), state)
 
     # ------------------------------------------------------------------ #
     # Losses

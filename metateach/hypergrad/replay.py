@@ -2,7 +2,9 @@
 
 Nothing here shares code with the hypergradient methods: a step is the
 student module's forward pass, the teacher's lesson on its view,
-:func:`~metateach.lesson.lesson_loss`, ``backward`` and ``torch.optim.SGD``,
+:func:`~metateach.lesson.lesson_loss`, ``backward`` and the ``torch.optim``
+optimizer the student's update rule stands for (``torch.optim.SGD``,
+``torch.optim.Adam``, ...; :meth:`~metateach.optim.rules.UpdateRule.reference`),
 as a training loop is written by hand. :class:`Objectives` are the
 validation loss after such steps, as a function of the teacher, for each
 kind of method; the check takes their central differences.
@@ -21,30 +23,31 @@ from torch import Tensor, nn
 
 from metateach.data import Batch
 from metateach.lesson import Lesson, lesson_loss
+from metateach.optim.rules import UpdateRule
 from metateach.optim.schedules import set_lr
 from metateach.student import Student
 from metateach.teacher import LearnedUpdates, StudentView, Teacher, TeachingContext
 
-__all__ = ["Objective", "Objectives", "Replay", "SampleWeights", "StudentSGD", "central_difference"]
+__all__ = [
+    "Objective",
+    "Objectives",
+    "Replay",
+    "SampleWeights",
+    "StudentSteps",
+    "central_difference",
+]
 
 
 @dataclass(frozen=True)
-class StudentSGD:
-    """The student's SGD: a learning rate for each step, momentum, weight decay, Nesterov."""
+class StudentSteps:
+    """The student's optimizer: a learning rate for each step, and its update rule."""
 
     rates: Sequence[float]
-    momentum: float
-    weight_decay: float
-    nesterov: bool
+    rule: UpdateRule
 
-    def optimizer(self, params: Iterable[Tensor]) -> torch.optim.SGD:
-        return torch.optim.SGD(
-            params,
-            lr=self.rates[0],
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            nesterov=self.nesterov,
-        )
+    def optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+        """The ``torch.optim`` optimizer the rule stands for."""
+        return self.rule.reference(params, self.rates[0])
 
     def apply(self, optimizer: torch.optim.Optimizer, t: int) -> None:
         """Set ``optimizer``'s learning rate to step ``t``'s."""
@@ -67,12 +70,13 @@ class SampleWeights(nn.Module):
 
 
 class Replay:
-    """A copy of the student and its SGD that re-runs steps from a remembered state.
+    """A copy of the student and its optimizer that re-runs steps from a remembered state.
 
     Args:
         student: the student as the check's span starts (copied).
-        optimizer: its optimizer, whose state (momentum) is copied.
-        schedule: the SGD's settings.
+        optimizer: its optimizer, whose state (momentum, moments, ...) is copied: it
+            is kept in ``torch.optim``'s layout.
+        schedule: the optimizer's rule and learning rates.
         val: the validation batch.
         keep_weight_grad: the teacher sees the student's live states;
             otherwise they are detached.
@@ -84,14 +88,16 @@ class Replay:
         self,
         student: Student,
         optimizer: torch.optim.Optimizer,
-        schedule: StudentSGD,
+        schedule: StudentSteps,
         val: Batch,
         keep_weight_grad: bool,
     ) -> None:
         self.student = copy.deepcopy(student)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = schedule.optimizer(self.params)
-        self.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        own = self.optimizer.state_dict()
+        own["state"] = copy.deepcopy(optimizer.state_dict()["state"])
+        self.optimizer.load_state_dict(own)
         self.schedule = schedule
         self.val = val
         self.keep_weight_grad = keep_weight_grad
@@ -113,7 +119,7 @@ class Replay:
         t: int,
         view: StudentView | None = None,
     ) -> StudentView:
-        """One SGD step at step ``t``'s learning rate under ``teacher``'s lesson.
+        """One optimizer step at step ``t``'s learning rate under ``teacher``'s lesson.
 
         The teacher sees ``view`` if one is given, else the step's own
         (detached unless ``keep_weight_grad``). Returns the view it saw, detached.

@@ -17,14 +17,14 @@ from torch import Tensor, autograd
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.hypergrad.base import HypergradMethod
-from metateach.hypergrad.functional import (
-    Params,
+from metateach.hypergrad.functional import Params, dot
+from metateach.hypergrad.problem import BilevelProblem, RNGState
+from metateach.optim.rules import (
+    MomentumSGD,
     decayed_gradients,
-    dot,
     recover_momentum,
     reverse_momentum_sgd,
 )
-from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
 
@@ -38,6 +38,15 @@ class _Recorded(NamedTuple):
     context: TeachingContext
     lr: float
     rng: RNGState
+
+
+#: Why ``reversible`` refuses an optimizer (``optim.name``).
+REFUSAL = (
+    "teacher.hypergrad.method=reversible runs momentum SGD backwards: it needs optim.name=sgd "
+    "with optim.momentum > 0 and optim.nesterov=false (got optim.name={name}); "
+    "teacher.hypergrad.method=unrolled gives the same hypergradient for any optimizer, "
+    "keeping the window's graphs"
+)
 
 
 @HYPERGRADS.register("reversible")
@@ -70,11 +79,9 @@ class Reversible(HypergradMethod):
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
-        if problem.sgd().momentum <= 0 or problem.sgd().nesterov:
-            raise ValueError(
-                "the reversible method runs plain momentum SGD backwards: it needs "
-                "optim.momentum > 0 and optim.nesterov=false"
-            )
+        rule = problem.rule
+        if not (isinstance(rule, MomentumSGD) and rule.invertible):
+            raise ValueError(REFUSAL.format(name=rule.name))
         self._recorded: list[_Recorded] = []
         self._start_params: Params | None = None
 
@@ -93,7 +100,7 @@ class Reversible(HypergradMethod):
             if not self._recorded:
                 # theta_{K-B}, kept only to report the reconstruction error.
                 self._start_params = {k: p.detach().clone() for k, p in problem.params().items()}
-            self._recorded.append(_Recorded(batch, context, problem.sgd().lr, problem.rng_state()))
+            self._recorded.append(_Recorded(batch, context, problem.lr, problem.rng_state()))
         stats = problem.real_step(batch, context)
         self.position += 1
         if self.position == self.inner_steps:
@@ -104,10 +111,11 @@ class Reversible(HypergradMethod):
 
     def _update_teacher(self) -> None:
         problem = self.problem
-        sgd = problem.sgd()
+        sgd = problem.rule
+        assert isinstance(sgd, MomentumSGD)
         teacher_params = problem.teacher_params()
         params = {k: p.detach().clone() for k, p in problem.params().items()}
-        momentum = {k: v.detach().clone() for k, v in problem.momentum().items()}  # type: ignore[union-attr]
+        momentum = dict(zip(params, problem.inner_state(), strict=True))
 
         theta = {k: p.requires_grad_() for k, p in params.items()}
         d_theta, val_loss = problem.val_gradient(theta)

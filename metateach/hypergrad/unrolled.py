@@ -21,6 +21,7 @@ from metateach.hypergrad.base import HypergradMethod
 from metateach.hypergrad.functional import Params
 from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
+from metateach.optim.rules import State
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
 
@@ -46,7 +47,7 @@ class Unrolled(HypergradMethod):
 
     The first K - B steps of a window are plain steps. The last B are taken
     functionally, keeping the graph from the teacher's parameters through
-    each lesson and each momentum-SGD update to theta_K; the teacher then
+    each lesson and each update of the student's optimizer to theta_K; the teacher then
     steps on the gradient of the validation loss at theta_K. Memory grows
     with B (one graph per step); see ``reversible`` for the constant-memory
     equivalent.
@@ -65,7 +66,7 @@ class Unrolled(HypergradMethod):
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
         self._params: Params | None = None
-        self._momentum: Params | None = None
+        self._state: State = None
         self._first: _FirstStep | None = None
         self._meter = UpdateMeter(problem.student)
 
@@ -77,7 +78,7 @@ class Unrolled(HypergradMethod):
         # and the final checkpoint holds the final state.
         if self._params is not None:
             self._meter.stop()
-        self._params = self._momentum = self._first = None
+        self._params = self._state = self._first = None
         self.position = 0
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
@@ -92,8 +93,8 @@ class Unrolled(HypergradMethod):
                 train = problem.train_loss(self._params, batch, context, real=True)
                 grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
                 grads = sum_gradients(grads, differentiable=True)
-                self._params, self._momentum = problem.sgd_step(self._params, self._momentum, grads)
-            problem.write_back(self._params, self._momentum)
+                self._params, self._state = problem.inner_step(self._params, self._state, grads)
+            problem.write_back(self._params, self._state)
             stats = problem.statistics(train.view, batch, train.lesson)
         self.position += 1
         if self.position == self.inner_steps:
@@ -105,7 +106,6 @@ class Unrolled(HypergradMethod):
         """theta_{K-B} -> theta_{K-B+1}, with a graph from the step's gradient (a leaf) onwards."""
         problem = self.problem
         start = {k: p.detach().clone().requires_grad_() for k, p in problem.params().items()}
-        momentum = {k: None if v is None else v.detach() for k, v in problem.momentum().items()}
         rng = problem.rng_state()
         train = problem.train_loss(start, batch, context, real=True)
         found = sum_gradients(autograd.grad(train.loss, list(start.values())))
@@ -114,7 +114,9 @@ class Unrolled(HypergradMethod):
             g.requires_grad_()
         start = {k: p.detach() for k, p in start.items()}
         self._first = _FirstStep(start, batch, context, rng, gradient)
-        self._params, self._momentum = problem.sgd_step(start, momentum, list(gradient.values()))
+        self._params, self._state = problem.inner_step(
+            start, problem.inner_state(), list(gradient.values())
+        )
         return train
 
     def _update_teacher(self) -> None:
@@ -144,7 +146,7 @@ class Unrolled(HypergradMethod):
             first.batch.x, loss_of, first.params, direction, targets, first.rng
         )
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
-        self._params = self._momentum = self._first = None
+        self._params = self._state = self._first = None
         return tuple(_add(a, b) for a, b in zip(later, mixed, strict=True))
 
 

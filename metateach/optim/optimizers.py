@@ -1,77 +1,177 @@
-"""The student's optimizers, registered by name.
+"""The student's optimizers, registered by name: each builds an :class:`~metateach.optim.rules.UpdateRule`.
 
-Weight decay is coupled (added to the gradient), PyTorch's and the papers'
-convention; momentum follows PyTorch's v <- mu v + g, theta <- theta - lr v,
-which is Eq. 2 of the deep-interaction paper.
+``sgd`` is PyTorch's momentum SGD (v <- mu v + g, theta <- theta - lr v,
+Eq. 2 of the deep-interaction paper), bit for bit; the others are
+TorchOpt's functional optimizers, each equal to the ``torch.optim`` class
+of its name (``tests/test_rules.py`` compares 100 float64 steps). Weight
+decay is coupled (added to the gradient) except in ``adamw``, where it is
+decoupled, as PyTorch and TorchOpt define them. ``optim.momentum`` is the
+momentum of any optimizer that has one (SGD, RMSprop); what only one
+optimizer has (RMSprop's ``alpha``, Adadelta's ``rho``, ...) is an entry
+of ``optim.kwargs``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+import torchopt
+from torch import Tensor, nn
 
+from metateach.optim.rules import MomentumSGD, RuleOptimizer, TorchoptRule, UpdateRule
 from metateach.optim.sam import SAM
 from metateach.registry import OPTIMIZERS
 
 if TYPE_CHECKING:
     from metateach.config import OptimConfig
 
-__all__ = ["build_optimizer", "optimizer_from_config"]
+__all__ = [
+    "build_rule",
+    "build_optimizer",
+    "rule_from_config",
+    "optimizer_from_config",
+    "COMMON_SETTINGS",
+]
+
+#: The ``optim`` settings every optimizer is offered; each takes those it names.
+COMMON_SETTINGS = ("momentum", "weight_decay", "nesterov", "betas", "eps")
+
+#: TorchOpt's ``eps_root`` unless set: sqrt(v + eps_root) has a finite derivative where a
+#: gradient coordinate has been zero since the start (sqrt's is infinite at 0, and a
+#: hypergradient through it nan); it moves no step of a float32 or float64 student
+#: measurably. ``optim.kwargs.eps_root=0`` is PyTorch's arithmetic exactly.
+EPS_ROOT = 1e-30
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(
-    params: Iterable[nn.Parameter],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-    **_: object,
-) -> torch.optim.Optimizer:
-    """Momentum SGD (He et al., 2016)."""
-    return torch.optim.SGD(
-        params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
-    )
+def sgd(momentum: float, weight_decay: float, nesterov: bool, **_: object) -> UpdateRule:
+    """Momentum SGD (He et al., 2016), PyTorch's ``torch.optim.SGD``; invertible without Nesterov."""
+    return MomentumSGD(momentum, weight_decay, nesterov)
 
 
 @OPTIMIZERS.register("adam")
 def adam(
-    params: Iterable[nn.Parameter],
-    lr: float,
-    weight_decay: float,
-    betas: list[float],
-    eps: float,
-    **_: object,
-) -> torch.optim.Optimizer:
-    """Adam (Kingma and Ba, 2015), as co-teaching trains its CNNs."""
-    return torch.optim.Adam(
-        params, lr=lr, betas=(betas[0], betas[1]), eps=eps, weight_decay=weight_decay
+    weight_decay: float, betas: list[float], eps: float, eps_root: float = EPS_ROOT, **_: object
+) -> UpdateRule:
+    """Adam (Kingma and Ba, 2015) with coupled weight decay, ``torch.optim.Adam``."""
+    b = (betas[0], betas[1])
+    return TorchoptRule(
+        "adam",
+        torchopt.adam(1.0, b, eps, weight_decay, eps_root=eps_root),
+        {"mu": "exp_avg", "nu": "exp_avg_sq"},
+        lambda p, lr: torch.optim.Adam(p, lr, b, eps, weight_decay),
+        stationary_decay=weight_decay,
     )
 
 
-def build_optimizer(
+@OPTIMIZERS.register("adamw")
+def adamw(
+    weight_decay: float, betas: list[float], eps: float, eps_root: float = EPS_ROOT, **_: object
+) -> UpdateRule:
+    """AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay, ``torch.optim.AdamW``."""
+    b = (betas[0], betas[1])
+    return TorchoptRule(
+        "adamw",
+        torchopt.adamw(1.0, b, eps, weight_decay, eps_root=eps_root),
+        {"mu": "exp_avg", "nu": "exp_avg_sq"},
+        lambda p, lr: torch.optim.AdamW(p, lr, b, eps, weight_decay),
+        stationary_decay=0.0 if weight_decay == 0 else None,
+    )
+
+
+@OPTIMIZERS.register("rmsprop")
+def rmsprop(
+    momentum: float,
+    weight_decay: float,
+    eps: float,
+    alpha: float = 0.99,
+    centered: bool = False,
+    **_: object,
+) -> UpdateRule:
+    """RMSprop (Tieleman and Hinton, 2012), ``torch.optim.RMSprop``, with ``optim.momentum``
+    (set it to 0 for RMSprop without momentum, PyTorch's default)."""
+    return TorchoptRule(
+        "rmsprop",
+        torchopt.rmsprop(1.0, alpha, eps, weight_decay, momentum, centered=centered),
+        {"nu": "square_avg", "mu": "grad_avg", "trace": "momentum_buffer"},
+        lambda p, lr: torch.optim.RMSprop(p, lr, alpha, eps, weight_decay, momentum, centered),
+        stationary_decay=weight_decay,
+    )
+
+
+@OPTIMIZERS.register("adagrad")
+def adagrad(
+    weight_decay: float,
+    eps: float,
+    lr_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    **_: object,
+) -> UpdateRule:
+    """Adagrad (Duchi et al., 2011), ``torch.optim.Adagrad``."""
+    return TorchoptRule(
+        "adagrad",
+        torchopt.adagrad(1.0, lr_decay, weight_decay, initial_accumulator_value, eps),
+        {"sum_of_squares": "sum"},
+        lambda p, lr: torch.optim.Adagrad(
+            p, lr, lr_decay, weight_decay, initial_accumulator_value, eps
+        ),
+        stationary_decay=weight_decay,
+    )
+
+
+@OPTIMIZERS.register("adadelta")
+def adadelta(weight_decay: float, eps: float, rho: float = 0.9, **_: object) -> UpdateRule:
+    """Adadelta (Zeiler, 2012), ``torch.optim.Adadelta``."""
+    return TorchoptRule(
+        "adadelta",
+        torchopt.adadelta(1.0, rho, eps, weight_decay),
+        {"mu": "square_avg", "nu": "acc_delta"},
+        lambda p, lr: torch.optim.Adadelta(p, lr, rho, eps, weight_decay),
+        stationary_decay=weight_decay,
+    )
+
+
+def build_rule(
     name: str,
-    params: Iterable[nn.Parameter],
     *,
-    lr: float,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     nesterov: bool = False,
     betas: list[float] | tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-) -> torch.optim.Optimizer:
-    """The optimizer registered as ``name``; each takes the settings it uses from the ``optim`` section."""
+    kwargs: Mapping[str, Any] | None = None,
+) -> UpdateRule:
+    """The update rule registered as ``name``, with the settings it takes and its own ``kwargs``."""
     return OPTIMIZERS.get(name)(
-        params,
-        lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
         nesterov=nesterov,
         betas=list(betas),
         eps=eps,
+        **dict(kwargs or {}),
+    )
+
+
+def build_optimizer(
+    name: str, params: Iterable[nn.Parameter | Tensor], *, lr: float, **settings: Any
+) -> torch.optim.Optimizer:
+    """A :class:`~metateach.optim.rules.RuleOptimizer` stepping with the rule ``name``
+    (settings as in :func:`build_rule`)."""
+    return RuleOptimizer(params, build_rule(name, **settings), lr)
+
+
+def rule_from_config(settings: OptimConfig) -> UpdateRule:
+    """The update rule an ``optim`` config section names, with its settings."""
+    return build_rule(
+        settings.name,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        nesterov=settings.nesterov,
+        betas=settings.betas,
+        eps=settings.eps,
+        kwargs=settings.kwargs,
     )
 
 
@@ -79,16 +179,7 @@ def optimizer_from_config(
     settings: OptimConfig, params: Iterable[nn.Parameter]
 ) -> torch.optim.Optimizer:
     """The optimizer an ``optim`` (or ``teacher.optim``) config section describes, with SAM around it if asked."""
-    base = build_optimizer(
-        settings.name,
-        params,
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        nesterov=settings.nesterov,
-        betas=settings.betas,
-        eps=settings.eps,
-    )
+    base = RuleOptimizer(params, rule_from_config(settings), settings.lr)
     if settings.sam.rho > 0:
         return SAM(base, settings.sam.rho, settings.sam.adaptive)
     return base
