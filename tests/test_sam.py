@@ -12,7 +12,7 @@ from metateach.data import Batch
 from metateach.errors import ConfigError
 from metateach.hypergrad import BilevelProblem
 from metateach.models import create_model
-from metateach.optim import SAM, sam_perturbation
+from metateach.optim import SAM, build_optimizer, sam_perturbation
 from metateach.trainer import Trainer
 
 from .hypergrad_fixtures import context
@@ -45,6 +45,9 @@ def problem(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Bilevel
 BASES = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4),
+    # The library's own optimizers: SAM around TorchOpt's AdamW and RMSprop rules.
+    "rule-adamw": lambda p: build_optimizer("adamw", p, lr=1e-3, weight_decay=1e-2),
+    "rule-rmsprop": lambda p: build_optimizer("rmsprop", p, lr=1e-3, momentum=0.9),
 }
 
 

@@ -65,11 +65,22 @@ def test_an_all_ones_teacher_reproduces_plain_training_bit_for_bit(
             assert torch.equal(value, taught[key]), f"{method}: {key}"
 
 
-@pytest.mark.parametrize(("method", "k", "b"), [("unrolled", 5, 2), ("lookahead", 1, 1)])
+@pytest.mark.parametrize(
+    ("method", "k", "b", "optimizer"),
+    [
+        ("unrolled", 5, 2, "sgd"),
+        ("lookahead", 1, 1, "sgd"),
+        # TorchOpt's state (moments and step counts, RMSprop's momentum) through the checkpoint.
+        ("unrolled", 5, 2, "adam"),
+        ("lookahead", 1, 1, "rmsprop"),
+    ],
+)
 def test_a_run_with_a_learning_teacher_resumes_exactly(
-    make_config, method: str, k: int, b: int
+    make_config, method: str, k: int, b: int, optimizer: str
 ) -> None:
     common = (
+        f"optim.name={optimizer}",
+        *(["optim.lr=1e-3"] if optimizer != "sgd" else []),
         "train.epochs=2",
         "data.train_subset=400",
         "noise.type=symmetric",
