@@ -161,24 +161,17 @@ class BilevelProblem:
         """theta', one step of the student's optimizer from ``params`` on ``grads``, and the
         pullback u -> (d theta' / d g)^T u of the step in the gradient.
 
-        theta' is detached. The pullback is one vector-Jacobian product of the
-        update rule, element-wise and cheap: -lr u for momentum SGD, the
-        derivative of Adam's, RMSprop's, ... step in its gradient for the others.
+        theta' is detached. The pullback is element-wise and cheap: -lr u for
+        momentum SGD, one vector-Jacobian product of Adam's, RMSprop's, ... update
+        for the others (:meth:`~metateach.optim.rules.UpdateRule.virtual_step`).
         """
-        leaves = [g.detach().requires_grad_() for g in grads]
-        with torch.enable_grad():
-            new, _ = self.rule.update(
-                [p.detach() for p in params.values()], self.inner_state(), leaves, self.lr
-            )
-
-        def pullback(u: Params) -> Params:
-            found = autograd.grad(new, leaves, [u[k] for k in params], allow_unused=True)
-            return {
-                k: torch.zeros_like(g) if a is None else a
-                for k, g, a in zip(params, leaves, found, strict=True)
-            }
-
-        return dict(zip(params, (t.detach() for t in new), strict=True)), pullback
+        new, pullback = self.rule.virtual_step(
+            list(params.values()), self.inner_state(), grads, self.lr
+        )
+        return (
+            dict(zip(params, new, strict=True)),
+            lambda u: dict(zip(params, pullback([u[k] for k in params]), strict=True)),
+        )
 
     @torch.no_grad()
     def write_back(self, params: Params, state: State) -> None:

@@ -123,6 +123,26 @@ class UpdateRule(ABC):
     ) -> tuple[list[Tensor], State]:
         """One step at learning rate ``lr``; differentiable when the inputs carry graphs."""
 
+    def virtual_step(
+        self, params: Sequence[Tensor], state: State, grads: Sequence[Tensor], lr: float
+    ) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Tensor]]]:
+        """theta' = the step (detached) and its pullback u -> (d theta' / d g)^T u in the gradient.
+
+        One vector-Jacobian product of the update, element-wise; a rule whose
+        step is linear in g gives its closed form instead.
+        """
+        leaves = [g.detach().requires_grad_() for g in grads]
+        with torch.enable_grad():
+            new, _ = self.update([p.detach() for p in params], state, leaves, lr)
+
+        def pullback(u: Sequence[Tensor]) -> list[Tensor]:
+            found = torch.autograd.grad(new, leaves, list(u), allow_unused=True)
+            return [
+                torch.zeros_like(g) if a is None else a for g, a in zip(leaves, found, strict=True)
+            ]
+
+        return [t.detach() for t in new], pullback
+
     @abstractmethod
     def to_slots(self, state: State) -> Slots:
         """The state as one dict per parameter, in the ``torch.optim`` class's keys."""
@@ -175,6 +195,15 @@ class MomentumSGD(UpdateRule):
         )
         kept = list(momentum.values()) if self.momentum != 0 else [None] * len(new)
         return list(new.values()), kept
+
+    def virtual_step(
+        self, params: Sequence[Tensor], state: State, grads: Sequence[Tensor], lr: float
+    ) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Tensor]]]:
+        """d theta' / d g = -lr I, or -lr (1 + mu) I with Nesterov's momentum: no graph needed."""
+        with torch.no_grad():
+            new, _ = self.update(params, state, grads, lr)
+        scale = -lr * (1 + self.momentum) if self.nesterov else -lr
+        return new, lambda u: [scale * t for t in u]
 
     def to_slots(self, state: State) -> Slots:
         return [{} if v is None else {"momentum_buffer": v} for v in state]
