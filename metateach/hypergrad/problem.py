@@ -1,7 +1,7 @@
 """The bilevel problem every teaching strategy works on.
 
 Inner problem: the student minimizes the lesson-weighted training loss with
-momentum SGD. Outer problem: the teacher minimizes the student's loss on
+its optimizer's update rule (:mod:`metateach.optim.rules`). Outer problem: the teacher minimizes the student's loss on
 clean validation batches. :class:`BilevelProblem` holds the pieces (student
 and its optimizer, teacher and its optimizer, the validation stream) and
 the operations the strategies share: the student's loss at any parameters,

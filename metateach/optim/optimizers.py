@@ -13,7 +13,7 @@ of ``optim.kwargs``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,18 +51,34 @@ def sgd(momentum: float, weight_decay: float, nesterov: bool, **_: object) -> Up
     return MomentumSGD(momentum, weight_decay, nesterov)
 
 
+def _adam(
+    name: str,
+    functional: Callable[..., torchopt.base.GradientTransformation],
+    reference: type[torch.optim.Optimizer],
+    weight_decay: float,
+    betas: list[float],
+    eps: float,
+    eps_root: float,
+    stationary_decay: float | None,
+) -> UpdateRule:
+    """Adam or AdamW, which keep the same moments under the same names."""
+    b = (betas[0], betas[1])
+    return TorchoptRule(
+        name,
+        functional(1.0, b, eps, weight_decay, eps_root=eps_root),
+        {"mu": "exp_avg", "nu": "exp_avg_sq"},
+        lambda p, lr: reference(p, lr, b, eps, weight_decay),
+        stationary_decay,
+    )
+
+
 @OPTIMIZERS.register("adam")
 def adam(
     weight_decay: float, betas: list[float], eps: float, eps_root: float = EPS_ROOT, **_: object
 ) -> UpdateRule:
     """Adam (Kingma and Ba, 2015) with coupled weight decay, ``torch.optim.Adam``."""
-    b = (betas[0], betas[1])
-    return TorchoptRule(
-        "adam",
-        torchopt.adam(1.0, b, eps, weight_decay, eps_root=eps_root),
-        {"mu": "exp_avg", "nu": "exp_avg_sq"},
-        lambda p, lr: torch.optim.Adam(p, lr, b, eps, weight_decay),
-        stationary_decay=weight_decay,
+    return _adam(
+        "adam", torchopt.adam, torch.optim.Adam, weight_decay, betas, eps, eps_root, weight_decay
     )
 
 
@@ -70,14 +86,11 @@ def adam(
 def adamw(
     weight_decay: float, betas: list[float], eps: float, eps_root: float = EPS_ROOT, **_: object
 ) -> UpdateRule:
-    """AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay, ``torch.optim.AdamW``."""
-    b = (betas[0], betas[1])
-    return TorchoptRule(
-        "adamw",
-        torchopt.adamw(1.0, b, eps, weight_decay, eps_root=eps_root),
-        {"mu": "exp_avg", "nu": "exp_avg_sq"},
-        lambda p, lr: torch.optim.AdamW(p, lr, b, eps, weight_decay),
-        stationary_decay=0.0 if weight_decay == 0 else None,
+    """AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay, ``torch.optim.AdamW``
+    (whose resting point is no regularized loss's stationary point unless the decay is 0)."""
+    decay = 0.0 if weight_decay == 0 else None
+    return _adam(
+        "adamw", torchopt.adamw, torch.optim.AdamW, weight_decay, betas, eps, eps_root, decay
     )
 
 
