@@ -271,7 +271,9 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: Your own code to import before names are looked up: modules (``my_lab.teachers``)
-    #: or files (``teachers/mine.py``) whose ``@TEACHERS.register`` etc. add entries.
+    #: or files (``teachers/mine.py``) whose ``@TEACHERS.register`` etc. add entries. A
+    #: file named in a YAML file is found beside it; on the command line, from the working
+    #: directory. Every process that trains imports them (a comparison's workers too).
     plugins: list[str] = field(default_factory=list)
     #: The file this configuration was read from (set by :func:`load_config`).
     source: str | None = None
@@ -326,6 +328,11 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
         raise ConfigError(
             f"config file {path} must hold a mapping of sections, not {type(content).__name__}"
         )
+    plugins = content.get("plugins")
+    if isinstance(plugins, list):  # a plugin file is found where the config that names it is
+        content["plugins"] = [
+            str(path.parent / p) if isinstance(p, str) and p.endswith(".py") else p for p in plugins
+        ]
     bases = content.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]

@@ -14,7 +14,10 @@ what is available.
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -48,11 +51,15 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator: register the builder under ``name`` (default: its ``__name__``)."""
+        """Decorator: register the builder under ``name`` (default: its ``__name__``).
+
+        Registering the same builder again does nothing; another builder under a
+        taken name is an error.
+        """
 
         def add(builder: T) -> T:
             entry = name or builder.__name__
-            if entry in self._entries:
+            if self._entries.get(entry, builder) is not builder:
                 raise ValueError(f"{self.kind} {entry!r} is registered twice")
             self._entries[entry] = builder
             return builder
@@ -102,12 +109,75 @@ def check_options(
     key: str,
     exclude: Mapping[str, Any] = {},  # noqa: B006 - read only
 ) -> None:
-    """Reject option names that ``builder`` does not name as parameters."""
+    """Reject option names that ``builder`` does not name as parameters, and values that do
+    not fit its annotations (``int``, ``float``, ``bool``, ``str``, lists, unions, literals)."""
     valid = [n for n in _named_parameters(builder) if n not in exclude]
     for option in options:
         if option not in valid:
             choices = ", ".join(valid) if valid else "none"
             raise ConfigError(f"unknown option {option!r} for {what} ({key}); valid: {choices}")
+    hints = _type_hints(builder)
+    for option, value in options.items():
+        hint = hints.get(option)
+        if hint is not None and not _fits(value, hint):
+            raise ConfigError(
+                f"{key}.{option}={value!r} does not fit {what}: it takes {_describe(hint)}"
+            )
+
+
+def _type_hints(builder: Callable[..., Any]) -> dict[str, Any]:
+    """The builder's parameter annotations, resolved; none where they cannot be."""
+    target = builder.__init__ if inspect.isclass(builder) else builder  # type: ignore[misc]
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # an annotation naming what only type checkers import
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits an annotation; what it cannot judge, it lets through."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """An annotation as a reader of a config would say it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def _named_parameters(builder: Callable[..., Any]) -> list[str]:

@@ -72,6 +72,8 @@ def build_teaching(
             train_size=len(data.train),
             target_val_acc=cfg.train.target_val_acc,
         )
+    except ConfigError:  # an unknown name or option: already a one-line error naming its key
+        raise
     except ValueError as e:  # a teacher that cannot work with these options or this student
         raise ConfigError(
             f"teacher {settings.name!r} (teacher.name) with teacher.kwargs={settings.kwargs}: {e}"

@@ -47,6 +47,7 @@ from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
 from metateach.optim import build_schedule, optimizer_from_config, set_lr
 from metateach.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
+from metateach.plugins import import_plugins
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext, loss_averaging
@@ -111,6 +112,9 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, data: DataBundle | None = None) -> None:
         self.cfg = cfg
+        # A trainer in a process of its own (a comparison's worker) has not read the config,
+        # whose plugins register the names it builds.
+        import_plugins(cfg.plugins)
         run = cfg.train
         if run.threads is not None:
             torch.set_num_threads(run.threads)
