@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from metateach.config import WANDB_MODES, ExperimentConfig
-from metateach.errors import ConfigError
+from metateach.errors import ConfigError, first_line
 from metateach.teacher import LOSS_AVERAGES
 
 __all__ = ["validate", "TEACHER_CONTEXT"]
@@ -99,7 +99,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "model.kwargs",
         exclude={"num_classes": None, "in_shape": None},
     )
-    from metateach.optim.optimizers import COMMON_SETTINGS
+    from metateach.optim.optimizers import COMMON_SETTINGS, rule_from_config
 
     for key, section in (("optim", cfg.optim), ("teacher.optim", cfg.teacher.optim)):
         check_options(
@@ -109,6 +109,10 @@ def validate(cfg: ExperimentConfig) -> None:
             f"{key}.kwargs",
             exclude=dict.fromkeys(COMMON_SETTINGS),
         )
+        try:
+            rule_from_config(section)
+        except ValueError as e:  # settings the optimizer refuses (Nesterov without momentum, ...)
+            raise ConfigError(f"{key}.name={section.name}: {first_line(e)}") from None
     for key, ok, what in _RANGES:
         value: Any = cfg
         for part in key.split("."):
@@ -212,7 +216,7 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
     from metateach.hypergrad.reversible import REFUSAL as REVERSIBLE_REFUSAL
     from metateach.optim.optimizers import rule_from_config
 
-    rule = rule_from_config(cfg.optim)
+    rule = rule_from_config(cfg.optim)  # builds: validate() checked its settings
     if learning.method == "reversible" and not rule.invertible:
         raise ConfigError(REVERSIBLE_REFUSAL.format(name=cfg.optim.name))
     if learning.method == "implicit" and rule.stationary_decay is None:

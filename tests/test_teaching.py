@@ -188,6 +188,8 @@ def test_a_saved_teacher_can_teach_frozen(make_config, tmp_path: Path) -> None:
          "teacher.hypergrad.options.epsilon='abc' does not fit hypergradient method 'finite_difference': it takes a number"),
         (["teacher.name=deep_interaction", "teacher.kwargs.features=I0"],
          "teacher.kwargs.features='I0' does not fit teacher 'deep_interaction': it takes a list of"),
+        (["optim.nesterov=true", "optim.momentum=0"],
+         "optim.name=sgd: Nesterov momentum needs optim.momentum > 0"),
         (["optim.name=rmsprop", "optim.kwargs.rho=0.9"],
          "unknown option 'rho' for optimizer 'rmsprop' (optim.kwargs); valid: alpha, centered"),
         (["teacher.name=meta_weight_net", "teacher.optim.kwargs.alpha=0.9"],
