@@ -32,7 +32,7 @@ from metateach.data.datasets import DatasetInfo
 from metateach.data.noise import apply_label_noise
 from metateach.data.transforms import Normalize
 from metateach.lesson import lesson_loss
-from metateach.optim import rule_of
+from metateach.optim.rules import reference_copy, rule_of
 from metateach.trainer import Trainer
 
 __all__ = [
@@ -246,12 +246,10 @@ def teacher_step_memory(settings: BenchSettings, method: str, backprop_steps: in
 def torch_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
     """The ``torch.optim`` optimizer the trainer's student optimizer stands for, from its
     state now: what ``higher`` differentiates (it knows PyTorch's classes only)."""
-    rule = rule_of(trainer.optimizer)
-    optimizer = rule.reference(trainer.model.parameters(), trainer.optimizer.param_groups[0]["lr"])
-    optimizer.load_state_dict(
-        {**optimizer.state_dict(), "state": trainer.optimizer.state_dict()["state"]}
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    return reference_copy(
+        rule_of(trainer.optimizer), trainer.model.parameters(), lr, trainer.optimizer
     )
-    return optimizer
 
 
 def higher_lookahead_step(trainer: Trainer, batch: Batch, optimizer: torch.optim.Optimizer) -> None:

@@ -216,3 +216,23 @@ def test_the_update_is_pure_and_differentiable() -> None:
         twice, _ = rule.update(once, s, [torch.cos(p) for p in params], 0.01)
         values.append(float(twice[0].sum()))
     assert float(found.view(-1)[j]) == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["adam", "rmsprop_centered_momentum", "adagrad"])
+def test_a_parameter_that_joins_later_starts_its_own_state(case: str) -> None:
+    """A tensor without a gradient for 3 steps is left alone, then starts from the initial
+    state while the others carry theirs, as in ``torch.optim`` (per-parameter step counts)."""
+    name = CASES[case][0]
+    found = []
+    for make in (ours, reference):
+        params = start()
+        optimizer = make(case, params)
+        for t in range(20):
+            set_lr(optimizer, rate(name, t))
+            put_gradients(params, t)
+            if t < 3:
+                params[1].grad = None
+            optimizer.step()
+        found.append(params)
+    assert relative_error(*found) < 1e-10
+    assert relative_error(found[1], start()) > 1e-2

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from metateach.data import Batch
 from metateach.lesson import Lesson, lesson_loss
-from metateach.optim.rules import UpdateRule
+from metateach.optim.rules import UpdateRule, reference_copy
 from metateach.optim.schedules import set_lr
 from metateach.student import Student
 from metateach.teacher import LearnedUpdates, StudentView, Teacher, TeachingContext
@@ -44,10 +44,6 @@ class StudentSteps:
 
     rates: Sequence[float]
     rule: UpdateRule
-
-    def optimizer(self, params: Iterable[Tensor]) -> torch.optim.Optimizer:
-        """The ``torch.optim`` optimizer the rule stands for."""
-        return self.rule.reference(params, self.rates[0])
 
     def apply(self, optimizer: torch.optim.Optimizer, t: int) -> None:
         """Set ``optimizer``'s learning rate to step ``t``'s."""
@@ -94,10 +90,7 @@ class Replay:
     ) -> None:
         self.student = copy.deepcopy(student)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = schedule.optimizer(self.params)
-        own = self.optimizer.state_dict()
-        own["state"] = copy.deepcopy(optimizer.state_dict()["state"])
-        self.optimizer.load_state_dict(own)
+        self.optimizer = reference_copy(schedule.rule, self.params, schedule.rates[0], optimizer)
         self.schedule = schedule
         self.val = val
         self.keep_weight_grad = keep_weight_grad

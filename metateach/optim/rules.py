@@ -23,6 +23,7 @@ check re-runs the steps independently (:mod:`metateach.hypergrad.replay`).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "RuleOptimizer",
     "rule_of",
     "state_of",
+    "reference_copy",
     "set_state",
     "momentum_sgd_step",
     "reverse_momentum_sgd",
@@ -264,8 +266,12 @@ class TorchoptRule(UpdateRule):
         # a resumed run, or a state loaded from torch.optim, would lose its momentum for a
         # step. That call is made here, on a dummy, so that the state alone decides.
         dummy = (torch.zeros(1),)
-        transformation.update(dummy, transformation.init(dummy), params=dummy, inplace=False)
+        #: The state's shape (its parts and their fields), which does not depend on the parameters.
+        self._template = transformation.init(dummy)
+        transformation.update(dummy, self._template, params=dummy, inplace=False)
         self.slots = dict(slots)
+        #: The ``torch.optim`` keys a parameter's state holds.
+        self._kept = set(self.to_slots((self._template, [torch.zeros(())]))[0])
         self._reference = reference
         self._stationary_decay = stationary_decay
 
@@ -291,31 +297,30 @@ class TorchoptRule(UpdateRule):
         return slots
 
     def from_slots(self, slots: Sequence[Mapping[str, Tensor]], params: Sequence[Tensor]) -> State:
-        fresh = self.transformation.init(tuple(params))
-        zeros = [torch.zeros((), dtype=p.dtype, device=p.device) for p in params]
-        kept = set(self.to_slots((fresh, zeros))[0]) if params else set()
         for slot, p in zip(slots, params, strict=True):
-            if slot and not kept <= slot.keys():
+            if slot and not self._kept <= slot.keys():
                 raise ValueError(
                     f"the optimizer state of a parameter of shape {tuple(p.shape)} has keys "
-                    f"{sorted(slot)}, but optim.name={self.name} keeps {sorted(kept)}: it was "
-                    "saved by another optimizer"
+                    f"{sorted(slot)}, but optim.name={self.name} keeps {sorted(self._kept)}: it "
+                    "was saved by another optimizer"
                 )
+        # TorchOpt's initial state only for the parameters that have taken no step yet.
+        new = [p for slot, p in zip(slots, params, strict=True) if not slot]
+        fresh = self.transformation.init(tuple(new)) if new else self._template
         steps = [
-            torch.as_tensor(slot["step"], dtype=p.dtype, device=p.device) if slot else zero
-            for slot, p, zero in zip(slots, params, zeros, strict=True)
+            torch.as_tensor(slot["step"] if slot else 0, dtype=p.dtype, device=p.device)
+            for slot, p in zip(slots, params, strict=True)
         ]
         inner = []
-        for part in fresh:
-            values = {
-                field: list(steps)
-                if field == "count"
-                else [
-                    slot[self.slots[field]] if slot else initial
-                    for slot, initial in zip(slots, getattr(part, field), strict=True)
-                ]
-                for field in getattr(part, "_fields", ())
-            }
+        for part, initial_part in zip(self._template, fresh, strict=True):
+            values = {}
+            for field in getattr(part, "_fields", ()):
+                if field == "count":
+                    values[field] = list(steps)
+                    continue
+                initial = iter(getattr(initial_part, field))
+                key = self.slots[field]
+                values[field] = [slot[key] if slot else next(initial) for slot in slots]
             inner.append(part._replace(**values) if values else part)
         return tuple(inner), steps
 
@@ -356,6 +361,17 @@ class RuleOptimizer(torch.optim.Optimizer):
                 p.copy_(q)
                 self.state[p] = slot  # fresh tensors: the rule changes none of its inputs
         return loss
+
+
+def reference_copy(
+    rule: UpdateRule, params: Iterable[Tensor], lr: float, source: torch.optim.Optimizer
+) -> torch.optim.Optimizer:
+    """``rule``'s ``torch.optim`` optimizer over ``params`` at ``lr``, holding a copy of
+    ``source``'s state (the layouts are the same; the parameter groups keep their own settings)."""
+    optimizer = rule.reference(params, lr)
+    state = copy.deepcopy(source.state_dict()["state"])
+    optimizer.load_state_dict({**optimizer.state_dict(), "state": state})
+    return optimizer
 
 
 def state_of(optimizer: torch.optim.Optimizer, rule: UpdateRule, params: Sequence[Tensor]) -> State:
