@@ -1,7 +1,13 @@
 """metateach: learning to teach as one bilevel problem.
 
 Importing the package fills the registries, so that every data set, noise
-model, student, optimizer, schedule and teacher can be named in a config.
+model, student, optimizer, schedule and teacher can be named in a config::
+
+    import metateach
+
+    cfg = metateach.load_config("configs/quickstart.yaml", ["train.epochs=5"])
+    trainer = metateach.Trainer(cfg)
+    metrics = trainer.fit()  # or metateach.train(cfg)
 """
 
 from metateach import data, hypergrad, models, optim, teachers  # noqa: F401 - registration
@@ -38,7 +44,19 @@ __all__ = [
     "TEACHERS",
     "Teacher",
     "TeachingContext",
+    "Trainer",
     "check_hypergradient",
     "create_model",
     "load_config",
+    "train",
 ]
+
+
+def __getattr__(name: str):
+    # The trainer (and what it imports: W&B, the plots) loads when first asked
+    # for, so that a plugin's `from metateach import Teacher` stays quick.
+    if name in ("Trainer", "train"):
+        from metateach import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'metateach' has no attribute {name!r}")

@@ -388,13 +388,13 @@ DESCRIPTIONS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "bench.py") -> int:
     """``python tools/bench.py [--json] [--model NAME] [--batch-size N] ...``: the table of ratios."""
     import argparse
     import json
 
     defaults = BenchSettings()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="end with the figures as a JSON line")
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument(

@@ -1,4 +1,7 @@
-"""``tools/train.py CONFIG [key=value ...]``: train the experiment a YAML file describes.
+"""The ``metateach`` command: ``metateach train | compare | reproduce | bench | fit-mentornet``.
+
+Each subcommand is also a script in ``tools/`` (``python tools/train.py
+CONFIG [key=value ...]`` is ``metateach train CONFIG [key=value ...]``).
 
 Mistakes in the input (a missing file, an unknown key, a wrong type, an
 unknown name, missing data, a bad checkpoint) end with one line on stderr
@@ -9,17 +12,68 @@ process trains its shard (:mod:`metateach.distributed`) and rank 0 reports.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "main", "train_main"]
 
 EXIT_USAGE = 2
 
+#: subcommand -> (module, function, what it does); each function takes ``(argv, prog)``.
+COMMANDS = {
+    "train": ("metateach.cli", "train_main", "train one experiment a YAML file describes"),
+    "compare": (
+        "metateach.compare_cli",
+        "main",
+        "train a comparison's variants over seeds, tabulate",
+    ),
+    "reproduce": ("metateach.reproduce", "main", "run a suite of comparisons, write its tables"),
+    "bench": ("metateach.bench", "main", "time teaching steps against a plain step"),
+    "fit-mentornet": (
+        "metateach.teachers.mentornet",
+        "main",
+        "fit MentorNet-DD's network on a run's sample record",
+    ),
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    code = _train(argv)
+    """``metateach COMMAND [...]``: run a subcommand with the rest of the arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        module, function, _ = COMMANDS[argv[0]]
+        run = getattr(importlib.import_module(module), function)
+        return run(argv[1:], prog=f"metateach {argv[0]}")
+    parser = argparse.ArgumentParser(
+        prog="metateach",
+        description="Learning to teach as one bilevel problem.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<14}{what}" for name, (_, _, what) in COMMANDS.items())
+        + "\n\n`metateach COMMAND --help` tells more; e.g. metateach train configs/quickstart.yaml",
+    )
+    parser.add_argument(
+        "command", choices=list(COMMANDS), metavar="COMMAND", help="one of the commands below"
+    )
+    parser.add_argument("--version", action="version", version=f"metateach {_version()}")
+    parser.parse_args(argv)  # only errors and --help/--version get here
+    return EXIT_USAGE
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("metateach")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def train_main(argv: Sequence[str] | None = None, prog: str = "train.py") -> int:
+    """``metateach train CONFIG [key=value ...]``: train; the exit status."""
+    code = _train(argv, prog)
     if _leave_process_group(together=code == 0):
         # Under torchrun: leave now. The interpreter's teardown can abort on gloo's
         # worker threads (SIGABRT, pytorch/pytorch#179291); everything is written
@@ -30,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _train(argv: Sequence[str] | None) -> int:
+def _train(argv: Sequence[str] | None, prog: str) -> int:
     """Parse the command line and run the experiment; the exit status."""
     parser = argparse.ArgumentParser(
-        prog="train.py",
+        prog=prog,
         description="Train a student (and its teacher) as a YAML experiment describes.",
         epilog="Example: python tools/train.py configs/quickstart.yaml train.epochs=5 noise.rate=0.4",
     )

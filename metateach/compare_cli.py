@@ -31,8 +31,8 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="compare.py", description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str = "compare.py") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "comparison", help="a comparison file, e.g. configs/compare/mnist_noisy40.yaml"
     )

@@ -35,13 +35,21 @@ def import_plugins(plugins: Sequence[str]) -> None:
 
 
 def _import_file(path: Path) -> None:
+    """Import a ``.py`` file as a module, once, whichever way it is imported.
+
+    The module is named after the file (``my_teachers.py`` -> ``my_teachers``)
+    when that name is free, so that a later ``import my_teachers`` (a script or
+    a notebook beside the file) finds this module rather than running the file
+    again and registering its builders a second time.
+    """
     if not path.is_file():
         raise ConfigError(f"plugin file not found: {path} (plugins)")
-    name = "metateach_plugins." + path.resolve().with_suffix("").as_posix().strip("/").replace(
-        "/", "."
-    )
-    if name in sys.modules:
+    path = path.resolve()
+    if _loaded_from(path):
         return
+    name = path.stem
+    if not name.isidentifier() or name in sys.modules:
+        name = "metateach_plugins." + path.with_suffix("").as_posix().strip("/").replace("/", ".")
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -51,3 +59,12 @@ def _import_file(path: Path) -> None:
     except BaseException:
         del sys.modules[name]
         raise
+
+
+def _loaded_from(path: Path) -> bool:
+    """Whether a module already imported was loaded from the file ``path``."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and file.endswith(path.name) and Path(file).resolve() == path:
+            return True
+    return False

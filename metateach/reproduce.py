@@ -20,8 +20,9 @@ cut ones resumed: a suite run again after its runs are done only tabulates.
 
 :func:`run_suite` returns the tables; :func:`suite_markdown` puts them in
 one document, with the command that made them; :func:`fill_blocks` writes
-them into a Markdown file (the README) between ``<!-- results: NAME -->``
-and ``<!-- /results -->``, so that its results are generated, not typed.
+them into Markdown files (the README, the docs' results page) between
+``<!-- results: NAME -->`` and ``<!-- /results -->``, so that their results
+are generated, not typed.
 """
 
 from __future__ import annotations
@@ -233,8 +234,8 @@ def fill_blocks(text: str, tables: Mapping[str, str]) -> tuple[str, list[str]]:
     return _BLOCK.sub(replace, text), filled
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python tools/reproduce.py SUITE [--data DIR] [--out runs] [--jobs N] [--readme README.md]``."""
+def main(argv: Sequence[str] | None = None, prog: str = "reproduce.py") -> int:
+    """``metateach reproduce SUITE [--data DIR] [--out runs] [--jobs N] [--docs [PATH ...]]``."""
     import argparse
     import shlex
     import sys
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metateach.errors import MetateachError, first_line
 
     parser = argparse.ArgumentParser(
-        prog="reproduce.py",
+        prog=prog,
         description="Run a suite's comparisons over their seeds and write their tables.",
     )
     parser.add_argument("suite", help="a name in configs/suites (e.g. cpu) or a suite file")
@@ -254,7 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs to train at once (default: 1)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these comparisons")
     parser.add_argument(
-        "--readme", type=Path, help="fill this file's <!-- results: NAME --> blocks with the tables"
+        "--docs",
+        "--readme",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="fill the <!-- results: NAME --> blocks of these Markdown files, and of the .md "
+        "files in these folders, with the tables (alone: README.md and docs/)",
     )
     parser.add_argument(
         "--list",
@@ -267,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_exits():
             suite = load_suite(args.suite)
+            docs = args.docs if args.docs != [] else [Path("README.md"), Path("docs")]
+            pages = markdown_pages(docs) if docs is not None else []
             if args.list:
                 print(suite_listing(suite, args.data, args.only))
                 return 0
@@ -274,15 +283,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
-    command = shlex.join(
-        ["python", "tools/reproduce.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+    invoked = ["python", "tools/reproduce.py"] if prog == "reproduce.py" else prog.split()
+    command = shlex.join([*invoked, *(argv if argv is not None else sys.argv[1:])])
     document = args.out / f"{suite.name}.md"
     document.write_text(suite_markdown(suite, tables, command))
     print(document.read_text())
     print(f"results: {document}")
-    if args.readme:
-        text, filled = fill_blocks(args.readme.read_text(), tables)
-        args.readme.write_text(text)
-        print(f"{args.readme}: filled {', '.join(filled) or 'no block'}")
+    placed = set()
+    for page in pages:
+        text, filled = fill_blocks(page.read_text(), tables)
+        if filled:
+            page.write_text(text)
+            placed.update(filled)
+            print(f"{page}: filled {', '.join(filled)}")
+    if pages and (unplaced := [name for name in tables if name not in placed]):
+        print(
+            f"no <!-- results: NAME --> block for {', '.join(unplaced)} in {shlex.join(map(str, docs))}"
+        )
     return 0
+
+
+def markdown_pages(paths: Sequence[Path]) -> list[Path]:
+    """The Markdown files among ``paths`` and in the folders among them, sorted within each folder."""
+    pages = []
+    for path in paths:
+        if path.is_dir():
+            pages.extend(sorted(path.rglob("*.md")))
+        elif path.is_file():
+            pages.append(path)
+        else:
+            raise ConfigError(f"--docs {path}: no such file or folder")
+    return pages

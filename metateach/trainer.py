@@ -19,6 +19,7 @@ Under ``torchrun`` every process runs this loop on its shard of each batch
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
-from metateach.config import ExperimentConfig, config_to_dict
+from metateach.config import ExperimentConfig, config_to_dict, load_config
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
 from metateach.diagnostics import TeacherDiagnostics
 from metateach.distributed import World, all_sum, from_main, init_world, sharded
@@ -741,6 +742,29 @@ def episode_seed(seed: int, episode: int) -> int:
     return seed if episode == 0 else derive_seed(seed, episode)
 
 
-def train(cfg: ExperimentConfig) -> dict[str, float]:
-    """Build a :class:`Trainer` for ``cfg`` and run it to the end."""
+def train(
+    config: ExperimentConfig | str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> dict[str, float]:
+    """Train one experiment to the end; its final metrics (`test/acc`, ...).
+
+    `config` is a loaded `ExperimentConfig` or the path of a YAML experiment,
+    read with `overrides` (`["train.epochs=5"]`) as `metateach train` reads
+    its command line:
+
+    ```python
+    import metateach
+
+    metrics = metateach.train("configs/quickstart.yaml", ["train.epochs=5"])
+    print(metrics["test/acc"])
+    ```
+
+    For the run folder, the student or the teacher afterwards, build a
+    `Trainer` and call its `fit()`.
+    """
+    if isinstance(config, ExperimentConfig):
+        if overrides:
+            raise TypeError("overrides apply to a YAML path; change a loaded config's fields")
+        cfg = config
+    else:
+        cfg = load_config(config, overrides)
     return Trainer(cfg).fit()

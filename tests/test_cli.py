@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from metateach.cli import main
+from metateach.cli import main as cli_main
+from metateach.cli import train_main as main
 
 from .conftest import CONFIGS, REPO
 
@@ -118,3 +120,31 @@ def test_overrides_reach_the_run(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "after 2 epochs" in out
     assert "epochs: 2" in (tmp_path / "short" / "config.yaml").read_text()
+
+
+def test_the_metateach_command_lists_its_subcommands_and_runs_them(tmp_path: Path, capsys) -> None:
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert [s.value for s in scripts if s.name == "metateach"] == ["metateach.cli:main"]
+    done = subprocess.run(
+        [sys.executable, "-m", "metateach", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("train", "compare", "reproduce", "bench", "fit-mentornet"):
+        assert re.search(rf"^  {command} +\w", done.stdout, re.M), done.stdout
+    code = cli_main(
+        ["train", str(CONFIGS / "quickstart.yaml"), *QUIET, f"train.out_dir={tmp_path}",
+         "train.epochs=1", "train.run_name=one"]
+    )  # fmt: skip
+    assert code == 0
+    assert "after 1 epochs" in capsys.readouterr().out
+    assert (tmp_path / "one" / "summary.json").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["tran", "configs/quickstart.yaml"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'tran'" in capsys.readouterr().err
+
+
+def test_a_subcommand_names_itself_in_its_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["compare", "--help"])
+    assert capsys.readouterr().out.startswith("usage: metateach compare ")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metateach.cli import main
+from metateach.cli import train_main as main
 from metateach.config import load_config
 from metateach.logging import read_metrics
 from metateach.trainer import Trainer

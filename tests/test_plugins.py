@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -112,3 +113,25 @@ def test_an_unknown_teacher_met_by_a_trainer_is_named_once(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as info:
         Trainer(cfg)
     assert str(info.value).count("unknown teacher 'class_weight'") == 1
+
+
+@pytest.mark.parametrize("first", ["plugin", "import"])
+def test_a_plugin_file_and_an_import_of_it_register_once(
+    first: str, tmp_path: Path, monkeypatch
+) -> None:
+    """A script or notebook beside the file imports it and also lists it in a config."""
+    monkeypatch.setattr(TEACHERS, "_entries", dict(TEACHERS._entries))
+    name = f"class_weight_{first}"  # a module name no other test has taken
+    (tmp_path / f"{name}.py").write_text(CLASS_WEIGHT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    overrides = [f"plugins=[{name}.py]", "teacher.name=class_weight", f"train.out_dir={tmp_path}"]
+    if first == "import":
+        module = importlib.import_module(name)
+    load_config(CONFIGS / "quickstart.yaml", overrides)
+    load_config(CONFIGS / "quickstart.yaml", overrides)  # a notebook cell run again
+    if first == "plugin":
+        module = importlib.import_module(name)
+    assert TEACHERS.get("class_weight") is module.ClassWeight
+    monkeypatch.delitem(sys.modules, name)

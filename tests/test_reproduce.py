@@ -72,7 +72,27 @@ def test_the_command_fills_the_readme_blocks_it_has_tables_for(tmp_path: Path, c
         "middle\n<!-- results: other -->\nkept\n<!-- /results -->\nend\n"
     )
     assert (out / "suite.md").is_file()
-    assert "filled tiny" in capsys.readouterr().out
+    assert f"{readme}: filled tiny" in capsys.readouterr().out
+
+
+def test_the_command_finds_each_block_in_the_docs_page_that_holds_it(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("no block here\n")
+    (tmp_path / "docs" / "guide").mkdir(parents=True)
+    page = tmp_path / "docs" / "guide" / "results.md"
+    page.write_text("# Results\n<!-- results: tiny -->\nold\n<!-- /results -->\n")
+    suite = tiny_suite(tmp_path)
+    out = tmp_path / "runs"
+    assert main([str(suite), "--out", str(out), "--docs"]) == 0  # alone: README.md and docs/
+    table = (out / "tiny" / "results.md").read_text()
+    assert page.read_text() == f"# Results\n<!-- results: tiny -->\n{table}<!-- /results -->\n"
+    assert (tmp_path / "README.md").read_text() == "no block here\n"
+    assert "docs/guide/results.md: filled tiny" in capsys.readouterr().out
+    # A path that is not there is named before anything trains.
+    assert main([str(suite), "--out", str(out), "--docs", "nowhere"]) == 2
+    assert capsys.readouterr().err == "error: --docs nowhere: no such file or folder\n"
 
 
 def test_fill_blocks_replaces_only_named_blocks() -> None:

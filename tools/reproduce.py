@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Run a reproduction suite and write its tables:
-``python tools/reproduce.py SUITE [--data DIR] [--jobs N] [--readme README.md]``."""
+``python tools/reproduce.py SUITE [--data DIR] [--jobs N] [--docs [PATH ...]]``."""
 
 import sys
 

@@ -3,7 +3,7 @@
 
 import sys
 
-from metateach.cli import main
+from metateach.cli import train_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -389,7 +389,7 @@ class MentorNetDD(_Mentor):
         return torch.sigmoid(logits).to(losses.dtype)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "fit_mentornet.py") -> int:
     """``python tools/fit_mentornet.py RUN [--percentile P] [--steps N] [--seed S]``: fit
     MentorNet-DD's network on a run's sample record, print how well it fits, draw what it learned."""
     import argparse
@@ -397,9 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from metateach.plots import plot_mentor_curriculum
 
-    parser = argparse.ArgumentParser(
-        prog="fit_mentornet.py", description=main.__doc__.split(":")[0]
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__.split(":")[0])
     parser.add_argument("record", help="a run folder (its diagnostics/samples.npz) or that file")
     parser.add_argument("--percentile", type=float, default=0.9, help="of the losses (default 0.9)")
     parser.add_argument("--steps", type=int, default=30_000, help="default 30000")
