@@ -18,7 +18,7 @@ how it learns, so that the trainer can drive every teacher through one loop:
 
 Write a new teacher by subclassing :class:`Teacher`, implementing
 :meth:`Teacher.forward`, and registering a builder with
-``@TEACHERS.register("name")`` (see the README).
+``@TEACHERS.register("name")`` (see docs/writing-a-teacher.md).
 """
 
 from __future__ import annotations

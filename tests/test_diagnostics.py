@@ -56,7 +56,7 @@ def test_diagnostics_do_not_change_the_run(make_config, teacher: str) -> None:
 
 def test_a_learned_reweighter_puts_less_weight_on_mislabeled_samples(make_config) -> None:
     # Meta-Weight-Net with its first release's normalized weights, which learn within four
-    # epochs (the stable code's do not, README "Meta-Weight-Net, two versions").
+    # epochs (the stable code's do not, docs/results.md, "Meta-Weight-Net, two versions").
     trainer = Trainer(
         make_config(
             "teacher.name=meta_weight_net",

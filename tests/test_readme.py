@@ -1,7 +1,9 @@
-"""The README's promises: the examples run as shown."""
+"""The README's and the docs' promises: the examples run as shown."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -15,14 +17,12 @@ from metateach.trainer import Trainer
 from .conftest import CONFIGS, REPO
 
 
-def readme_block(marker: str) -> str:
-    """The fenced code block of README.md that begins with ``marker``."""
-    for block in re.findall(
-        r"```(?:python|bash)\n(.*?)```", (REPO / "README.md").read_text(), re.S
-    ):
+def readme_block(marker: str, page: str = "README.md") -> str:
+    """The fenced code block of ``page`` (README.md or a docs page) that begins with ``marker``."""
+    for block in re.findall(r"```(?:python|bash)\n(.*?)```", (REPO / page).read_text(), re.S):
         if block.startswith(marker):
             return block
-    raise AssertionError(f"README.md has no code block starting with {marker!r}")
+    raise AssertionError(f"{page} has no code block starting with {marker!r}")
 
 
 def test_the_example_teacher_trains_through_a_plugin(
@@ -45,18 +45,58 @@ def test_the_example_teacher_trains_through_a_plugin(
 
 
 @pytest.mark.parametrize(
-    ("script", "printed"),
+    ("script", "page", "printed"),
     [
-        ("check_my_teacher.py", "lookahead against central differences (window): passed"),
-        ("hypergradient_in_code.py", "{'scale': (), 'class_bias': (10,)}"),
+        (
+            "check_my_teacher.py",
+            "README.md",
+            "lookahead against central differences (window): passed",
+        ),
+        (
+            "hypergradient_in_code.py",
+            "docs/writing-a-teacher.md",
+            "{'scale': (), 'class_bias': (10,)}",
+        ),
     ],
 )
-def test_the_hypergradient_examples_run_as_shown(tmp_path: Path, script: str, printed: str) -> None:
+def test_the_hypergradient_examples_run_as_shown(
+    tmp_path: Path, script: str, page: str, printed: str
+) -> None:
     # Run as a reader runs them: a script beside my_teachers.py, in a fresh interpreter.
     (tmp_path / "my_teachers.py").write_text(readme_block("# my_teachers.py"))
-    (tmp_path / script).write_text(readme_block(f"# {script}"))
+    (tmp_path / script).write_text(readme_block(f"# {script}", page))
     done = subprocess.run(
         [sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
     assert printed in done.stdout
+
+
+def test_the_python_example_trains_and_names_its_run(tmp_path: Path) -> None:
+    # As a reader runs it: from a checkout (here, its configs beside the script).
+    (tmp_path / "configs").symlink_to(CONFIGS)
+    script = readme_block("# train_in_python.py")
+    (tmp_path / "train_in_python.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    done = subprocess.run(
+        [sys.executable, "train_in_python.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    match = re.search(r"test accuracy (\d\.\d{3}), run folder (\S+)", done.stdout)
+    assert match, done.stdout
+    assert 0.5 < float(match.group(1)) <= 1
+    run = tmp_path / match.group(2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test/acc"] == pytest.approx(float(match.group(1)), abs=5e-4)
+    assert "epochs: 5" in (run / "config.yaml").read_text()  # the override reached the run
+
+
+def test_the_docs_include_the_readme_examples_rather_than_copy_them() -> None:
+    page = (REPO / "docs" / "writing-a-teacher.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    for section in ("my_teachers", "check_my_teacher"):
+        assert f'--8<-- "README.md:{section}"' in page
+        assert f"<!-- --8<-- [start:{section}] -->" in readme
+        assert f"<!-- --8<-- [end:{section}] -->" in readme

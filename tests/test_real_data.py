@@ -73,7 +73,7 @@ def test_meta_weight_net_lowers_the_validation_loss_under_label_noise(
 
     A shorter run of configs/mnist_meta_weight_net.yaml (2,000 images, 6 epochs), with
     the weights normalized as in the authors' first release: the stable code's mean of
-    w * loss learns in one seed of three at this horizon (README, "Results on noisy labels").
+    w * loss learns in one seed of three at this horizon (docs/results.md, "Noisy labels").
     """
     short = (f"data.root={real_data_root}", "data.train_subset=2000", "train.epochs=6")
     path = CONFIGS / "mnist_meta_weight_net.yaml"

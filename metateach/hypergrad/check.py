@@ -179,14 +179,18 @@ def check_hypergradient(
         val: the validation batch.
         method: a name in :data:`~metateach.registry.HYPERGRADS`; by default
             the teacher's own (with its K, B, options and ``keep_weight_grad``).
-        inner_steps, backprop_steps: K and B (default: the teacher's for its
-            own method, else 1 and 1).
+        inner_steps: K, the student steps of the span (default: the teacher's
+            for its own method, else 1).
+        backprop_steps: B, the last steps differentiated through (default: the
+            teacher's for its own method, else 1).
         keep_weight_grad: let the lesson depend on the student's states
             (default: the teacher's declaration for its own method, else False).
         options: the method's own settings (``implicit``: its solver; for
             ``learned_optimizer`` the check takes ``rounds=1``, two rounds).
         lr: the student's learning rate, or one per step (warm-up included, cycled).
-        momentum, weight_decay, nesterov: the student's optimizer's settings.
+        momentum: the student's optimizer's momentum.
+        weight_decay: its weight decay.
+        nesterov: whether its momentum is Nesterov's.
         optimizer: the student's optimizer (``optim.name``: ``sgd``, ``adam``, ``adamw``, ...).
         optimizer_settings: its other settings (``betas``, ``eps``, ``kwargs``), as
             :func:`~metateach.optim.build_rule` takes them.
@@ -196,7 +200,8 @@ def check_hypergradient(
         step: the central differences' step h.
         coordinates: at most this many coordinates of each tensor are
             differenced (chosen at random, seeded); None: all.
-        rtol, atol: the tolerances of :attr:`HypergradientCheck.passed`.
+        rtol: the relative tolerance of :attr:`HypergradientCheck.passed`.
+        atol: its absolute tolerance, the differences' resolution.
         seed: the random state every run starts from (dropout draws alike).
 
     Raises:

@@ -87,7 +87,7 @@ class BilevelProblem:
     """Student, teacher and validation data, and what the teaching strategies do with them.
 
     Built by :func:`metateach.teaching.build_teaching` from a config, or in
-    code (see the README's "Hypergradients in code").
+    code (see docs/writing-a-teacher.md, "Hypergradients in code").
 
     Args:
         student: the student network.

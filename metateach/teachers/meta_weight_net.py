@@ -31,7 +31,7 @@ class MetaWeightNet(Teacher):
     (``train_WRN-28-10_Meta_PGC.py``) and their class-imbalance code do.
     Normalized weights let the network zero most of a batch and multiply the
     step on the rest: under 40% MNIST label noise that diverged in 3 of 4
-    runs (README, "Results on noisy labels").
+    runs (docs/results.md, "Noisy labels").
     """
 
     learns = Hypergradient("lookahead")
