@@ -14,11 +14,18 @@ from metateach import data, hypergrad, models, optim, teachers  # noqa: F401 - r
 from metateach.config import ExperimentConfig, load_config
 from metateach.errors import CheckpointError, ConfigError, DataError, MetateachError
 from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
+from metateach.learning import (
+    ExampleGradient,
+    FixedRule,
+    Hypergradient,
+    PeerLearning,
+    PolicyGradient,
+)
 from metateach.lesson import Lesson
 from metateach.models import create_model
 from metateach.registry import DATASETS, HYPERGRADS, MODELS, NOISES, OPTIMIZERS, SCHEDULES, TEACHERS
 from metateach.student import Student, StudentStates
-from metateach.teacher import FixedRule, Hypergradient, StudentView, Teacher, TeachingContext
+from metateach.teacher import StudentView, Teacher, TeachingContext
 
 __version__ = "0.1.0"
 
@@ -27,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DATASETS",
     "DataError",
+    "ExampleGradient",
     "FixedRule",
     "HYPERGRADS",
     "Hypergradient",
@@ -37,6 +45,8 @@ __all__ = [
     "MetateachError",
     "NOISES",
     "OPTIMIZERS",
+    "PeerLearning",
+    "PolicyGradient",
     "SCHEDULES",
     "Student",
     "StudentStates",

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from metateach.errors import ConfigError, first_line
+from metateach.plugins import import_plugins
+from metateach.validation import LOSS_AVERAGES, WANDB_MODES, validate
 
 __all__ = [
     "DataConfig",
@@ -40,9 +42,10 @@ __all__ = [
     "load_config",
     "config_to_dict",
     "WANDB_MODES",
+    "LOSS_AVERAGES",
+    "PolicyConfig",
 ]
 
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -206,10 +209,23 @@ class HypergradConfig:
     #: or ``all``, the whole validation split (the papers' M(D_valid)), in chunks of
     #: ``train.eval_batch_size``.
     val_batch_size: int | str = 100
-    #: The method's own settings, e.g. ``{solver: neumann, iterations: 20}`` for ``implicit``;
-    #: for a policy-gradient teacher (l2t), those of REINFORCE, e.g.
-    #: ``{exploration: parameters, noise_std: 0.1, mirrored: true}``.
+    #: The method's own settings, e.g. ``{solver: neumann, iterations: 20}`` for ``implicit``.
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyConfig:
+    """How a policy-gradient teacher (l2t) learns by REINFORCE; unset values keep its declaration."""
+
+    #: The moving-average reward baseline's decay, in [0, 1).
+    baseline_decay: float | None = None
+    #: ``actions``: score every sampled decision (L2T's estimator); ``parameters``: explore
+    #: in the policy's parameters, one draw per episode (PGPE).
+    exploration: str | None = None
+    #: With ``parameters``: the standard deviation of the parameters' noise.
+    noise_std: float | None = None
+    #: With ``parameters``: episodes in pairs, with +eps and -eps.
+    mirrored: bool | None = None
 
 
 @dataclass
@@ -234,6 +250,7 @@ class TeacherConfig:
     loss_average: str | None = None
     optim: TeacherOptimConfig = field(default_factory=TeacherOptimConfig)
     hypergrad: HypergradConfig = field(default_factory=HypergradConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 @dataclass
@@ -297,9 +314,6 @@ def load_config(
             raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=5")
     merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "overrides")
     cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    from metateach.plugins import import_plugins
-    from metateach.validation import validate
-
     import_plugins(cfg.plugins)
     validate(cfg)
     return cfg
@@ -355,7 +369,7 @@ _TEACHER_LEARNING = ("method", "inner_steps", "backprop_steps", "keep_weight_gra
 def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
     """``above`` merged over ``below``; where ``above`` names another model or teacher, the
     ``kwargs`` meant for the old one are dropped, and for a teacher its hypergradient
-    settings too (``above``'s own apply).
+    and policy settings too (``above``'s own apply).
 
     So ``teacher.name=none`` on a co-teaching config trains the baseline, instead of
     handing ``gradual_epochs`` to a teacher that has no such option, and
@@ -375,6 +389,10 @@ def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
             for key in _TEACHER_LEARNING:
                 if key in hypergrad:
                     hypergrad[key] = getattr(defaults, key)
+        policy = OmegaConf.select(below, f"{section}.policy")
+        if policy is not None:
+            for key in policy:
+                policy[key] = None  # unset: the new teacher's declaration
         if OmegaConf.select(below, f"{section}.loss_average") is not None:
             below[section].loss_average = None  # the old teacher's declaration, like its method
     return OmegaConf.merge(below, above)

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metateach.data import Batch, DataBundle
+from metateach.functional import scratch_buffers, student_forward
 from metateach.hypergrad import BilevelProblem, example_gradient
-from metateach.hypergrad.functional import scratch_buffers, student_forward
+from metateach.learning import FixedRule
 from metateach.lesson import Lesson, LossFn, per_sample_losses
 from metateach.teacher import TeachingContext
 
@@ -328,9 +329,7 @@ def _gradient_ratio(lesson: Lesson, logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _needs_example_grad(problem: BilevelProblem) -> bool:
-    from metateach.teacher import ExampleGradient
-
-    return isinstance(getattr(problem.teacher, "learns", None), ExampleGradient)
+    return getattr(problem.teacher, "learns", FixedRule()).reads_example_grad
 
 
 def draw_diagnostics(

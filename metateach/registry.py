@@ -32,6 +32,7 @@ __all__ = [
     "SCHEDULES",
     "TEACHERS",
     "HYPERGRADS",
+    "STRATEGIES",
 ]
 
 T = TypeVar("T", bound=Callable[..., Any])
@@ -195,3 +196,5 @@ TEACHERS: Registry[Callable[..., Any]] = Registry("teacher", "teacher.name")
 HYPERGRADS: Registry[Callable[..., Any]] = Registry(
     "hypergradient method", "teacher.hypergrad.method"
 )
+#: The strategies that drive the other kinds of learning (:mod:`metateach.learning`), by name.
+STRATEGIES: Registry[Callable[..., Any]] = Registry("teaching strategy", "teacher.name")

@@ -2,19 +2,9 @@
 
 A teacher is an ``nn.Module`` that looks at a batch and at a view of the
 student and returns a :class:`~metateach.lesson.Lesson`. It also declares
-how it learns, so that the trainer can drive every teacher through one loop:
-
-* :class:`Hypergradient`: its parameters follow the gradient of the
-  student's validation loss, computed by a method of
-  :mod:`metateach.hypergrad` (which one, and its settings);
-* :class:`ExampleGradient`: it has no parameters and reads its lesson off
-  the validation loss's gradient with respect to each sample's weight;
-* :class:`PolicyGradient`: it samples its lessons and is reinforced by a
-  reward for the whole run (L2T's data filter);
-* :class:`PeerLearning`: it is a second student that learns the task too,
-  from the lesson the student gives it back (co-teaching, SRIT);
-* :class:`FixedRule`: it has nothing to learn (focal loss, self-paced
-  learning, a random filter).
+how it learns (``learns``, one of the declarations of :mod:`metateach.learning`:
+``Hypergradient``, ``ExampleGradient``, ``PolicyGradient``, ``PeerLearning``,
+``FixedRule``), so that the trainer drives every teacher through one loop.
 
 Write a new teacher by subclassing :class:`Teacher`, implementing
 :meth:`Teacher.forward`, and registering a builder with
@@ -24,15 +14,22 @@ Write a new teacher by subclassing :class:`Teacher`, implementing
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from metateach.config import LOSS_AVERAGES
 from metateach.data import Batch
-from metateach.errors import ConfigError
+from metateach.functional import scratch_buffers, student_forward
+from metateach.learning import (
+    ExampleGradient,
+    FixedRule,
+    Hypergradient,
+    Learning,
+    PeerLearning,
+    PolicyGradient,
+)
 from metateach.lesson import Lesson
 
 if TYPE_CHECKING:
@@ -50,7 +47,6 @@ __all__ = [
     "PeerLearning",
     "Learning",
     "LearnedUpdates",
-    "effective_learning",
     "loss_averaging",
     "LOSS_AVERAGES",
 ]
@@ -103,103 +99,6 @@ class StudentView(NamedTuple):
     example_grad: Tensor | None = None
 
 
-@dataclass(frozen=True)
-class Hypergradient:
-    """Learn by the gradient of the validation loss through the student's optimizer.
-
-    Args:
-        method: a name in :data:`metateach.registry.HYPERGRADS` (``unrolled``,
-            ``reversible``, ``lookahead``, ``finite_difference``, ``implicit``,
-            ``learned_optimizer``).
-        inner_steps: K, student steps per teacher step.
-        backprop_steps: B <= K, the steps the hypergradient looks back through.
-        keep_weight_grad: let gradients flow through the lesson's dependence on
-            the student's parameters (the deep-interaction paper's "deeper
-            interaction"); off, the teacher sees detached states.
-        options: the method's own settings (e.g. ``{solver: cg}`` for ``implicit``).
-    """
-
-    method: str = "lookahead"
-    inner_steps: int = 1
-    backprop_steps: int = 1
-    keep_weight_grad: bool = False
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def updated(self, **changes: Any) -> Hypergradient:
-        """A copy with the settings in ``changes`` that are not None."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-@dataclass(frozen=True)
-class PolicyGradient:
-    """Learn by REINFORCE: a run's reward reinforces the teacher's random choices in it.
-
-    At the end of a run (an episode) the teacher's
-    :meth:`Teacher.episode_reward` scores it, and the teacher steps on
-    -(r - b) * S, with b a moving average of past rewards (decay
-    ``baseline_decay``) and S the score of the run's exploration:
-
-    * ``exploration="actions"`` (L2T): each lesson is sampled and carries
-      its ``log_prob``; S = sum_t grad log pi(lesson_t).
-    * ``exploration="parameters"`` (PGPE, Sehnke et al. 2010): each run the
-      teacher acts with its parameters theta + eps, eps ~ N(0, noise_std^2),
-      and S = eps / noise_std^2, the score of that draw. The randomness is
-      one draw per run instead of one per decision, so the estimate's
-      variance does not grow with the run's tens of thousands of decisions.
-      With ``mirrored``, runs come in pairs with +eps and -eps. A checkpoint
-      taken mid-episode holds the teacher at theta + eps (and theta in the
-      strategy's state); the one at the end of a run holds theta.
-
-    A config's ``teacher.hypergrad.options`` may set these fields.
-    """
-
-    baseline_decay: float = 0.9
-    exploration: str = "actions"
-    noise_std: float = 0.1
-    mirrored: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.baseline_decay < 1:
-            raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
-        if self.exploration not in ("actions", "parameters"):
-            raise ValueError(
-                f"exploration must be 'actions' or 'parameters', got {self.exploration!r}"
-            )
-        if not self.noise_std > 0:
-            raise ValueError(f"noise_std must be > 0, got {self.noise_std}")
-
-
-@dataclass(frozen=True)
-class ExampleGradient:
-    """No parameters of its own: the lesson is read off the hypergradient of each sample's weight.
-
-    Before each student step the engine takes one virtual step on the
-    eps-weighted loss sum_k eps_k l_k, evaluates the validation loss after
-    it, and hands the teacher d L_val / d eps at eps = 0 in
-    ``view.example_grad`` (Learning-to-Reweight, Ren et al. 2018).
-    """
-
-
-@dataclass(frozen=True)
-class PeerLearning:
-    """A peer student: it learns the task with the student's optimizer, from the student's lessons.
-
-    Each step both networks see the batch; each selects for the other
-    (:meth:`Teacher.forward` gives the student the peer's selection, and the
-    peer learns from the student's by :meth:`PeerTeacher.select`). The peer
-    takes its steps with an optimizer built from the run's ``optim`` (SAM
-    included) and follows the student's learning-rate schedule.
-    """
-
-
-@dataclass(frozen=True)
-class FixedRule:
-    """Nothing to learn: the lesson follows a fixed rule."""
-
-
-Learning = Hypergradient | ExampleGradient | PolicyGradient | PeerLearning | FixedRule
-
-
 class Teacher(nn.Module, metaclass=ABCMeta):
     """Gives the student a lesson for each batch.
 
@@ -237,25 +136,6 @@ class Teacher(nn.Module, metaclass=ABCMeta):
         """
         return self
 
-    def episode_reward(
-        self, history: Sequence[Mapping[str, float]], context: TeachingContext
-    ) -> float:
-        """A policy-gradient teacher's score for a finished run.
-
-        ``history`` holds its per-epoch records; ``context`` says where it ended
-        (``context.step`` of ``context.total_steps``).
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} learns by policy gradient but defines no episode_reward()"
-        )
-
-
-#: How :attr:`TeachingContext.avg_train_loss` averages the batch losses.
-LOSS_AVERAGES = {
-    "mean": "the mean of every batch loss since the student's first step",
-    "ema": "an exponential moving average, 0.9 old + 0.1 new (the first loss to start)",
-}
-
 
 def loss_averaging(settings: TeacherConfig) -> str:
     """The configured teacher's ``loss_average``: ``teacher.loss_average``, else its declaration."""
@@ -263,38 +143,6 @@ def loss_averaging(settings: TeacherConfig) -> str:
 
     declared = getattr(TEACHERS.get(settings.name), "loss_average", Teacher.loss_average)
     return settings.loss_average or declared
-
-
-def effective_learning(settings: TeacherConfig) -> Learning:
-    """How the configured teacher learns: its declaration, adjusted by ``teacher.hypergrad``.
-
-    ``teacher.learn=false`` freezes any teacher into a fixed rule.
-    """
-    from metateach.registry import TEACHERS, check_options
-
-    declared = getattr(TEACHERS.get(settings.name), "learns", FixedRule())
-    if not settings.learn or isinstance(declared, FixedRule):
-        return FixedRule()
-    if isinstance(declared, PolicyGradient):
-        options = settings.hypergrad.options
-        what = f"policy-gradient teacher {settings.name!r}"
-        check_options(PolicyGradient, options, what, "teacher.hypergrad.options")
-        try:
-            return replace(declared, **options)
-        except ValueError as e:
-            raise ConfigError(f"teacher.hypergrad.options of {what}: {e}") from None
-    if isinstance(declared, ExampleGradient | PeerLearning):
-        return declared
-    asked = settings.hypergrad
-    # The declared options belong to the declared method; another method starts from none.
-    other_method = asked.method is not None and asked.method != declared.method
-    return declared.updated(
-        method=asked.method,
-        inner_steps=asked.inner_steps,
-        backprop_steps=asked.backprop_steps,
-        keep_weight_grad=asked.keep_weight_grad,
-        options=dict(asked.options) or ({} if other_method else None),
-    )
 
 
 class LearnedUpdates(metaclass=ABCMeta):
@@ -351,9 +199,6 @@ class PeerTeacher(Teacher):
 
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
         """The peer's selection on ``batch``: its forward pass as in training, BatchNorm statistics untouched."""
-        # Imported here: the hypergrad package imports this module.
-        from metateach.hypergrad.functional import scratch_buffers, student_forward
-
         params = dict(self.peer.named_parameters())
         with torch.no_grad():
             logits = student_forward(self.peer, params, batch.x, scratch_buffers(self.peer)).logits

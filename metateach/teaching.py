@@ -11,27 +11,13 @@ from metateach.checkpoint import load_checkpoint
 from metateach.config import ExperimentConfig
 from metateach.data import BatchStream, DataBundle, derive_seed
 from metateach.errors import CheckpointError, ConfigError, first_line
-from metateach.hypergrad import (
-    BilevelProblem,
-    ExampleGradients,
-    Reinforce,
-    StudentOnly,
-    TeachingStrategy,
-)
-from metateach.hypergrad.peer import PeerTeaching
+from metateach.hypergrad import BilevelProblem, TeachingStrategy
+from metateach.learning import FixedRule, configured_learning
 from metateach.models import model_for
 from metateach.optim import optimizer_from_config
-from metateach.registry import HYPERGRADS, TEACHERS
+from metateach.registry import TEACHERS
 from metateach.student import Student
-from metateach.teacher import (
-    ExampleGradient,
-    FixedRule,
-    Hypergradient,
-    PeerLearning,
-    PolicyGradient,
-    Teacher,
-    effective_learning,
-)
+from metateach.teacher import Teacher
 
 __all__ = ["Teaching", "build_teaching"]
 
@@ -83,19 +69,14 @@ def build_teaching(
         if settings.checkpoint:
             load_teacher_weights(teacher, settings.checkpoint)
     # Without a teacher there is nothing to learn, whatever the settings say.
-    learning = effective_learning(settings) if teacher is not None else FixedRule()
-    learns = not isinstance(learning, FixedRule)
-    has_parameters = teacher is not None and any(p.requires_grad for p in teacher.parameters())
+    learning = configured_learning(settings) if teacher is not None else FixedRule()
+    trainable = [p for p in teacher.parameters() if p.requires_grad] if teacher else []
     problem = BilevelProblem(
         student=student,
         optimizer=student_optimizer,
         teacher=teacher,
-        teacher_optimizer=optimizer_from_config(
-            # A peer student learns as the student does.
-            cfg.optim if isinstance(learning, PeerLearning) else settings.optim,
-            [p for p in teacher.parameters() if p.requires_grad],
-        )
-        if learns and has_parameters
+        teacher_optimizer=optimizer_from_config(learning.optimizer_config(cfg), trainable)
+        if learning.learns and trainable
         else None,
         # Its own seed: the validation batches do not shift the training order.
         val_stream=data.val_stream(
@@ -105,39 +86,17 @@ def build_teaching(
             shard,
             chunk_size=cfg.train.eval_batch_size,
         )
-        if isinstance(learning, Hypergradient | ExampleGradient)
+        if learning.reads_validation
         else None,
         clean_targets=data.train.clean_targets.to(device),
-        keep_weight_grad=isinstance(learning, Hypergradient) and learning.keep_weight_grad,
+        keep_weight_grad=learning.keep_weight_grad,
         refill=BatchStream(
             data.train_loader(cfg.train.batch_size, derive_seed(cfg.train.seed, 3), device, shard)
         )
         if settings.refill and teacher is not None
         else None,
     )
-    strategy: TeachingStrategy
-    if isinstance(learning, Hypergradient):
-        try:
-            strategy = HYPERGRADS.build(
-                learning.method,
-                learning.options,
-                "teacher.hypergrad.options",
-                problem=problem,
-                inner_steps=learning.inner_steps,
-                backprop_steps=learning.backprop_steps,
-            )
-        except ValueError as e:  # a method that cannot work with this teacher or these settings
-            raise ConfigError(
-                f"teacher.hypergrad.method={learning.method!r} for teacher {settings.name!r}: {e}"
-            ) from None
-    elif isinstance(learning, ExampleGradient):
-        strategy = ExampleGradients(problem)
-    elif isinstance(learning, PolicyGradient):
-        strategy = Reinforce(problem, learning, seed=derive_seed(cfg.train.seed, 4))
-    elif isinstance(learning, PeerLearning):
-        strategy = PeerTeaching(problem)
-    else:
-        strategy = StudentOnly(problem)
+    strategy = learning.strategy(problem, seed=derive_seed(cfg.train.seed, 4))
     return Teaching(teacher, problem.teacher_optimizer, strategy)
 
 

@@ -6,11 +6,32 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from metateach.config import WANDB_MODES, ExperimentConfig
 from metateach.errors import ConfigError, first_line
-from metateach.teacher import LOSS_AVERAGES
+from metateach.learning import configured_learning
+from metateach.optim.optimizers import COMMON_SETTINGS, rule_from_config
+from metateach.registry import (
+    DATASETS,
+    MODELS,
+    NOISES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TEACHERS,
+    check_options,
+)
+
+if TYPE_CHECKING:
+    from metateach.config import ExperimentConfig
+
+#: ``logging.wandb``'s values.
+WANDB_MODES = ("offline", "online", "disabled")
+#: How a teacher's view of the student's average training loss
+#: (``TeachingContext.avg_train_loss``) averages the batch losses (``teacher.loss_average``).
+LOSS_AVERAGES = {
+    "mean": "the mean of every batch loss since the student's first step",
+    "ema": "an exponential moving average, 0.9 old + 0.1 new (the first loss to start)",
+}
 
 __all__ = ["validate", "TEACHER_CONTEXT"]
 
@@ -73,16 +94,6 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
 
 def validate(cfg: ExperimentConfig) -> None:
     """Check names against the registries and values against their ranges."""
-    from metateach.registry import (
-        DATASETS,
-        MODELS,
-        NOISES,
-        OPTIMIZERS,
-        SCHEDULES,
-        TEACHERS,
-        check_options,
-    )
-
     for registry, name in [
         (DATASETS, cfg.data.name),
         (NOISES, cfg.noise.type),
@@ -99,8 +110,6 @@ def validate(cfg: ExperimentConfig) -> None:
         "model.kwargs",
         exclude={"num_classes": None, "in_shape": None},
     )
-    from metateach.optim.optimizers import COMMON_SETTINGS, rule_from_config
-
     for key, section in (("optim", cfg.optim), ("teacher.optim", cfg.teacher.optim)):
         check_options(
             OPTIMIZERS.get(section.name),
@@ -132,16 +141,6 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def _validate_teacher(cfg: ExperimentConfig) -> None:
     """The teacher's options, and a learning setup the engine can run."""
-    from metateach.registry import HYPERGRADS, TEACHERS, check_options
-    from metateach.teacher import (
-        ExampleGradient,
-        FixedRule,
-        Hypergradient,
-        PeerLearning,
-        PolicyGradient,
-        Teacher,
-        effective_learning,
-    )
 
     teacher = cfg.teacher
     builder = TEACHERS.get(teacher.name)
@@ -152,75 +151,35 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
         "teacher.kwargs",
         exclude=TEACHER_CONTEXT,
     )
-    learning = effective_learning(teacher)
-    if teacher.refill and not isinstance(learning, PolicyGradient | FixedRule):
+    learning = configured_learning(teacher)
+    how = "is no teacher" if teacher.name == "none" else learning.how
+    if teacher.refill and not learning.fills_batches:
         raise ConfigError(
             f"teacher.refill fills batches with the samples a filter keeps: teacher {teacher.name!r} "
-            "learns by gradient or as a peer; use a fixed or policy-gradient filter (l2t, "
-            "random_filter, self_paced)"
+            f"{how}; use a fixed or policy-gradient filter (l2t, random_filter, self_paced)"
         )
-    if cfg.train.episodes > 1 and not isinstance(learning, PolicyGradient):
+    if cfg.train.episodes > 1 and not learning.over_episodes:
         raise ConfigError(
             f"train.episodes={cfg.train.episodes} trains one teacher over several students, which "
             f"only a learning policy-gradient teacher (l2t) learns from; teacher {teacher.name!r} "
             "does not"
         )
-    if (
-        isinstance(learning, PolicyGradient)
-        and getattr(builder, "episode_reward", None) is Teacher.episode_reward
-    ):
-        raise ConfigError(
-            f"teacher {teacher.name!r} learns by policy gradient but defines no episode_reward()"
-        )
-    if isinstance(learning, Hypergradient | ExampleGradient) and cfg.optim.sam.rho > 0:
+    if learning.differentiates_step and cfg.optim.sam.rho > 0:
         raise ConfigError(
             f"teacher {teacher.name!r} differentiates the student's optimizer step, not SAM's "
             f"two-pass step: set optim.sam.rho=0 (got {cfg.optim.sam.rho})"
         )
-    asked = [
-        k for k, v in vars(teacher.hypergrad).items() if k in HYPERGRAD_KEYS and v not in (None, {})
-    ]
-    if isinstance(learning, PolicyGradient):  # options of its own, checked by effective_learning
-        asked = [k for k in asked if k != "options"]
-    if not isinstance(learning, Hypergradient):
-        if asked and teacher.learn:
-            how = {
-                ExampleGradient: "reads its weights off each sample's hypergradient",
-                PeerLearning: "is a peer network that selects by mask",
-                PolicyGradient: "learns by REINFORCE from the masks it samples",
-            }.get(
-                type(learning),
-                "is no teacher" if teacher.name == "none" else "follows a fixed rule",
-            )
+    for section, (keys, means, users) in SECTIONS.items():
+        settings = getattr(teacher, section)
+        asked = [k for k in keys if getattr(settings, k) not in (None, {})]
+        if asked and teacher.learn and section != learning.section:
+            key = f"teacher.{section}.{asked[0]}"
+            home = f"; its settings go in teacher.{learning.section}" if learning.section else ""
             raise ConfigError(
-                f"teacher.hypergrad.{asked[0]} is set, but teacher {teacher.name!r} does not learn "
-                f"by hypergradient (it {how}), and the hypergradient methods "
-                "differentiate the weights or loss of a learned teacher's lessons: remove "
-                f"teacher.hypergrad.{asked[0]}, or pick such a teacher (meta_weight_net, "
-                "deep_interaction, l2t_dln, ...)"
+                f"{key} is set, but teacher {teacher.name!r} does not {means} (it {how}{home}): "
+                f"remove {key}, or pick a teacher that does ({users})"
             )
-        return
-    check_options(
-        HYPERGRADS.get(learning.method),
-        learning.options,
-        f"hypergradient method {learning.method!r}",
-        "teacher.hypergrad.options",
-        exclude={"problem": None, "inner_steps": None, "backprop_steps": None},
-    )
-    if learning.backprop_steps > learning.inner_steps:
-        raise ConfigError(
-            f"teacher.hypergrad.backprop_steps (B={learning.backprop_steps}) must not exceed "
-            f"teacher.hypergrad.inner_steps (K={learning.inner_steps})"
-        )
-    from metateach.hypergrad.implicit import REFUSAL as IMPLICIT_REFUSAL
-    from metateach.hypergrad.reversible import REFUSAL as REVERSIBLE_REFUSAL
-    from metateach.optim.optimizers import rule_from_config
-
-    rule = rule_from_config(cfg.optim)  # builds: validate() checked its settings
-    if learning.method == "reversible" and not rule.invertible:
-        raise ConfigError(REVERSIBLE_REFUSAL.format(name=cfg.optim.name))
-    if learning.method == "implicit" and rule.stationary_decay is None:
-        raise ConfigError(IMPLICIT_REFUSAL.format(name=cfg.optim.name))
+    learning.check(cfg)
 
 
 #: What a teacher's builder may ask for besides its options (``teacher.kwargs``):
@@ -228,4 +187,16 @@ def _validate_teacher(cfg: ExperimentConfig) -> None:
 TEACHER_CONTEXT = dict.fromkeys(
     ("num_classes", "student", "new_student", "noise_rate", "train_size", "target_val_acc")
 )
-HYPERGRAD_KEYS = ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options")
+#: Each teacher.<section> that adjusts a declaration: its settings, what they tune, who reads them.
+SECTIONS = {
+    "hypergrad": (
+        ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options"),
+        "learn by hypergradient",
+        "meta_weight_net, deep_interaction, l2t_dln, ...",
+    ),
+    "policy": (
+        ("baseline_decay", "exploration", "noise_std", "mirrored"),
+        "learn by REINFORCE",
+        "l2t",
+    ),
+}

@@ -174,7 +174,8 @@ BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("mask-only teacher asked for weights", lambda t: [QUICKSTART, "teacher.name=l2t",
                                                        "teacher.hypergrad.method=lookahead"],
      r"teacher.hypergrad.method is set, but teacher 'l2t' does not learn by hypergradient \(it learns "
-     r"by REINFORCE from the masks it samples\), and the hypergradient methods differentiate the weights"),
+     r"by REINFORCE from the lessons it samples; its settings go in teacher.policy\): remove "
+     r"teacher.hypergrad.method, or pick a teacher that does \(meta_weight_net, "),
     ("teacher option out of range", lambda t: [QUICKSTART, "teacher.name=random_filter",
                                                "teacher.kwargs.keep=1.5"],
      r"teacher 'random_filter' \(teacher.name\) with teacher.kwargs=\{'keep': 1.5\}: keep must be in \(0, 1\]"),

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metateach.config import load_config
 from metateach.data import Batch
 from metateach.errors import ConfigError
 from metateach.hypergrad import Reinforce
@@ -127,10 +128,8 @@ class TwoArmedBandit(Teacher):
 
 EXPLORATION = {
     "actions": [],  # L2T: the score of each pull
-    "parameters": ["teacher.hypergrad.options={exploration: parameters, noise_std: 1.0}"],
-    "mirrored": [
-        "teacher.hypergrad.options={exploration: parameters, noise_std: 1.0, mirrored: true}"
-    ],
+    "parameters": ["teacher.policy={exploration: parameters, noise_std: 1.0}"],
+    "mirrored": ["teacher.policy={exploration: parameters, noise_std: 1.0, mirrored: true}"],
 }
 
 
@@ -250,7 +249,7 @@ def test_exploring_in_parameters_acts_with_theta_plus_eps_and_steps_from_theta(m
         make_config(
             "teacher.name=l2t",
             "train.target_val_acc=0.8",
-            "teacher.hypergrad.options={exploration: parameters, noise_std: 0.05, mirrored: true}",
+            "teacher.policy={exploration: parameters, noise_std: 0.05, mirrored: true}",
         )
     )
     strategy, teacher = trainer.teaching.strategy, trainer.teaching.teacher
@@ -278,25 +277,48 @@ def test_exploring_in_parameters_acts_with_theta_plus_eps_and_steps_from_theta(m
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("setting", "message"),
     [
         (
-            "{explore: parameters}",
-            "unknown option 'explore'.*teacher.hypergrad.options.*exploration",
+            "teacher.policy={explore: parameters}",
+            r"unknown key 'teacher.policy.explore'; valid keys in 'teacher.policy': "
+            r"baseline_decay, exploration, noise_std, mirrored",
         ),
-        ("{exploration: weights}", "teacher.hypergrad.options.*'actions' or 'parameters'"),
-        ("{exploration: parameters, noise_std: 0}", "noise_std must be > 0"),
+        (
+            "teacher.policy.exploration=weights",
+            r"teacher.policy of teacher 'l2t': exploration must be 'actions' or 'parameters'",
+        ),
+        ("teacher.policy={exploration: parameters, noise_std: 0}", "noise_std must be > 0"),
+        ("teacher.policy.noise_std=abc", r"teacher.policy.noise_std"),
+        (  # where REINFORCE's settings used to go
+            "teacher.hypergrad.options={exploration: parameters}",
+            r"teacher.hypergrad.options is set, but teacher 'l2t' does not learn by hypergradient "
+            r"\(it learns by REINFORCE from the lessons it samples; its settings go in teacher.policy\)",
+        ),
     ],
 )
-def test_bad_policy_gradient_options_name_the_key(make_config, options: str, message: str) -> None:
+def test_bad_policy_gradient_settings_name_the_key(make_config, setting: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        Trainer(
-            make_config(
-                "teacher.name=l2t",
-                "train.target_val_acc=0.8",
-                f"teacher.hypergrad.options={options}",
-            )
-        )
+        Trainer(make_config("teacher.name=l2t", "train.target_val_acc=0.8", setting))
+
+
+def test_a_policy_setting_for_a_teacher_that_learns_otherwise_is_refused(make_config) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher.policy.noise_std is set, but teacher 'meta_weight_net' does not learn by "
+        r"REINFORCE \(it learns by hypergradient; its settings go in teacher.hypergrad\)",
+    ):
+        make_config("teacher.name=meta_weight_net", "teacher.policy.noise_std=0.5")
+
+
+def test_naming_another_teacher_drops_the_policy_settings(tmp_path) -> None:
+    config = tmp_path / "l2t.yaml"
+    config.write_text(
+        "teacher: {name: l2t, policy: {exploration: parameters, noise_std: 0.5}}\n"
+        "train: {target_val_acc: 0.8}\n"
+    )
+    cfg = load_config(config, ["teacher.name=random_filter"])
+    assert (cfg.teacher.policy.exploration, cfg.teacher.policy.noise_std) == (None, None)
 
 
 def test_episodes_need_a_teacher_that_learns_from_them(make_config) -> None:

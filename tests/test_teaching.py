@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
+from torch import nn
 
 from metateach.config import load_config
 from metateach.errors import CheckpointError, ConfigError
 from metateach.hypergrad import StudentOnly
+from metateach.learning import Learning
+from metateach.lesson import Lesson
+from metateach.registry import STRATEGIES, TEACHERS
+from metateach.teacher import Teacher
 from metateach.trainer import Trainer
 
 from .conftest import without_measurements, write_cifar100
@@ -248,3 +255,39 @@ def test_a_teacher_moved_to_another_class_count_starts_its_label_embedding_afres
     with_m1.fit()
     with pytest.raises(CheckpointError, match=r"does not fit this teacher"):  # M1's one-hot width
         Trainer(make_config(*surface, *cifar100, f"teacher.checkpoint={with_m1.run_dir}"))
+
+
+def test_a_new_kind_of_learning_plugs_in_through_its_declaration(make_config, monkeypatch) -> None:
+    """The declaration alone says how its teacher learns: no other module asks which kind it is."""
+    monkeypatch.setattr(TEACHERS, "_entries", dict(TEACHERS._entries))
+    built: list[int] = []
+
+    @dataclass(frozen=True)
+    class ByHand(Learning):
+        how: ClassVar[str] = "is stepped by hand"
+
+        def strategy(self, problem, seed):
+            built.append(seed)
+            return STRATEGIES.get("student_only")(problem)
+
+    @TEACHERS.register("test_by_hand")
+    class Scaled(Teacher):
+        learns = ByHand()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, batch, view) -> Lesson:
+            return Lesson(weights=self.scale.expand(len(batch.y)))
+
+    trainer = Trainer(make_config("teacher.name=test_by_hand", "train.epochs=1"))
+    assert len(built) == 1 and isinstance(trainer.teaching.strategy, StudentOnly)
+    assert trainer.teaching.optimizer is not None  # it learns: its parameters get an optimizer
+    assert trainer.fit()["test/acc"] > 0.1
+    with pytest.raises(
+        ConfigError,
+        match=r"teacher.hypergrad.method is set, but teacher 'test_by_hand' does not learn by "
+        r"hypergradient \(it is stepped by hand\)",
+    ):
+        make_config("teacher.name=test_by_hand", "teacher.hypergrad.method=unrolled")

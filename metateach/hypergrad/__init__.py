@@ -23,6 +23,7 @@ differences of the validation loss.
 
 from __future__ import annotations
 
+from metateach.functional import student_forward
 from metateach.hypergrad.base import (
     Differentiates,
     HypergradMethod,
@@ -33,11 +34,11 @@ from metateach.hypergrad.base import (
 from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
 from metateach.hypergrad.example_gradient import ExampleGradients, example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
-from metateach.hypergrad.functional import student_forward
 from metateach.hypergrad.implicit import Implicit
 from metateach.hypergrad.learned_optimizer import LearnedOptimizer
 from metateach.hypergrad.lookahead import Lookahead
 from metateach.hypergrad.meter import UpdateMeter
+from metateach.hypergrad.peer import PeerTeaching
 from metateach.hypergrad.policy_gradient import Reinforce
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.hypergrad.reversible import Reversible
@@ -54,6 +55,7 @@ __all__ = [
     "Implicit",
     "LearnedOptimizer",
     "Lookahead",
+    "PeerTeaching",
     "PerStepMethod",
     "Reinforce",
     "Reversible",

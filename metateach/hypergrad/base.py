@@ -22,11 +22,13 @@ from torch import Tensor
 
 from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
-from metateach.hypergrad.functional import Params
+from metateach.functional import Params
 from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.lesson import lesson_loss
+from metateach.optim.rules import UpdateRule
 from metateach.optim.schedules import set_lr
+from metateach.registry import STRATEGIES
 from metateach.teacher import LearnedUpdates, Teacher, TeachingContext
 
 __all__ = ["Differentiates", "TeachingStrategy", "StudentOnly", "HypergradMethod", "PerStepMethod"]
@@ -125,6 +127,7 @@ class TeachingStrategy(ABC):
         return out
 
 
+@STRATEGIES.register("student_only")
 class StudentOnly(TeachingStrategy):
     """Plain student steps under the teacher's lessons; the teacher does not learn."""
 
@@ -148,7 +151,7 @@ class HypergradMethod(TeachingStrategy):
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem)
-        reason = self.refuses(problem.teacher)
+        reason = self.refuses(problem.teacher) or self.refuses_rule(problem.rule)
         if reason is not None:
             raise ValueError(reason)
         if not 1 <= backprop_steps <= inner_steps:
@@ -172,6 +175,12 @@ class HypergradMethod(TeachingStrategy):
                 f"the lesson of {type(teacher).__name__} is written by its learned optimizer: "
                 "it needs teacher.hypergrad.method=learned_optimizer"
             )
+        return None
+
+    @classmethod
+    def refuses_rule(cls, rule: UpdateRule) -> str | None:
+        """Why this method cannot differentiate the student's update ``rule``, or None when it can."""
+        _ = rule
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from metateach.data import Batch, as_batch
-from metateach.hypergrad.base import Differentiates, HypergradMethod, PerStepMethod
+from metateach.hypergrad.base import Differentiates, PerStepMethod
 from metateach.hypergrad.example_gradient import ExampleGradients
 from metateach.hypergrad.implicit import REFUSAL as IMPLICIT_REFUSAL
 from metateach.hypergrad.problem import BilevelProblem
@@ -54,8 +54,6 @@ from metateach.optim.rules import MomentumSGD, RuleOptimizer
 from metateach.registry import HYPERGRADS
 from metateach.student import Student
 from metateach.teacher import (
-    ExampleGradient,
-    Hypergradient,
     Teacher,
     TeachingContext,
 )
@@ -209,26 +207,14 @@ def check_hypergradient(
             cannot teach it (why), or ``implicit`` finds no optimum.
     """
     learning = teacher.learns
-    if isinstance(learning, ExampleGradient):
-        if method not in (None, "example_gradient"):
-            raise ValueError(
-                f"{type(teacher).__name__} reads its lesson off each sample's hypergradient; "
-                f"it learns by no method such as {method!r}"
-            )
-        method_class: type[HypergradMethod] = ExampleGradients
-        method = "example_gradient"
-    elif isinstance(learning, Hypergradient):
-        method = method or learning.method
-        method_class = HYPERGRADS.get(method)
-        reason = method_class.refuses(teacher)
-        if reason is not None:
-            raise ValueError(f"{method} cannot teach {type(teacher).__name__}: {reason}")
-    else:
-        raise ValueError(
-            f"{type(teacher).__name__} learns by {type(learning).__name__}, not by a "
-            "hypergradient: there is none to check"
-        )
-    own = isinstance(learning, Hypergradient) and method == learning.method
+    try:
+        method, method_class = learning.checked_method(method)
+    except ValueError as e:
+        raise ValueError(f"{type(teacher).__name__}: {e}") from None
+    reason = method_class.refuses(teacher)
+    if reason is not None:
+        raise ValueError(f"{method} cannot teach {type(teacher).__name__}: {reason}")
+    own = method == getattr(learning, "method", None)
     per_step = issubclass(method_class, PerStepMethod | ExampleGradients)
     kind = method_class.differentiates
     k = inner_steps or (learning.inner_steps if own and not per_step else 1)

@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from metateach.data import Batch
+from metateach.functional import student_forward
 from metateach.hypergrad.base import Differentiates, HypergradMethod
-from metateach.hypergrad.functional import student_forward
 from metateach.hypergrad.lookahead import lookahead_gradient
 from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.lesson import Lesson, lesson_loss
+from metateach.registry import STRATEGIES
 from metateach.student import StudentStates
 from metateach.teacher import TeachingContext
 
@@ -50,6 +51,7 @@ def example_gradient(
     return grad
 
 
+@STRATEGIES.register("example_gradient")
 class ExampleGradients(HypergradMethod):
     """The strategy of :class:`~metateach.teacher.ExampleGradient` teachers: every step,
     compute the samples' hypergradients, hand them to the teacher, step the student.

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
-from metateach.hypergrad.base import PerStepMethod
-from metateach.hypergrad.functional import (
+from metateach.functional import (
     Params,
     dot,
     scratch_buffers,
     student_forward,
 )
+from metateach.hypergrad.base import PerStepMethod
 from metateach.hypergrad.lookahead import virtual_direction
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.lesson import lesson_loss

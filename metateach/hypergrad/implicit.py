@@ -16,10 +16,10 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
+from metateach.functional import Params, dot
 from metateach.hypergrad.base import Differentiates, PerStepMethod
-from metateach.hypergrad.functional import Params, dot
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
-from metateach.optim.rules import decayed_gradients
+from metateach.optim.rules import UpdateRule, decayed_gradients
 from metateach.registry import HYPERGRADS
 
 __all__ = ["Implicit"]
@@ -67,6 +67,10 @@ class Implicit(PerStepMethod):
     data_parallel = True
     differentiates = Differentiates.OPTIMUM
 
+    @classmethod
+    def refuses_rule(cls, rule: UpdateRule) -> str | None:
+        return REFUSAL.format(name=rule.name) if rule.stationary_decay is None else None
+
     def __init__(
         self,
         problem: BilevelProblem,
@@ -79,8 +83,6 @@ class Implicit(PerStepMethod):
         alpha: float = 0.01,
     ) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
-        if problem.rule.stationary_decay is None:
-            raise ValueError(REFUSAL.format(name=problem.rule.name))
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         if iterations < 1:

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.functional import Params
 from metateach.hypergrad.base import Differentiates
-from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem
 from metateach.hypergrad.unrolled import Unrolled
 from metateach.registry import HYPERGRADS

@@ -33,8 +33,8 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.functional import Params
 from metateach.hypergrad.base import PerStepMethod
-from metateach.hypergrad.functional import Params
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.registry import HYPERGRADS
 from metateach.student import StudentStates

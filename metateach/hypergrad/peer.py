@@ -16,11 +16,13 @@ from metateach.hypergrad.base import TeachingStrategy
 from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.schedules import set_lr
+from metateach.registry import STRATEGIES
 from metateach.teacher import PeerTeacher, TeachingContext
 
 __all__ = ["PeerTeaching"]
 
 
+@STRATEGIES.register("peer")
 class PeerTeaching(TeachingStrategy):
     """Each step, the student f and the peer g each select for the other, then both step.
 

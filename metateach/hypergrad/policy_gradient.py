@@ -19,11 +19,13 @@ from torch import Tensor, autograd
 from metateach.data import Batch, derive_seed
 from metateach.hypergrad.base import TeachingStrategy
 from metateach.hypergrad.problem import BilevelProblem
+from metateach.registry import STRATEGIES
 from metateach.teacher import PolicyGradient, TeachingContext
 
 __all__ = ["Reinforce"]
 
 
+@STRATEGIES.register("reinforce")
 class Reinforce(TeachingStrategy):
     """The teacher acts during a run; at its end, one REINFORCE step on the whole episode.
 
@@ -42,7 +44,7 @@ class Reinforce(TeachingStrategy):
     Args:
         problem: the bilevel problem.
         settings: the teacher's declaration, with the config's
-            ``teacher.hypergrad.options``: the baseline's decay
+            ``teacher.policy``: the baseline's decay
             (b <- decay * b + (1 - decay) * r after each episode), the
             exploration, and for ``parameters`` eps's standard deviation and
             whether episodes 2k and 2k + 1 draw +eps and -eps (mirrored).

@@ -25,7 +25,7 @@ from torch import Tensor, autograd
 from metateach.data import Batch, BatchStream, RepeatedBatch, WholeSplit
 from metateach.distributed import sum_gradients
 from metateach.errors import NonFiniteStep
-from metateach.hypergrad.functional import Params, scratch_buffers, student_forward
+from metateach.functional import Params, scratch_buffers, student_forward
 from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.rules import State, UpdateRule, rule_of, set_state, state_of
 from metateach.optim.sam import SAM

@@ -16,11 +16,12 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
+from metateach.functional import Params, dot
 from metateach.hypergrad.base import HypergradMethod
-from metateach.hypergrad.functional import Params, dot
 from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.optim.rules import (
     MomentumSGD,
+    UpdateRule,
     decayed_gradients,
     recover_momentum,
     reverse_momentum_sgd,
@@ -79,11 +80,14 @@ class Reversible(HypergradMethod):
 
     def __init__(self, problem: BilevelProblem, inner_steps: int, backprop_steps: int) -> None:
         super().__init__(problem, inner_steps, backprop_steps)
-        rule = problem.rule
-        if not (isinstance(rule, MomentumSGD) and rule.invertible):
-            raise ValueError(REFUSAL.format(name=rule.name))
         self._recorded: list[_Recorded] = []
         self._start_params: Params | None = None
+
+    @classmethod
+    def refuses_rule(cls, rule: UpdateRule) -> str | None:
+        if isinstance(rule, MomentumSGD) and rule.invertible:
+            return None
+        return REFUSAL.format(name=rule.name)
 
     def can_checkpoint(self) -> bool:
         return not self._recorded  # recorded batches are not part of a checkpoint

@@ -17,8 +17,8 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.functional import Params
 from metateach.hypergrad.base import HypergradMethod
-from metateach.hypergrad.functional import Params
 from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.optim.rules import State

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metateach.data import Batch
-from metateach.hypergrad.functional import Params
+from metateach.functional import Params
 from metateach.lesson import Lesson
 from metateach.optim.learned import CoordinatewiseLSTM
 from metateach.registry import TEACHERS
