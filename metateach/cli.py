@@ -25,12 +25,16 @@ EXIT_USAGE = 2
 COMMANDS = {
     "train": ("metateach.cli", "train_main", "train one experiment a YAML file describes"),
     "compare": (
-        "metateach.compare_cli",
+        "metateach.lab.compare_cli",
         "main",
         "train a comparison's variants over seeds, tabulate",
     ),
-    "reproduce": ("metateach.reproduce", "main", "run a suite of comparisons, write its tables"),
-    "bench": ("metateach.bench", "main", "time teaching steps against a plain step"),
+    "reproduce": (
+        "metateach.lab.reproduce",
+        "main",
+        "run a suite of comparisons, write its tables",
+    ),
+    "bench": ("metateach.lab.bench", "main", "time teaching steps against a plain step"),
     "fit-mentornet": (
         "metateach.teachers.mentornet",
         "main",

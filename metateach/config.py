@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class DataConfig:
     """Which data set, where it lives, and how it is split."""

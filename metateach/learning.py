@@ -34,7 +34,7 @@ from metateach.registry import HYPERGRADS, STRATEGIES, TEACHERS, check_options
 
 if TYPE_CHECKING:
     from metateach.config import ExperimentConfig, OptimConfig, TeacherConfig
-    from metateach.hypergrad import BilevelProblem, TeachingStrategy
+    from metateach.engine import BilevelProblem, TeachingStrategy
 
 __all__ = [
     "Learning",

@@ -196,7 +196,7 @@ def log_run_start(
     """One line on what is trained where, the data's sizes and realized noise, and the noise matrix figure."""
     from tqdm.auto import tqdm
 
-    from metateach.plots import plot_transition_matrix
+    from metateach.report.plots import plot_transition_matrix
 
     params = sum(p.numel() for p in model.parameters())
     noise = (

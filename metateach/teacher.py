@@ -181,7 +181,7 @@ class PeerTeacher(Teacher):
     on its own) and implement :meth:`select`, the rule by which either
     network picks, from its own per-sample losses, the samples the other
     learns from. Under :class:`PeerLearning` the strategy
-    (:class:`~metateach.hypergrad.peer.PeerTeaching`) runs both networks on
+    (:class:`~metateach.engine.peer.PeerTeaching`) runs both networks on
     each batch and exchanges their selections; :meth:`forward` is the
     student's side alone, for a frozen peer and for the diagnostics.
     """

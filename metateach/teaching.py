@@ -10,8 +10,8 @@ import torch
 from metateach.checkpoint import load_checkpoint
 from metateach.config import ExperimentConfig
 from metateach.data import BatchStream, DataBundle, derive_seed
+from metateach.engine import BilevelProblem, TeachingStrategy
 from metateach.errors import CheckpointError, ConfigError, first_line
-from metateach.hypergrad import BilevelProblem, TeachingStrategy
 from metateach.learning import FixedRule, configured_learning
 from metateach.models import model_for
 from metateach.optim import optimizer_from_config

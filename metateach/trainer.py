@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
 from metateach.config import ExperimentConfig, config_to_dict, load_config
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
-from metateach.diagnostics import TeacherDiagnostics
 from metateach.distributed import World, all_sum, from_main, init_world, sharded
 from metateach.errors import (
     CheckpointError,
@@ -47,8 +46,9 @@ from metateach.errors import (
 from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
 from metateach.optim import build_schedule, optimizer_from_config, set_lr
-from metateach.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
 from metateach.plugins import import_plugins
+from metateach.report.diagnostics import TeacherDiagnostics
+from metateach.report.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext, loss_averaging

@@ -18,7 +18,7 @@ import yaml
 
 from metateach.checkpoint import load_checkpoint
 from metateach.config import load_config
-from metateach.diagnostics import SampleRecord
+from metateach.report.diagnostics import SampleRecord
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metateach.data import Batch, RepeatedBatch
-from metateach.hypergrad import BilevelProblem
+from metateach.engine import BilevelProblem
 from metateach.lesson import Lesson, lesson_loss
 from metateach.models import create_model
 from metateach.student import Student

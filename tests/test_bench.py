@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from metateach.bench import (
+from metateach.lab.bench import (
     BenchSettings,
     _teaching_step,
     bare_sgd_steps,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from metateach import HYPERGRADS, TEACHERS, Lesson, Teacher, check_hypergradient
 from metateach.data import Batch
-from metateach.hypergrad.base import Differentiates, PerStepMethod
+from metateach.engine.strategy import Differentiates, PerStepMethod
 from metateach.models import create_model
 from metateach.student import Student
 from metateach.teacher import ExampleGradient, Hypergradient, StudentView

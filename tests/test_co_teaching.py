@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from metateach.data import Batch
+from metateach.engine import BilevelProblem
+from metateach.engine.peer import PeerTeaching
 from metateach.errors import ConfigError
-from metateach.hypergrad import BilevelProblem
-from metateach.hypergrad.peer import PeerTeaching
 from metateach.models import create_model
 from metateach.optim import SAM, build_schedule
 from metateach.teacher import TeachingContext

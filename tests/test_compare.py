@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metateach.compare import (
+from metateach.config import load_config
+from metateach.errors import CheckpointError, ConfigError
+from metateach.lab.compare import (
     Comparison,
     accuracy_curve,
     course,
@@ -21,10 +23,8 @@ from metateach.compare import (
     summarize,
     write_results,
 )
-from metateach.compare_cli import main
-from metateach.config import load_config
-from metateach.diagnostics import SNAPSHOT, WeightSnapshot
-from metateach.errors import CheckpointError, ConfigError
+from metateach.lab.compare_cli import main
+from metateach.report.diagnostics import SNAPSHOT, WeightSnapshot
 from metateach.trainer import train
 
 from .conftest import CONFIGS, QUICK, write_yaml

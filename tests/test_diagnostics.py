@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from metateach.diagnostics import WeightSnapshot
+from metateach.report.diagnostics import WeightSnapshot
 from metateach.trainer import Trainer
 
 
@@ -72,7 +72,7 @@ def test_a_learned_reweighter_puts_less_weight_on_mislabeled_samples(make_config
 
 
 def test_a_collapsed_student_still_gets_its_figures(tmp_path) -> None:
-    from metateach.plots import plot_tsne
+    from metateach.report.plots import plot_tsne
 
     dead = WeightSnapshot(
         weights=np.ones(50), losses=np.full(50, 2.3), targets=np.arange(50) % 10,
@@ -82,7 +82,7 @@ def test_a_collapsed_student_still_gets_its_figures(tmp_path) -> None:
 
 
 def test_the_sample_record_keeps_every_epoch_through_a_resume(make_config) -> None:
-    from metateach.diagnostics import SAMPLES, SampleRecord
+    from metateach.report.diagnostics import SAMPLES, SampleRecord
 
     common = ("teacher.name=mentornet_pd", "train.epochs=3", "noise.type=symmetric",
               "noise.rate=0.4", "logging.diagnostic_samples=100")  # fmt: skip

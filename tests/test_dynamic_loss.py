@@ -13,11 +13,11 @@ from torch import autograd, nn
 from torch.func import functional_call
 
 from metateach.checkpoint import LAST, load_checkpoint
-from metateach.diagnostics import CURVE_KEYS, P_TRUE
 from metateach.errors import ConfigError
 from metateach.hypergrad.learned_optimizer import LearnedOptimizer
 from metateach.optim.learned import CoordinatewiseLSTM, preprocess_gradients
 from metateach.optim.rules import momentum_sgd_step
+from metateach.report.diagnostics import CURVE_KEYS, P_TRUE
 from metateach.teachers import DynamicLossNetwork, DynamicLossTeacher
 from metateach.teachers.dynamic_loss import fit_to_cross_entropy, pairwise_encoding
 from metateach.teachers.dynamic_loss_function import (

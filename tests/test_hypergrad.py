@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from metateach.data import Batch, WholeSplit
+from metateach.engine.meter import UpdateMeter
 from metateach.errors import ConfigError
 from metateach.hypergrad.example_gradient import example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
 from metateach.hypergrad.implicit import Implicit
 from metateach.hypergrad.lookahead import Lookahead
-from metateach.hypergrad.meter import UpdateMeter
 from metateach.hypergrad.reversible import Reversible
 from metateach.hypergrad.unrolled import Unrolled
 from metateach.lesson import lesson_loss

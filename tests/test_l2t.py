@@ -12,8 +12,8 @@ from torch import nn
 
 from metateach.config import load_config
 from metateach.data import Batch
+from metateach.engine import Reinforce
 from metateach.errors import ConfigError
-from metateach.hypergrad import Reinforce
 from metateach.lesson import Lesson
 from metateach.logging import read_metrics
 from metateach.registry import TEACHERS

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from metateach.config import load_config
+from metateach.engine import Reinforce
 from metateach.errors import ConfigError
-from metateach.hypergrad import Reinforce
 from metateach.lesson import Lesson
 from metateach.registry import TEACHERS
 from metateach.teacher import PolicyGradient, Teacher

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from metateach.compare import load_comparison
 from metateach.config import load_config
 from metateach.errors import ConfigError
-from metateach.reproduce import fill_blocks, load_suite, main, run_suite, suite_markdown
+from metateach.lab.compare import load_comparison
+from metateach.lab.reproduce import fill_blocks, load_suite, main, run_suite, suite_markdown
 from metateach.trainer import train
 
 from .conftest import CONFIGS, QUICK, write_yaml

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from metateach.data import Batch
+from metateach.engine import BilevelProblem
 from metateach.errors import ConfigError
-from metateach.hypergrad import BilevelProblem
 from metateach.models import create_model
 from metateach.optim import SAM, build_optimizer, sam_perturbation
 from metateach.trainer import Trainer

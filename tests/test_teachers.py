@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from metateach.data import Batch
+from metateach.engine import StudentOnly
 from metateach.errors import ConfigError
-from metateach.hypergrad import ExampleGradients, StudentOnly
+from metateach.hypergrad import ExampleGradients
 from metateach.hypergrad.reversible import Reversible
 from metateach.lesson import lesson_loss
 from metateach.models import create_model

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from metateach.config import load_config
+from metateach.engine import StudentOnly
 from metateach.errors import CheckpointError, ConfigError
-from metateach.hypergrad import StudentOnly
 from metateach.learning import Learning
 from metateach.lesson import Lesson
 from metateach.registry import STRATEGIES, TEACHERS

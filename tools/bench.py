@@ -4,7 +4,7 @@
 
 import sys
 
-from metateach.bench import main
+from metateach.lab.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

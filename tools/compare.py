@@ -4,7 +4,7 @@
 
 import sys
 
-from metateach.compare_cli import main
+from metateach.lab.compare_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@
 
 import sys
 
-from metateach.reproduce import main
+from metateach.lab.reproduce import main
 
 if __name__ == "__main__":
     sys.exit(main())

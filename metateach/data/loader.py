@@ -194,7 +194,7 @@ class RepeatedBatch:
     """A stream that gives the same batch every time: a validation set that is one batch.
 
     It has a stream's ``next()``, ``draw()`` and ``position``, so a
-    :class:`~metateach.hypergrad.problem.BilevelProblem` takes it where it takes a
+    :class:`~metateach.engine.problem.BilevelProblem` takes it where it takes a
     :class:`BatchStream`.
     """
 

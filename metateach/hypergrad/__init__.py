@@ -9,27 +9,30 @@
 ``learned_optimizer``     rounds of ``unrolled``; a learned optimizer (L2T-DLN's LSTM) writes the lesson
 ========================  =====================================================
 
-Teachers that sample their lessons learn by REINFORCE instead
-(:class:`~metateach.hypergrad.policy_gradient.Reinforce`).
+The problem they differentiate and the bases they share are the engine's
+(:mod:`metateach.engine`); teachers that sample their lessons learn by
+REINFORCE instead (:class:`~metateach.engine.policy_gradient.Reinforce`).
 
-Every method's :meth:`~metateach.hypergrad.base.HypergradMethod.hypergradient`
+Every method's :meth:`~metateach.engine.strategy.HypergradMethod.hypergradient`
 returns the hypergradient over a span of batches without stepping anything;
 :func:`~metateach.hypergrad.check.check_hypergradient` compares it with central
 differences of the validation loss.
 
 :func:`metateach.teaching.build_teaching` turns a configured teacher into the
-:class:`~metateach.hypergrad.base.TeachingStrategy` the trainer runs.
+:class:`~metateach.engine.strategy.TeachingStrategy` the trainer runs.
 """
 
 from __future__ import annotations
 
-from metateach.functional import student_forward
-from metateach.hypergrad.base import (
+# The engine's names, for code that reaches them here (docs/writing-a-teacher.md does).
+from metateach.engine import (
+    BilevelProblem,
     Differentiates,
     HypergradMethod,
     PerStepMethod,
     StudentOnly,
     TeachingStrategy,
+    TrainPass,
 )
 from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
 from metateach.hypergrad.example_gradient import ExampleGradients, example_gradient
@@ -37,10 +40,6 @@ from metateach.hypergrad.finite_difference import FiniteDifference
 from metateach.hypergrad.implicit import Implicit
 from metateach.hypergrad.learned_optimizer import LearnedOptimizer
 from metateach.hypergrad.lookahead import Lookahead
-from metateach.hypergrad.meter import UpdateMeter
-from metateach.hypergrad.peer import PeerTeaching
-from metateach.hypergrad.policy_gradient import Reinforce
-from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.hypergrad.reversible import Reversible
 from metateach.hypergrad.unrolled import Unrolled
 
@@ -55,15 +54,11 @@ __all__ = [
     "Implicit",
     "LearnedOptimizer",
     "Lookahead",
-    "PeerTeaching",
     "PerStepMethod",
-    "Reinforce",
     "Reversible",
     "check_hypergradient",
     "Unrolled",
     "StudentOnly",
     "TeachingStrategy",
     "TrainPass",
-    "UpdateMeter",
-    "student_forward",
 ]

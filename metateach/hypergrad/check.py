@@ -2,14 +2,14 @@
 
 :func:`check_hypergradient` runs a method of :data:`~metateach.registry.HYPERGRADS`
 on float64 copies of a teacher and a student, takes its hypergradient
-(:meth:`~metateach.hypergrad.base.HypergradMethod.hypergradient`) and compares
+(:meth:`~metateach.engine.strategy.HypergradMethod.hypergradient`) and compares
 it, parameter tensor by parameter tensor, with central differences of the
 validation loss. The differences re-run the student's steps in plain PyTorch
 (:mod:`metateach.hypergrad.replay`: the ``torch.optim`` optimizer the student's
 update rule stands for, a forward pass, the teacher's lesson, ``backward``),
 independently of the method and of the rule. What the
 validation loss is a function of follows the method's
-:class:`~metateach.hypergrad.base.Differentiates`:
+:class:`~metateach.engine.strategy.Differentiates`:
 
 * ``WINDOW``: the span's K steps from the check's start, the teacher shifted
   in the last B of them (the first K - B are the same in every run);
@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from metateach.data import Batch, as_batch
-from metateach.hypergrad.base import Differentiates, PerStepMethod
+from metateach.engine.problem import BilevelProblem
+from metateach.engine.strategy import Differentiates, PerStepMethod
 from metateach.hypergrad.example_gradient import ExampleGradients
 from metateach.hypergrad.implicit import REFUSAL as IMPLICIT_REFUSAL
-from metateach.hypergrad.problem import BilevelProblem
 from metateach.hypergrad.replay import (
     Objective,
     Objectives,

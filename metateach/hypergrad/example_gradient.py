@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from metateach.data import Batch
+from metateach.engine.problem import BilevelProblem, RNGState
+from metateach.engine.strategy import Differentiates, HypergradMethod
 from metateach.functional import student_forward
-from metateach.hypergrad.base import Differentiates, HypergradMethod
 from metateach.hypergrad.lookahead import lookahead_gradient
-from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.lesson import Lesson, lesson_loss
 from metateach.registry import STRATEGIES
 from metateach.student import StudentStates

@@ -13,15 +13,15 @@ import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch
+from metateach.engine.problem import BilevelProblem, TrainPass
+from metateach.engine.strategy import PerStepMethod
 from metateach.functional import (
     Params,
     dot,
     scratch_buffers,
     student_forward,
 )
-from metateach.hypergrad.base import PerStepMethod
 from metateach.hypergrad.lookahead import virtual_direction
-from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.lesson import lesson_loss
 from metateach.registry import HYPERGRADS
 

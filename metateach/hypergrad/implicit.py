@@ -16,9 +16,9 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
+from metateach.engine.problem import BilevelProblem, TrainPass
+from metateach.engine.strategy import Differentiates, PerStepMethod
 from metateach.functional import Params, dot
-from metateach.hypergrad.base import Differentiates, PerStepMethod
-from metateach.hypergrad.problem import BilevelProblem, TrainPass
 from metateach.optim.rules import UpdateRule, decayed_gradients
 from metateach.registry import HYPERGRADS
 

@@ -40,9 +40,9 @@ from torch import Tensor
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.engine.problem import BilevelProblem
+from metateach.engine.strategy import Differentiates
 from metateach.functional import Params
-from metateach.hypergrad.base import Differentiates
-from metateach.hypergrad.problem import BilevelProblem
 from metateach.hypergrad.unrolled import Unrolled
 from metateach.registry import HYPERGRADS
 from metateach.teacher import LearnedUpdates, Teacher, TeachingContext

@@ -7,10 +7,10 @@ Adam's moments, ...) and u = grad L_val(theta'), the chain rule gives
     d L_val(theta') / d omega = d/d omega <g(theta, omega), w>,  w = (d theta' / d g)^T u.
 
 w is one vector-Jacobian product of the update rule, element-wise
-(:meth:`~metateach.hypergrad.problem.BilevelProblem.virtual_step`): -lr u
+(:meth:`~metateach.engine.problem.BilevelProblem.virtual_step`): -lr u
 for momentum SGD, -lr (1 + mu) u with Nesterov's, the derivative of Adam's
 step for Adam. The right-hand side is
-:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`: one
+:meth:`~metateach.engine.problem.BilevelProblem.mixed_gradient`: one
 forward-mode pass of the student with theta carrying the tangent w, then
 reverse mode twice through the lesson alone. No second-order backward
 through the student is taken. The result is the number the differentiated virtual step
@@ -33,9 +33,9 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.engine.problem import BilevelProblem, RNGState, TrainPass
+from metateach.engine.strategy import PerStepMethod
 from metateach.functional import Params
-from metateach.hypergrad.base import PerStepMethod
-from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.registry import HYPERGRADS
 from metateach.student import StudentStates
 

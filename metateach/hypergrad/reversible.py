@@ -16,9 +16,9 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
+from metateach.engine.problem import BilevelProblem, RNGState
+from metateach.engine.strategy import HypergradMethod
 from metateach.functional import Params, dot
-from metateach.hypergrad.base import HypergradMethod
-from metateach.hypergrad.problem import BilevelProblem, RNGState
 from metateach.optim.rules import (
     MomentumSGD,
     UpdateRule,
@@ -65,7 +65,7 @@ class Reversible(HypergradMethod):
     batch with the same augmentation and dropout draws, and the teacher's
     gradient accumulates through Hessian-vector products of d_t (one graph at
     a time). The window's first step needs only its teacher term, taken in
-    forward mode (:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`).
+    forward mode (:meth:`~metateach.engine.problem.BilevelProblem.mixed_gradient`).
     ``teacher/reconstruction_error`` logs how far the recovered theta_{K-B}
     lies from the true one, relative to its norm. Needs mu > 0.
 

@@ -17,10 +17,10 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.engine.meter import UpdateMeter
+from metateach.engine.problem import BilevelProblem, RNGState, TrainPass
+from metateach.engine.strategy import HypergradMethod
 from metateach.functional import Params
-from metateach.hypergrad.base import HypergradMethod
-from metateach.hypergrad.meter import UpdateMeter
-from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.optim.rules import State
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
@@ -57,7 +57,7 @@ class Unrolled(HypergradMethod):
     matters. Its gradient g enters the graph as a leaf; at the window's end
     the validation loss's gradient a with respect to that leaf gives the
     step's teacher term d/d omega <g(theta_{K-B}, omega), a> by one
-    forward-mode pass (:meth:`~metateach.hypergrad.problem.BilevelProblem.mixed_gradient`).
+    forward-mode pass (:meth:`~metateach.engine.problem.BilevelProblem.mixed_gradient`).
     With B = 1 no step keeps a second-order graph.
     """
 

@@ -7,7 +7,7 @@ Two kinds, as in the paper:
   network fitted to tell, from a sample's loss, its distance to the
   percentile and the point of training, whether its label is right, on a
   record of a student's training where the true labels are known
-  (:class:`~metateach.diagnostics.SampleRecord`, :func:`fit_mentornet`).
+  (:class:`~metateach.report.diagnostics.SampleRecord`, :func:`fit_mentornet`).
 
 References:
     Jiang, Zhou, Leung, Li and Fei-Fei, "MentorNet: Learning data-driven
@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metateach.data import Batch
-from metateach.diagnostics import SAMPLES, SampleRecord
 from metateach.lesson import Lesson
 from metateach.registry import TEACHERS
+from metateach.report.diagnostics import SAMPLES, SampleRecord
 from metateach.teacher import FixedRule, StudentView, Teacher
 
 __all__ = [
@@ -395,7 +395,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "fit_mentornet.py") -> i
     import argparse
     import json
 
-    from metateach.plots import plot_mentor_curriculum
+    from metateach.report.plots import plot_mentor_curriculum
 
     parser = argparse.ArgumentParser(prog=prog, description=main.__doc__.split(":")[0])
     parser.add_argument("record", help="a run folder (its diagnostics/samples.npz) or that file")

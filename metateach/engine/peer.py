@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from metateach.data import Batch
-from metateach.hypergrad.base import TeachingStrategy
-from metateach.hypergrad.problem import BilevelProblem, TrainPass
+from metateach.engine.problem import BilevelProblem, TrainPass
+from metateach.engine.strategy import TeachingStrategy
 from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.schedules import set_lr
 from metateach.registry import STRATEGIES

@@ -15,7 +15,7 @@ tables make up a set of results, and the runs they need first::
 ``data`` is a folder under the data folder given on the command line (or
 ``$METATEACH_DATA``); without either, ``data.root`` is left to the configs.
 Each comparison runs in ``<out>/<its name>/`` through
-:func:`metateach.compare.run_comparison`, so finished runs are read back and
+:func:`metateach.lab.compare.run_comparison`, so finished runs are read back and
 cut ones resumed: a suite run again after its runs are done only tabulates.
 
 :func:`run_suite` returns the tables; :func:`suite_markdown` puts them in
@@ -36,9 +36,9 @@ from typing import Any
 
 import yaml
 
-from metateach.compare import load_comparison, run_comparison, write_results
 from metateach.config import load_config
 from metateach.errors import ConfigError, check_keys
+from metateach.lab.compare import load_comparison, run_comparison, write_results
 from metateach.rundir import unfinished
 
 __all__ = [
@@ -240,8 +240,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "reproduce.py") -> int:
     import shlex
     import sys
 
-    from metateach.compare_cli import sigterm_exits
     from metateach.errors import MetateachError, first_line
+    from metateach.lab.compare_cli import sigterm_exits
 
     parser = argparse.ArgumentParser(
         prog=prog,

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, autograd
 
 from metateach.data import Batch, derive_seed
-from metateach.hypergrad.base import TeachingStrategy
-from metateach.hypergrad.problem import BilevelProblem
+from metateach.engine.problem import BilevelProblem
+from metateach.engine.strategy import TeachingStrategy
 from metateach.registry import STRATEGIES
 from metateach.teacher import PolicyGradient, TeachingContext
 

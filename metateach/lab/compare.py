@@ -65,9 +65,9 @@ from typing import Any
 import yaml
 
 from metateach.config import config_to_dict, load_config
-from metateach.diagnostics import SNAPSHOT, WeightSnapshot
 from metateach.errors import ConfigError, check_keys
 from metateach.logging import read_metrics
+from metateach.report.diagnostics import SNAPSHOT, WeightSnapshot
 from metateach.rundir import check_same_experiment, unfinished
 
 __all__ = [
@@ -323,7 +323,12 @@ def write_results(
     course (:data:`COURSE`), ``results_course.png``: each variant's mean over
     seeds, epoch by epoch.
     """
-    from metateach.plots import plot_comparison, plot_course, plot_figure2, plot_speed_comparison
+    from metateach.report.plots import (
+        plot_comparison,
+        plot_course,
+        plot_figure2,
+        plot_speed_comparison,
+    )
 
     pairs = comparison.pairs
     last_epoch = list(pairs.last_epoch.values()) if pairs else []

@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 if TYPE_CHECKING:
-    from metateach.diagnostics import WeightSnapshot
+    from metateach.report.diagnostics import WeightSnapshot
 
 __all__ = [
     "plot_transition_matrix",
@@ -353,8 +353,8 @@ def plot_course(
     """Each variant's course through training, one panel per metric, the mean over its seeds.
 
     ``courses``: variant -> one mapping per seed, metric -> (epoch, value)
-    (:func:`metateach.compare.course`); ``panels``: metric -> (axis label,
-    factor to draw it in, y scale), in order (:data:`metateach.compare.COURSE`).
+    (:func:`metateach.lab.compare.course`); ``panels``: metric -> (axis label,
+    factor to draw it in, y scale), in order (:data:`metateach.lab.compare.COURSE`).
     A panel is drawn for each metric some run logged; a variant without the
     metric (no teacher) is absent from it.
     ``noise_rate`` marks the share of mislabeled samples, the weight they

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metateach.data import Batch, DataBundle
+from metateach.engine import BilevelProblem
 from metateach.functional import scratch_buffers, student_forward
-from metateach.hypergrad import BilevelProblem, example_gradient
+from metateach.hypergrad.example_gradient import example_gradient
 from metateach.learning import FixedRule
 from metateach.lesson import Lesson, LossFn, per_sample_losses
 from metateach.teacher import TeachingContext
@@ -77,7 +78,7 @@ class WeightSnapshot:
     loss_curve: np.ndarray | None = None  # a replaced loss at P_TRUE (see loss_curve)
 
     def save(self, path: Path) -> Path:
-        """The arrays as an ``.npz`` (what :func:`metateach.plots.plot_figure2` reads back)."""
+        """The arrays as an ``.npz`` (what :func:`metateach.report.plots.plot_figure2` reads back)."""
         arrays = {k: v for k, v in vars(self).items() if v is not None}
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, **arrays)
@@ -344,7 +345,7 @@ def draw_diagnostics(
 
     Returns name -> path.
     """
-    from metateach.plots import (
+    from metateach.report.plots import (
         plot_loss_curves,
         plot_noisy_weight_share,
         plot_tsne,

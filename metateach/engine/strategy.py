@@ -22,9 +22,9 @@ from torch import Tensor
 
 from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
+from metateach.engine.meter import UpdateMeter
+from metateach.engine.problem import BilevelProblem, RNGState, TrainPass
 from metateach.functional import Params
-from metateach.hypergrad.meter import UpdateMeter
-from metateach.hypergrad.problem import BilevelProblem, RNGState, TrainPass
 from metateach.lesson import lesson_loss
 from metateach.optim.rules import UpdateRule
 from metateach.optim.schedules import set_lr
