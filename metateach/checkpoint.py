@@ -1,22 +1,42 @@
-"""Checkpoints that survive a crash at any moment.
+"""Checkpoints that survive a crash at any moment, and what a run's checkpoint holds.
 
 A checkpoint is written to a temporary file in the same folder, flushed to
 disk, and renamed over the old one: a reader sees either the previous
 checkpoint or the new one, never half of one. Loading uses
 ``weights_only=True``, so a checkpoint cannot run code.
+
+:func:`run_state` and :func:`restore_run` are the two sides of a run's
+checkpoint, side by side so that they stay each other's inverse: the
+weights, every optimizer's state, the teaching strategy's, the run's
+progress and its random state, so that a resumed run is the same run.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from metateach.config import config_to_dict
 from metateach.errors import CheckpointError, first_line
+from metateach.progress import TrainState
+from metateach.runtime import restore_rng_state, rng_state
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_path", "LAST", "BEST"]
+if TYPE_CHECKING:
+    from metateach.trainer import Trainer
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_path",
+    "run_state",
+    "restore_run",
+    "LAST",
+    "BEST",
+]
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -68,3 +88,60 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise CheckpointError(f"{file} is not a metateach checkpoint")
     return state
+
+
+def run_state(trainer: Trainer, weights_only: bool = False) -> dict[str, Any]:
+    """What ``trainer``'s run needs to continue exactly; with ``weights_only``, its weights and progress.
+
+    Collective under torchrun (every rank's random state is gathered): call it on every rank.
+    """
+    teaching = trainer.teaching
+    checkpoint: dict[str, Any] = {
+        "format": 1,
+        "config": config_to_dict(trainer.cfg),
+        "model": trainer.model.state_dict(),
+        "progress": asdict(trainer.state),
+    }
+    if teaching.teacher is not None:
+        checkpoint["teacher"] = teaching.teacher.state_dict()
+    if weights_only:
+        return checkpoint
+    checkpoint["optimizer"] = trainer.optimizer.state_dict()
+    checkpoint["teaching"] = {
+        "optimizer": None if teaching.optimizer is None else teaching.optimizer.state_dict(),
+        "strategy": teaching.strategy.state_dict(),
+        "loss_average": float(trainer.loss_average),
+    }
+    checkpoint["rng"] = rng_state(trainer.world)
+    checkpoint["wandb_id"] = trainer.logger.wandb_id
+    if trainer.diagnostics is not None:
+        checkpoint["diagnostics"] = trainer.diagnostics.state_dict()
+    return checkpoint
+
+
+def restore_run(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Put ``trainer`` where :func:`run_state` found its run.
+
+    Raises:
+        CheckpointError: the checkpoint holds weights only, or does not fit the run's networks.
+    """
+    if "optimizer" not in checkpoint:
+        raise CheckpointError(
+            "this checkpoint holds weights only (best.pt); resume from checkpoints/last.pt"
+        )
+    teaching = trainer.teaching
+    try:
+        trainer.model.load_state_dict(checkpoint["model"])
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        if teaching.teacher is not None:
+            teaching.teacher.load_state_dict(checkpoint["teacher"])
+        if teaching.optimizer is not None:
+            teaching.optimizer.load_state_dict(checkpoint["teaching"]["optimizer"])
+        teaching.strategy.load_state_dict(checkpoint["teaching"]["strategy"])
+        trainer.loss_average.fill_(checkpoint["teaching"]["loss_average"])
+        if trainer.diagnostics is not None and "diagnostics" in checkpoint:
+            trainer.diagnostics.load_state_dict(checkpoint["diagnostics"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint does not fit this model: {first_line(e)}") from None
+    trainer.state = TrainState.from_dict(checkpoint["progress"])
+    restore_rng_state(checkpoint["rng"], trainer.world)

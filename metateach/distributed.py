@@ -44,13 +44,16 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from metateach.errors import ConfigError, MetateachError
+
+if TYPE_CHECKING:
+    from metateach.config import ExperimentConfig
 
 __all__ = [
     "World", "init_world", "from_main", "sharded", "batch_sum", "sum_gradients", "all_sum",
@@ -251,3 +254,35 @@ class _AllSum(torch.autograd.Function):
         tangent = tangent.clone()
         dist.all_reduce(tangent)
         return tangent
+
+
+def gather_rng_states(world: World) -> list[dict[str, Tensor]]:
+    """Every rank's random state, in rank order (collective)."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state_all()
+    states: list[Any] = [None] * world.size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def check_data_parallel(cfg: ExperimentConfig, strategy: Any, world: World) -> None:
+    """Refuse, on every rank alike, a run that cannot be split over ``world``'s processes."""
+    if not strategy.data_parallel:
+        method = cfg.teacher.hypergrad.method if cfg.teacher.name != "none" else "none"
+        raise ConfigError(
+            f"teacher {cfg.teacher.name!r} ({type(strategy).__name__}, teacher.hypergrad.method="
+            f"{method}) does not run data-parallel yet: run it in one process; under torchrun, "
+            "every other teacher and method does (REINFORCE's sampled lessons would need the "
+            "global batch's draws)"
+        )
+    for key, size in (
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.eval_batch_size", cfg.train.eval_batch_size),
+        ("teacher.hypergrad.val_batch_size", cfg.teacher.hypergrad.val_batch_size),
+    ):
+        if isinstance(size, int) and size < world.size:
+            raise ConfigError(
+                f"{key}={size} is the global batch and cannot be split over {world.size} "
+                "processes; make it at least the number of processes"
+            )

@@ -8,9 +8,10 @@ import random
 import numpy as np
 import torch
 
+from metateach.distributed import World, gather_rng_states
 from metateach.errors import ConfigError
 
-__all__ = ["resolve_device", "seed_everything"]
+__all__ = ["resolve_device", "seed_everything", "rng_state", "restore_rng_state"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,3 +44,23 @@ def seed_everything(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic and cuda, warn_only=True)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def rng_state(world: World) -> dict:
+    """PyTorch's random state for a checkpoint; under torchrun with every rank's own (collective)."""
+    state: dict = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if world.size > 1:  # every rank's own, for an exact resume
+        state["ranks"] = gather_rng_states(world)
+    return state
+
+
+def restore_rng_state(saved: dict, world: World) -> None:
+    """Set the random state :func:`rng_state` saved, this rank's own where it holds one."""
+    ranks = saved.get("ranks")
+    if world.size > 1 and ranks is not None and len(ranks) == world.size:
+        saved = ranks[world.rank]
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])

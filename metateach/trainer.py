@@ -22,85 +22,41 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from metateach.checkpoint import BEST, LAST, checkpoint_path, load_checkpoint, save_checkpoint
+from metateach.checkpoint import (
+    BEST,
+    LAST,
+    checkpoint_path,
+    load_checkpoint,
+    restore_run,
+    run_state,
+    save_checkpoint,
+)
 from metateach.config import ExperimentConfig, config_to_dict, load_config
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
-from metateach.distributed import World, all_sum, from_main, init_world, sharded
-from metateach.errors import (
-    CheckpointError,
-    ConfigError,
-    MetateachError,
-    NonFiniteStep,
-    first_line,
-)
+from metateach.distributed import all_sum, check_data_parallel, from_main, init_world, sharded
+from metateach.errors import MetateachError, NonFiniteStep
+from metateach.evaluation import evaluate_models, evaluate_peers
 from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
 from metateach.optim import build_schedule, optimizer_from_config, set_lr
 from metateach.plugins import import_plugins
+from metateach.progress import EpochTotals, StepStats, TrainState, episode_seed
 from metateach.report.diagnostics import TeacherDiagnostics
-from metateach.report.plots import plot_accuracy_vs_samples, plot_episodes, plot_training_curves
+from metateach.report.plots import plot_run
 from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext, loss_averaging
 from metateach.teaching import build_teaching
 
-__all__ = ["Trainer", "TrainState", "EpochTotals", "evaluate_models", "train"]
-
-
-@dataclass
-class EpochTotals:
-    """Running sums over the epoch in progress."""
-
-    loss_sum: float = 0.0
-    correct: int = 0
-    clean_correct: int = 0  # predictions that match the true label of a (noisy) sample
-    seen: int = 0
-    learned: int = 0  # samples the student learned from (those its lessons kept)
-    seconds: float = 0.0  # time spent in student steps
-
-
-@dataclass
-class TrainState:
-    """Where the run is and what it has seen. Plain numbers, so it goes into checkpoints."""
-
-    epoch: int = 0  # the epoch in progress, from 0
-    batch: int = 0  # batches of that epoch already done
-    step: int = 0  # student steps since the start of the episode
-    learned: int = (
-        0  # samples learned from since the start of the episode (counted to the last sync)
-    )
-    examined: int = 0  # samples looked at for them (a refilling filter's candidates), likewise
-    totals: EpochTotals = field(default_factory=EpochTotals)
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
-    test_acc_at_best: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)  # one record per finished epoch
-    #: [step, samples learned from, validation accuracy] at every evaluation.
-    evals: list[list[float]] = field(default_factory=list)
-    target_step: int | None = None  # when validation accuracy first reached train.target_val_acc
-    target_samples: int | None = None  # the samples learned from by then
-    target_examined: int | None = None  # the samples examined by then
-    stopped: bool = False  # ended at the target (train.stop_at_target)
-    finished: bool = False  # all epochs done and the end of the run handled
-    episode: int = 0  # the student in training (train.episodes), from 0
-    steps_before: int = 0  # steps of the earlier episodes: logs count steps across all
-    episodes: list[dict[str, float]] = field(
-        default_factory=list
-    )  # one record per finished episode
-
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> TrainState:
-        return cls(**{**saved, "totals": EpochTotals(**saved["totals"])})
+__all__ = ["Trainer", "train"]
 
 
 class Trainer:
@@ -145,7 +101,7 @@ class Trainer:
             cfg, self.model, self.optimizer, self.data, self.device, shard
         )
         if self.world.size > 1:
-            _check_data_parallel(cfg, self.teaching.strategy, self.world)
+            check_data_parallel(cfg, self.teaching.strategy, self.world)
             # The same initial networks everywhere; from here on, each rank its own draws.
             torch.manual_seed(derive_seed(run.seed, 5, self.world.rank))
         self.val_loader = self.data.eval_loader("val", run.eval_batch_size, self.device, shard)
@@ -153,14 +109,14 @@ class Trainer:
 
         # Step results pile up on the device and are read only at log points:
         # reading them every step would force a CPU-GPU sync per step.
-        self._pending = torch.zeros(5, device=self.device, dtype=torch.float64)
+        self._pending = StepStats.zeros(self.device)
         self._pending_since = time.perf_counter()
         # The running average of the batch losses, a teacher's view of the student's history.
-        self._loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
         self._loss_averaging = loss_averaging(cfg.teacher)
         self._save_due = False  # a checkpoint waits for the teaching strategy to allow it
         # The teacher's weights on a fixed sample of training data, measured each epoch.
-        self._diagnostics = (
+        self.diagnostics = (
             TeacherDiagnostics(
                 self.teaching.strategy.problem,
                 self.data,
@@ -173,7 +129,7 @@ class Trainer:
         )
         self.state = TrainState()
         if resumed is not None:
-            self._restore(resumed)
+            restore_run(self, resumed)
         self.train_loader = self._episode_loader()
 
         if not self.world.main:  # rank 0 writes the run folder
@@ -186,7 +142,7 @@ class Trainer:
             resolved,
             cfg.logging,
             self.run_dir.name,
-            resume_step=self._global_step() if resumed is not None else None,
+            resume_step=self.state.global_step if resumed is not None else None,
             wandb_id=resumed.get("wandb_id") if resumed is not None else None,
         )
 
@@ -205,13 +161,13 @@ class Trainer:
         call; a later ``train.resume`` continues exactly from there.
         """
         cfg = self.cfg
-        if self._global_step() == 0 and self.world.main:
+        if self.state.global_step == 0 and self.world.main:
             log_run_start(self.cfg, self.data, self.model, self.device, self.run_dir, self.logger)
-        stop_at = None if max_steps is None else self._global_step() + max_steps
+        stop_at = None if max_steps is None else self.state.global_step + max_steps
         try:
             while True:  # one student an episode
                 if self._train_student(stop_at):
-                    return self._latest_metrics()  # paused at max_steps, with a checkpoint
+                    return self.state.latest()  # paused at max_steps, with a checkpoint
                 if self.state.episode + 1 >= cfg.train.episodes:
                     return self._finish()
                 self._next_episode()
@@ -254,7 +210,7 @@ class Trainer:
                     if state.stopped:
                         break
                 every = cfg.train.checkpoint_every_steps
-                stopping = stop_at is not None and self._global_step() >= stop_at
+                stopping = stop_at is not None and self.state.global_step >= stop_at
                 self._save_due |= stopping or (bool(every) and state.step % every == 0)
                 if self._save_if_due() and stopping:
                     bar.close()
@@ -266,8 +222,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> Tensor:
         """One student step (and the teacher's, when due) by the teaching strategy.
 
-        Returns [sum of cross-entropy, correct, correct on clean labels, samples learned from,
-        samples examined] on the device.
+        Returns its :class:`~metateach.progress.StepStats`, stacked on the device.
         """
         state = self.state
         with sharded(self.world):
@@ -276,13 +231,13 @@ class Trainer:
             (stats,) = all_sum([stats])
         batch_loss = stats[0] / self.train_loader.global_size(state.batch)
         if self._loss_averaging == "mean":  # over the episode's steps so far, this one included
-            self._loss_average = self._loss_average + (batch_loss - self._loss_average) / (
+            self.loss_average = self.loss_average + (batch_loss - self.loss_average) / (
                 state.step + 1
             )
         elif state.step == 0:
-            self._loss_average = batch_loss.clone()
+            self.loss_average = batch_loss.clone()
         else:
-            self._loss_average = 0.9 * self._loss_average + 0.1 * batch_loss
+            self.loss_average = 0.9 * self.loss_average + 0.1 * batch_loss
         return stats
 
     def evaluate(self, loader: BatchLoader) -> tuple[float, float]:
@@ -300,7 +255,7 @@ class Trainer:
             step=state.step,
             epoch=state.epoch,
             total_steps=self.cfg.train.epochs * len(self.train_loader),
-            avg_train_loss=self._loss_average,
+            avg_train_loss=self.loss_average,
             best_val_acc=max(state.best_val_acc, 0.0),
             episode=state.episode,
         )
@@ -336,15 +291,19 @@ class Trainer:
             "train/learned_samples": state.learned,
             "train/examined_samples": state.examined,
             **self._target_metrics(),
-            **self._evaluate_peers(),
+            **evaluate_peers(
+                self.model,
+                self.teaching.strategy.networks(),
+                {"val": self.val_loader, "test": self.test_loader},
+            ),
             **self.teaching.strategy.pop_metrics(epoch=True),
             **self._teacher_metrics(),
-            **(self._diagnostics.measure(self.context()) if self._diagnostics else {}),
+            **(self.diagnostics.measure(self.context()) if self.diagnostics else {}),
         }
         if self.cfg.train.episodes > 1:
             metrics["episode"] = state.episode + 1
         state.history.append(metrics)
-        self.logger.log(metrics, self._global_step())
+        self.logger.log(metrics, self.state.global_step)
         episode = f"episode {state.episode + 1}  " * (self.cfg.train.episodes > 1)
         self._say(
             f"{episode}epoch {metrics['epoch']:>3}/{self.cfg.train.epochs}  "
@@ -362,52 +321,23 @@ class Trainer:
         self._note_evaluation(val_acc)
         self.logger.log(
             {"eval/val_acc": val_acc, "eval/learned_samples": self.state.learned},
-            self._global_step(),
+            self.state.global_step,
         )
 
     def _note_evaluation(self, val_acc: float) -> None:
-        """Record an evaluation, and whether it is the first to reach ``train.target_val_acc``."""
+        """Record an evaluation, and say so if it is the first to reach ``train.target_val_acc``."""
         state, run = self.state, self.cfg.train
         self._collect()  # brings state.learned up to this step
-        state.evals.append([state.step, state.learned, val_acc])
-        target = run.target_val_acc
-        if target is not None and state.target_step is None and val_acc >= target:
-            state.target_step, state.target_samples = state.step, state.learned
-            state.target_examined = state.examined
-            state.stopped = run.stop_at_target
+        if state.note_evaluation(val_acc, run.target_val_acc, run.stop_at_target):
+            target = run.target_val_acc
             self._say(
                 f"validation accuracy {100 * val_acc:.2f}% reached the target {100 * target:g}% "
                 f"at step {state.step}, after {state.learned} samples learned from"
             )
 
-    def _target_record(self) -> dict[str, int | None]:
-        """What reaching ``train.target_val_acc`` took: the step, samples learned from and examined (None before)."""
-        state = self.state
-        return {
-            "target/step": state.target_step,
-            "target/samples": state.target_samples,
-            "target/examined_samples": state.target_examined,
-        }
-
     def _target_metrics(self) -> dict[str, int | None]:
         """:meth:`_target_record` once the target is reached (epoch records carry no None)."""
-        return self._target_record() if self.state.target_step is not None else {}
-
-    def _evaluate_peers(self) -> dict[str, float]:
-        """Accuracy of the networks trained beside the student (a peer), and of the ensemble of all.
-
-        The ensemble averages the networks' softmax outputs.
-        """
-        peers = self.teaching.strategy.networks()
-        if not peers:
-            return {}
-        metrics = {}
-        for split, loader in (("val", self.val_loader), ("test", self.test_loader)):
-            *each, ensemble = evaluate_models([self.model, *peers.values()], loader, ensemble=True)
-            for name, (_, acc) in zip(peers, each[1:], strict=True):
-                metrics[f"{name}/{split}_acc"] = acc
-            metrics[f"ensemble/{split}_acc"] = ensemble[1]
-        return metrics
+        return self.state.target_record() if self.state.target_step is not None else {}
 
     def _save_if_due(self) -> bool:
         """Save ``last.pt`` if one is due and the teaching strategy allows it now; say whether it did.
@@ -430,11 +360,8 @@ class Trainer:
         orders its data; the teacher, its optimizer and the strategy go on.
         """
         self._end_of_run()
-        done, run = self.state, self.cfg.train
-        self.state = TrainState(
-            episode=done.episode + 1, steps_before=done.steps_before + done.step,
-            episodes=done.episodes,
-        )  # fmt: skip
+        run = self.cfg.train
+        self.state = self.state.next_episode()
         seed_everything(episode_seed(run.seed, self.state.episode), run.deterministic, self.device)
         fresh = model_for(self.cfg.model, self.data)
         self.model.load_state_dict(fresh.state_dict())
@@ -442,7 +369,7 @@ class Trainer:
             optimizer_from_config(self.cfg.optim, fresh.parameters()).state_dict()
         )
         self.train_loader = self._episode_loader()
-        self._loss_average.zero_()
+        self.loss_average.zero_()
         self._save_due = True
         self._save_if_due()
 
@@ -466,31 +393,10 @@ class Trainer:
         strategy.end_of_run(state.history, self.context())
         metrics: dict[str, float] = strategy.pop_metrics()
         if self.cfg.train.episodes > 1:
-            last = self._latest_metrics()
-            metrics = {
-                "episode": state.episode + 1,
-                "episode/steps": state.step,
-                "episode/learned_samples": state.learned,
-                "episode/examined_samples": state.examined,
-                "episode/val_acc": last.get("val/acc", 0.0),
-                "episode/test_acc": last.get("test/acc", 0.0),
-                **(
-                    {
-                        "episode/target_step": state.target_step,
-                        "episode/target_samples": state.target_samples,
-                    }
-                    if state.target_step is not None
-                    else {}
-                ),  # fmt: skip
-                **metrics,
-            }
+            metrics = {**state.episode_record(), **metrics}
             state.episodes.append(metrics)
         if metrics:
-            self.logger.log(metrics, self._global_step())
-
-    def _global_step(self) -> int:
-        """Steps since the run began, over all episodes: the step logs are kept at."""
-        return self.state.steps_before + self.state.step
+            self.logger.log(metrics, self.state.global_step)
 
     def _finish(self) -> dict[str, float]:
         state = self.state
@@ -499,115 +405,34 @@ class Trainer:
             state.finished = True
             self._save_due = True
             self._save_if_due()
-        metrics = self._latest_metrics()
+        metrics = state.latest()
         self.logger.summary(
-            {
-                "test/acc": metrics["test/acc"],
-                "val/acc": metrics["val/acc"],
-                "best/val_acc": state.best_val_acc,
-                "best/epoch": state.best_epoch,
-                "best/test_acc": state.test_acc_at_best,
-                "noise/realized_rate": self.data.noise.realized_rate,
-                "steps": state.step,
-                "learned_samples": state.learned,
-                "examined_samples": state.examined,
-                "episodes": state.episode + 1,
-                # None: the run never reached its target.
-                **(self._target_record() if self.cfg.train.target_val_acc is not None else {}),
-            }
+            state.summary(self.data.noise.realized_rate, self.cfg.train.target_val_acc is not None)
         )
         if not self.world.main:
             self.logger.close()
             return metrics
-        if self._diagnostics is not None:
-            self._diagnostics.save(self.context(), self.run_dir / "diagnostics")
-        if self._diagnostics is not None and self.cfg.logging.plots:
-            figures = self._diagnostics.draw(
+        if self.diagnostics is not None:
+            self.diagnostics.save(self.context(), self.run_dir / "diagnostics")
+        if self.diagnostics is not None and self.cfg.logging.plots:
+            figures = self.diagnostics.draw(
                 self.context(), state.history, self.run_dir.name, self.run_dir / "diagnostics"
             )
             for name, path in figures.items():
-                self.logger.log_image(f"diagnostics/{name}", path, self._global_step())
+                self.logger.log_image(f"diagnostics/{name}", path, self.state.global_step)
         if self.cfg.logging.plots:
-            plots = {
-                "curves": plot_training_curves(
-                    state.history, self.run_dir.name, self.run_dir / "curves.png"
-                ),
-                "accuracy_vs_samples": plot_accuracy_vs_samples(
-                    state.evals, self.cfg.train.target_val_acc, self.run_dir.name,
-                    self.run_dir / "accuracy_vs_samples.png",
-                ),
-            }  # fmt: skip
-            if len(state.episodes) > 1:
-                plots["episodes"] = plot_episodes(
-                    state.episodes, self.run_dir.name, self.run_dir / "episodes.png"
-                )
+            plots = plot_run(state, self.cfg.train.target_val_acc, self.run_dir.name, self.run_dir)
             for name, path in plots.items():
-                self.logger.log_image(f"plots/{name}", path, self._global_step())
+                self.logger.log_image(f"plots/{name}", path, self.state.global_step)
         self.logger.close()
         return metrics
 
-    def _latest_metrics(self) -> dict[str, float]:
-        return dict(self.state.history[-1]) if self.state.history else {}
-
     def save(self, name: str, weights_only: bool = False) -> Path:
-        """Checkpoint the run to ``<run>/checkpoints/<name>``."""
+        """Checkpoint the run to ``<run>/checkpoints/<name>`` (see :func:`~metateach.checkpoint.run_state`)."""
         self._collect()
-        checkpoint: dict[str, Any] = {
-            "format": 1,
-            "config": config_to_dict(self.cfg),
-            "model": self.model.state_dict(),
-            "progress": asdict(self.state),
-        }
-        teaching = self.teaching
-        if teaching.teacher is not None:
-            checkpoint["teacher"] = teaching.teacher.state_dict()
-        if not weights_only:
-            checkpoint["optimizer"] = self.optimizer.state_dict()
-            checkpoint["teaching"] = {
-                "optimizer": None
-                if teaching.optimizer is None
-                else teaching.optimizer.state_dict(),
-                "strategy": teaching.strategy.state_dict(),
-                "loss_average": float(self._loss_average),
-            }
-            checkpoint["rng"] = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-            if self.world.size > 1:  # every rank's own, for an exact resume
-                checkpoint["rng"]["ranks"] = _gather_rng(self.world)
-            checkpoint["wandb_id"] = self.logger.wandb_id
-            if self._diagnostics is not None:
-                checkpoint["diagnostics"] = self._diagnostics.state_dict()
+        state = run_state(self, weights_only)  # every rank: the random states are gathered
         path = self.run_dir / "checkpoints" / name
-        return save_checkpoint(path, checkpoint) if self.world.main else path
-
-    def _restore(self, checkpoint: dict[str, Any]) -> None:
-        if "optimizer" not in checkpoint:
-            raise CheckpointError(
-                "this checkpoint holds weights only (best.pt); resume from checkpoints/last.pt"
-            )
-        teaching = self.teaching
-        try:
-            self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            if teaching.teacher is not None:
-                teaching.teacher.load_state_dict(checkpoint["teacher"])
-            if teaching.optimizer is not None:
-                teaching.optimizer.load_state_dict(checkpoint["teaching"]["optimizer"])
-            teaching.strategy.load_state_dict(checkpoint["teaching"]["strategy"])
-            self._loss_average.fill_(checkpoint["teaching"]["loss_average"])
-            if self._diagnostics is not None and "diagnostics" in checkpoint:
-                self._diagnostics.load_state_dict(checkpoint["diagnostics"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint does not fit this model: {first_line(e)}") from None
-        self.state = TrainState.from_dict(checkpoint["progress"])
-        rng = checkpoint["rng"]
-        ranks = rng.get("ranks")
-        if self.world.size > 1 and ranks is not None and len(ranks) == self.world.size:
-            rng = ranks[self.world.rank]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        return save_checkpoint(path, state) if self.world.main else path
 
     # ------------------------------------------------------------------ #
     # Small helpers
@@ -615,19 +440,12 @@ class Trainer:
 
     def _collect(self) -> EpochTotals:
         """Add the device-side step results to the epoch totals (a sync point); stop on a non-finite loss."""
-        loss_sum, correct, clean_correct, learned, examined = self._pending.tolist()
+        stats = StepStats.read(self._pending)
         self._pending.zero_()
         now = time.perf_counter()
-        totals = self.state.totals
-        totals.loss_sum += loss_sum
-        totals.correct += int(correct)
-        totals.clean_correct += int(clean_correct)
-        totals.learned += int(learned)
-        self.state.learned += int(learned)
-        self.state.examined += int(examined)
-        totals.seconds += now - self._pending_since
+        totals = self.state.add(stats, seconds=now - self._pending_since)
         self._pending_since = now
-        if not torch.isfinite(torch.tensor(loss_sum)):
+        if not torch.isfinite(torch.tensor(stats.loss_sum)):
             raise MetateachError(
                 f"the training loss became non-finite by step {self.state.step} "
                 f"(epoch {self.state.epoch + 1}); lower optim.lr or check the data"
@@ -638,7 +456,7 @@ class Trainer:
         """The student's gradient at this step is not finite: save the state before it, and stop."""
         state = self.state
         step = state.step + 1
-        self.logger.log({"train/nonfinite_step": step}, self._global_step() + 1)
+        self.logger.log({"train/nonfinite_step": step}, self.state.global_step + 1)
         saved = "the last checkpoint holds the last good state"
         if self.teaching.strategy.can_checkpoint():
             saved = f"the state before it is saved in {self.save(LAST)}"
@@ -654,7 +472,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
         metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
-        self.logger.log(metrics, self._global_step())
+        self.logger.log(metrics, self.state.global_step)
 
     def _teacher_metrics(self) -> dict[str, float]:
         teacher = self.teaching.teacher
@@ -667,79 +485,6 @@ class Trainer:
 
     def _set_lr(self, epoch: float) -> None:
         set_lr(self.optimizer, self.cfg.optim.lr * self.schedule(epoch))
-
-
-@torch.inference_mode()
-def evaluate_models(
-    models: Sequence[nn.Module], loader: BatchLoader, ensemble: bool = False
-) -> list[tuple[float, float]]:
-    """Mean cross-entropy and accuracy of each model over a split, in eval mode.
-
-    With ``ensemble``, one more entry: the models' averaged softmax outputs.
-    """
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    rows = len(models) + ensemble
-    device = next(models[0].parameters()).device
-    loss_sum = torch.zeros(rows, device=device, dtype=torch.float64)
-    correct = torch.zeros(rows, device=device, dtype=torch.long)
-    for batch in loader:
-        outputs = [m(batch.x) for m in models]
-        if ensemble:  # log of the mean probability, so cross-entropy and argmax apply
-            probs = torch.stack([o.float().softmax(dim=1) for o in outputs]).mean(dim=0)
-            outputs.append(probs.clamp(min=1e-12).log())
-        for i, logits in enumerate(outputs):
-            loss_sum[i] += F.cross_entropy(logits, batch.y, reduction="sum")
-            correct[i] += (logits.argmax(dim=1) == batch.y).sum()
-    for m, mode in zip(models, modes, strict=True):
-        m.train(mode)
-    if loader.shard[1] > 1:  # each rank evaluated its shard of every batch
-        loss_sum, correct = all_sum([loss_sum, correct])
-    n = max(len(loader.split), 1)
-    # One device sync per split.
-    return [
-        (loss / n, int(c) / n) for loss, c in zip(loss_sum.tolist(), correct.tolist(), strict=True)
-    ]
-
-
-def _check_data_parallel(cfg: ExperimentConfig, strategy: Any, world: World) -> None:
-    """Refuse, on every rank alike, a run that cannot be split over ``world``'s processes."""
-    if not strategy.data_parallel:
-        method = cfg.teacher.hypergrad.method if cfg.teacher.name != "none" else "none"
-        raise ConfigError(
-            f"teacher {cfg.teacher.name!r} ({type(strategy).__name__}, teacher.hypergrad.method="
-            f"{method}) does not run data-parallel yet: run it in one process; under torchrun, "
-            "every other teacher and method does (REINFORCE's sampled lessons would need the "
-            "global batch's draws)"
-        )
-    for key, size in (
-        ("train.batch_size", cfg.train.batch_size),
-        ("train.eval_batch_size", cfg.train.eval_batch_size),
-        ("teacher.hypergrad.val_batch_size", cfg.teacher.hypergrad.val_batch_size),
-    ):
-        if isinstance(size, int) and size < world.size:
-            raise ConfigError(
-                f"{key}={size} is the global batch and cannot be split over {world.size} "
-                "processes; make it at least the number of processes"
-            )
-
-
-def _gather_rng(world: World) -> list[dict[str, Tensor]]:
-    """Every rank's random state, in rank order (collective)."""
-    import torch.distributed as dist
-
-    mine = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        mine["cuda"] = torch.cuda.get_rng_state_all()
-    states: list[Any] = [None] * world.size
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def episode_seed(seed: int, episode: int) -> int:
-    """The seed of an episode's student and data order: the run's own for the first."""
-    return seed if episode == 0 else derive_seed(seed, episode)
 
 
 def train(

@@ -14,6 +14,7 @@ from metateach.data import Batch
 from metateach.engine import BilevelProblem
 from metateach.engine.peer import PeerTeaching
 from metateach.errors import ConfigError
+from metateach.evaluation import evaluate_models
 from metateach.models import create_model
 from metateach.optim import SAM, build_schedule
 from metateach.teacher import TeachingContext
@@ -23,7 +24,7 @@ from metateach.teachers.co_teaching import (
     keep_ratio,
     small_loss_mask,
 )
-from metateach.trainer import Trainer, evaluate_models
+from metateach.trainer import Trainer
 
 from .conftest import CONFIGS, write_svhn
 

@@ -15,10 +15,10 @@ from metateach.checkpoint import load_checkpoint
 from metateach.config import load_config
 from metateach.data import BatchLoader, Split
 from metateach.data.transforms import Normalize
-from metateach.distributed import World, from_main
+from metateach.distributed import World, check_data_parallel, from_main
 from metateach.errors import ConfigError
 from metateach.teaching import build_teaching
-from metateach.trainer import Trainer, _check_data_parallel
+from metateach.trainer import Trainer
 
 from .conftest import CONFIGS, REPO, kill_once_checkpointed, without_measurements
 
@@ -226,12 +226,12 @@ def test_a_teacher_that_cannot_run_data_parallel_is_refused(make_config) -> None
         match=r"teacher 'l2t' \(Reinforce, teacher.hypergrad.method=None\) does not run "
         "data-parallel yet: run it in one process",
     ):
-        _check_data_parallel(cfg, teaching.strategy, World(0, 2))
+        check_data_parallel(cfg, teaching.strategy, World(0, 2))
     plain = make_config("teacher.name=none", "train.batch_size=1")
     with pytest.raises(
         ConfigError, match=r"train.batch_size=1 is the global batch and cannot be split over 2"
     ):
-        _check_data_parallel(plain, trainer_parts.teaching.strategy, World(0, 2))
+        check_data_parallel(plain, trainer_parts.teaching.strategy, World(0, 2))
 
 
 def test_one_process_is_its_own_main() -> None:

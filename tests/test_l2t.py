@@ -223,7 +223,7 @@ def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(
         assert record["teacher/reward"] == pytest.approx(-math.log(record["episode/steps"] / 40))
     logged = read_metrics(straight.run_dir)
     assert [r["step"] for r in logged] == sorted(r["step"] for r in logged)
-    assert straight._global_step() == sum(r["episode/steps"] for r in episodes)
+    assert straight.state.global_step == sum(r["episode/steps"] for r in episodes)
     # Each student starts afresh: its first evaluation is far below where the last one ended.
     first_evals = [r["eval/val_acc"] for r in logged if "eval/val_acc" in r and r["step"] in (
         4, episodes[0]["episode/steps"] + 4, episodes[0]["episode/steps"] + episodes[1]["episode/steps"] + 4)]  # fmt: skip

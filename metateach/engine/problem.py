@@ -29,6 +29,7 @@ from metateach.functional import Params, scratch_buffers, student_forward
 from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.rules import State, UpdateRule, rule_of, set_state, state_of
 from metateach.optim.sam import SAM
+from metateach.progress import StepStats
 from metateach.student import Student, StudentStates
 from metateach.teacher import StudentView, Teacher, TeachingContext
 
@@ -540,27 +541,21 @@ class BilevelProblem:
     def statistics(
         self, view: StudentView, batch: Batch, lesson: Lesson | None, examined: int | None = None
     ) -> Tensor:
-        """[sum of cross-entropy, correct, correct on clean labels, samples learned from, samples examined] of a step.
-
-        On the device. The samples learned from are those the ``lesson`` kept
-        (all of the batch without a mask); those examined, ``examined``
-        (default: the batch; a refilled batch's candidates, see :meth:`refilled`).
+        """A step's :class:`~metateach.progress.StepStats`, stacked on the device.
+        The samples learned from are those the ``lesson`` kept
+               (all of the batch without a mask); those examined, ``examined``
+               (default: the batch; a refilled batch's candidates, see :meth:`refilled`).
         """
         predicted = view.logits.detach().argmax(dim=1)
         clean = batch.y if self.clean_targets is None else self.clean_targets[batch.index]
         learned = (
             lesson.mask.sum() if lesson is not None and lesson.mask is not None else batch.y.numel()
         )
-        return torch.stack(
-            [
-                view.losses.detach().sum().double(),
-                (predicted == batch.y).sum().double(),
-                (predicted == clean).sum().double(),
-                torch.as_tensor(learned, dtype=torch.float64, device=batch.y.device),
-                torch.as_tensor(
-                    len(batch.y) if examined is None else examined,
-                    dtype=torch.float64,
-                    device=batch.y.device,
-                ),
-            ]
+        return StepStats.stack(
+            view.losses.detach().sum(),
+            (predicted == batch.y).sum(),
+            (predicted == clean).sum(),
+            learned,
+            len(batch.y) if examined is None else examined,
+            device=batch.y.device,
         )

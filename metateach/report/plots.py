@@ -15,9 +15,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 if TYPE_CHECKING:
+    from metateach.progress import TrainState
     from metateach.report.diagnostics import WeightSnapshot
 
 __all__ = [
+    "plot_run",
     "plot_transition_matrix",
     "plot_training_curves",
     "plot_weight_vs_loss",
@@ -30,6 +32,19 @@ __all__ = [
     "plot_mentor_curriculum",
     "plot_loss_curves",
 ]
+
+
+def plot_run(state: TrainState, target: float | None, title: str, folder: Path) -> dict[str, Path]:
+    """A run's figures in ``folder``, by name: its curves, accuracy against samples, and episodes."""
+    figures = {
+        "curves": plot_training_curves(state.history, title, folder / "curves.png"),
+        "accuracy_vs_samples": plot_accuracy_vs_samples(
+            state.evals, target, title, folder / "accuracy_vs_samples.png"
+        ),
+    }
+    if len(state.episodes) > 1:
+        figures["episodes"] = plot_episodes(state.episodes, title, folder / "episodes.png")
+    return figures
 
 
 def plot_transition_matrix(
