@@ -10,6 +10,9 @@ model, student, optimizer, schedule and teacher can be named in a config::
     metrics = trainer.fit()  # or metateach.train(cfg)
 """
 
+import os
+from collections.abc import Sequence
+
 from metateach import data, hypergrad, models, optim, teachers  # noqa: F401 - registration
 from metateach.config import ExperimentConfig, load_config
 from metateach.errors import CheckpointError, ConfigError, DataError, MetateachError
@@ -62,11 +65,41 @@ __all__ = [
 ]
 
 
+def train(
+    config: ExperimentConfig | str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> dict[str, float]:
+    """Train one experiment to the end; its final metrics (`test/acc`, ...).
+
+    `config` is a loaded `ExperimentConfig` or the path of a YAML experiment,
+    read with `overrides` (`["train.epochs=5"]`) as `metateach train` reads
+    its command line:
+
+    ```python
+    import metateach
+
+    metrics = metateach.train("configs/quickstart.yaml", ["train.epochs=5"])
+    print(metrics["test/acc"])
+    ```
+
+    For the run folder, the student or the teacher afterwards, build a
+    `Trainer` and call its `fit()`.
+    """
+    from metateach.trainer import Trainer
+
+    if isinstance(config, ExperimentConfig):
+        if overrides:
+            raise TypeError("overrides apply to a YAML path; change a loaded config's fields")
+        cfg = config
+    else:
+        cfg = load_config(config, overrides)
+    return Trainer(cfg).fit()
+
+
 def __getattr__(name: str):
     # The trainer (and what it imports: W&B, the plots) loads when first asked
     # for, so that a plugin's `from metateach import Teacher` stays quick.
-    if name in ("Trainer", "train"):
-        from metateach import trainer
+    if name == "Trainer":
+        from metateach.trainer import Trainer
 
-        return getattr(trainer, name)
+        return Trainer
     raise AttributeError(f"module 'metateach' has no attribute {name!r}")

@@ -110,7 +110,7 @@ def run_state(trainer: Trainer, weights_only: bool = False) -> dict[str, Any]:
     checkpoint["teaching"] = {
         "optimizer": None if teaching.optimizer is None else teaching.optimizer.state_dict(),
         "strategy": teaching.strategy.state_dict(),
-        "loss_average": float(trainer.loss_average),
+        "loss_average": float(trainer.loss_average.value),
     }
     checkpoint["rng"] = rng_state(trainer.world)
     checkpoint["wandb_id"] = trainer.logger.wandb_id
@@ -138,7 +138,7 @@ def restore_run(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         if teaching.optimizer is not None:
             teaching.optimizer.load_state_dict(checkpoint["teaching"]["optimizer"])
         teaching.strategy.load_state_dict(checkpoint["teaching"]["strategy"])
-        trainer.loss_average.fill_(checkpoint["teaching"]["loss_average"])
+        trainer.loss_average.value.fill_(checkpoint["teaching"]["loss_average"])
         if trainer.diagnostics is not None and "diagnostics" in checkpoint:
             trainer.diagnostics.load_state_dict(checkpoint["diagnostics"])
     except (RuntimeError, ValueError, KeyError) as e:

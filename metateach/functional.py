@@ -11,15 +11,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metateach.student import StudentStates
+from metateach.types import Params
 
 __all__ = [
-    "Params",
     "student_forward",
     "scratch_buffers",
     "dot",
 ]
-
-Params = dict[str, Tensor]
 
 
 def student_forward(

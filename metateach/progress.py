@@ -1,4 +1,4 @@
-"""Where a run is: the records its checkpoint keeps, and what one step reports.
+"""Where a run is: the records its checkpoint keeps, and how a step's statistics add up.
 
 Plain numbers, so that they go into checkpoints as they are (``asdict``)
 and come back with :meth:`TrainState.from_dict`.
@@ -7,44 +7,15 @@ and come back with :meth:`TrainState.from_dict`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from metateach.data import derive_seed
+from metateach.types import StepStats
 
-__all__ = ["EpochTotals", "TrainState", "StepStats", "episode_seed"]
-
-
-class StepStats(NamedTuple):
-    """What a training step reports, summed over its batch.
-
-    A step returns them as one float64 tensor on the device (:meth:`stack`),
-    in this order, so that steps add up there and are read (:meth:`read`)
-    only at log points: reading every step would sync CPU and GPU each step.
-    """
-
-    loss_sum: float  # the sum of the per-sample cross-entropy on the given labels
-    correct: float  # predictions that match the given label
-    clean_correct: float  # predictions that match the true label of a (noisy) sample
-    learned: float  # samples the student learned from (those the lesson kept)
-    examined: float  # samples looked at for them (a refilling filter's candidates)
-
-    @staticmethod
-    def stack(*values: Tensor | float | int, device: torch.device) -> Tensor:
-        """The fields' values, in order, as one float64 tensor on ``device``."""
-        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-
-    @staticmethod
-    def zeros(device: torch.device) -> Tensor:
-        """No steps yet."""
-        return torch.zeros(len(StepStats._fields), device=device, dtype=torch.float64)
-
-    @classmethod
-    def read(cls, stacked: Tensor) -> StepStats:
-        """The fields of a stacked tensor (a device sync)."""
-        return cls(*stacked.tolist())
+__all__ = ["EpochTotals", "TrainState", "LossAverage", "episode_seed"]
 
 
 @dataclass
@@ -169,6 +140,27 @@ class TrainState:
             "target/samples": self.target_samples,
             "target/examined_samples": self.target_examined,
         }
+
+
+class LossAverage:
+    """The student's average batch loss so far, as a teacher reads it (``TeachingContext.avg_train_loss``).
+
+    ``mode`` is ``mean`` (over the episode's steps so far) or ``ema`` (0.9 old +
+    0.1 new, the first loss to start); see ``teacher.loss_average``.
+    """
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        self.mode = mode
+        self.value = torch.zeros((), device=device, dtype=torch.float64)
+
+    def update(self, batch_loss: Tensor, step: int) -> None:
+        """Take in the loss of the batch of step ``step`` (from 0), on the device."""
+        if self.mode == "mean":  # this step included
+            self.value = self.value + (batch_loss - self.value) / (step + 1)
+        elif step == 0:
+            self.value = batch_loss.clone()
+        else:
+            self.value = 0.9 * self.value + 0.1 * batch_loss
 
 
 def episode_seed(seed: int, episode: int) -> int:

@@ -6,8 +6,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from metateach.checkpoint import LAST, checkpoint_path
-from metateach.config import ExperimentConfig
+from metateach.checkpoint import LAST, checkpoint_path, load_checkpoint
+from metateach.config import ExperimentConfig, config_to_dict
+from metateach.distributed import World, from_main
 from metateach.errors import CheckpointError, ConfigError
 
 __all__ = ["new_run_dir", "resumed_run_dir", "check_same_experiment"]
@@ -49,6 +50,20 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
     while path.exists():
         path, n = base.with_name(f"{base.name}-{n}"), n + 1
     return path
+
+
+def open_run(cfg: ExperimentConfig, world: World) -> tuple[Path, dict[str, Any] | None]:
+    """The run's folder, and the checkpoint it resumes from (None for a new run).
+
+    A resumed run stays in its own folder, once its checkpoint is shown to
+    belong to this experiment; a new run's folder is made by rank 0.
+    """
+    resume = cfg.train.resume
+    if not resume:
+        return from_main(world, lambda: new_run_dir(cfg)), None
+    resumed = load_checkpoint(resume)
+    check_same_experiment(resumed["config"], config_to_dict(cfg), checkpoint_path(resume))
+    return resumed_run_dir(resume), resumed
 
 
 def resumed_run_dir(resume: str) -> Path:

@@ -14,7 +14,7 @@ Write a new teacher by subclassing :class:`Teacher`, implementing
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from metateach.learning import (
     PolicyGradient,
 )
 from metateach.lesson import Lesson
+from metateach.types import StudentView, TeachingContext
 
 if TYPE_CHECKING:
     from metateach.config import TeacherConfig
@@ -50,53 +51,6 @@ __all__ = [
     "loss_averaging",
     "LOSS_AVERAGES",
 ]
-
-
-class TeachingContext(NamedTuple):
-    """Where the student is in its training, as the trainer knows it."""
-
-    step: int  # student steps taken before this batch
-    epoch: int  # the epoch in progress, from 0
-    total_steps: int  # steps the whole run will take
-    #: The batch losses' average so far, a 0-dim tensor: their mean since the student's
-    #: first step, or an exponential average (see :data:`LOSS_AVERAGES`).
-    avg_train_loss: Tensor
-    best_val_acc: float  # best validation accuracy so far (0 before the first evaluation)
-    episode: int = 0  # which student of the run (train.episodes), from 0
-
-    @property
-    def progress(self) -> float:
-        """The normalized iteration, step / total steps, in [0, 1]."""
-        return self.step / max(self.total_steps, 1)
-
-    def history(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """[normalized iteration, average training loss, best validation accuracy]: the student's history."""
-        return torch.stack(
-            [
-                torch.as_tensor(self.progress, dtype=dtype, device=device),
-                self.avg_train_loss.to(device=device, dtype=dtype),
-                torch.as_tensor(self.best_val_acc, dtype=dtype, device=device),
-            ]
-        )
-
-
-class StudentView(NamedTuple):
-    """What a teacher may look at: the student's forward pass on the batch, and its history.
-
-    ``features`` is the second-to-last layer (the deep-interaction paper's
-    I0) and ``maps`` the stages' outputs, shallow to deep. Unless the
-    teacher learns with ``keep_weight_grad``, these tensors are detached
-    from the student's parameters (the paper's dw/dtheta = 0).
-    """
-
-    logits: Tensor
-    losses: Tensor  # per-sample cross-entropy on the labels the student is given
-    features: Tensor
-    maps: tuple[Tensor, ...]
-    context: TeachingContext
-    #: For teachers that declare :class:`ExampleGradient`: d L_val / d eps_k, the
-    #: validation loss's sensitivity to each sample's weight after one step.
-    example_grad: Tensor | None = None
 
 
 class Teacher(nn.Module, metaclass=ABCMeta):

@@ -19,9 +19,7 @@ Under ``torchrun`` every process runs this loop on its shard of each batch
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,30 +31,29 @@ from tqdm.auto import tqdm
 from metateach.checkpoint import (
     BEST,
     LAST,
-    checkpoint_path,
-    load_checkpoint,
     restore_run,
     run_state,
     save_checkpoint,
 )
-from metateach.config import ExperimentConfig, config_to_dict, load_config
+from metateach.config import ExperimentConfig, config_to_dict
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
-from metateach.distributed import all_sum, check_data_parallel, from_main, init_world, sharded
+from metateach.distributed import all_sum, check_data_parallel, init_world, sharded
 from metateach.errors import MetateachError, NonFiniteStep
 from metateach.evaluation import evaluate_models, evaluate_peers
 from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
-from metateach.optim import build_schedule, optimizer_from_config, set_lr
+from metateach.optim import optimizer_from_config, schedule_from_config, set_lr
 from metateach.plugins import import_plugins
-from metateach.progress import EpochTotals, StepStats, TrainState, episode_seed
+from metateach.progress import EpochTotals, LossAverage, TrainState, episode_seed
 from metateach.report.diagnostics import TeacherDiagnostics
 from metateach.report.plots import plot_run
-from metateach.rundir import check_same_experiment, new_run_dir, resumed_run_dir
+from metateach.rundir import open_run
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext, loss_averaging
 from metateach.teaching import build_teaching
+from metateach.types import StepStats
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -78,24 +75,11 @@ class Trainer:
         self.world, device = init_world(run.device)
         self.device = resolve_device(device)
         seed_everything(run.seed, run.deterministic, self.device)
-        resolved = config_to_dict(cfg)
-        resumed = load_checkpoint(run.resume) if run.resume else None
-        if resumed is not None:
-            check_same_experiment(resumed["config"], resolved, checkpoint_path(run.resume))
-        self.run_dir = (
-            resumed_run_dir(run.resume)
-            if resumed is not None
-            else from_main(self.world, lambda: new_run_dir(cfg))
-        )
-
+        self.run_dir, resumed = open_run(cfg, self.world)
         self.data = data if data is not None else build_data(cfg.data, cfg.noise)
         self.model = model_for(cfg.model, self.data).to(self.device)
         self.optimizer = optimizer_from_config(cfg.optim, self.model.parameters())
-        s = cfg.schedule
-        self.schedule = build_schedule(
-            s.name, run.epochs, milestones=s.milestones, gamma=s.gamma,
-            min_factor=s.min_lr / cfg.optim.lr, warmup_epochs=s.warmup_epochs,
-        )  # fmt: skip
+        self.schedule = schedule_from_config(cfg.schedule, run.epochs, cfg.optim.lr)
         shard = self.world.shard
         self.teaching = build_teaching(
             cfg, self.model, self.optimizer, self.data, self.device, shard
@@ -112,8 +96,7 @@ class Trainer:
         self._pending = StepStats.zeros(self.device)
         self._pending_since = time.perf_counter()
         # The running average of the batch losses, a teacher's view of the student's history.
-        self.loss_average = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._loss_averaging = loss_averaging(cfg.teacher)
+        self.loss_average = LossAverage(loss_averaging(cfg.teacher), self.device)
         self._save_due = False  # a checkpoint waits for the teaching strategy to allow it
         # The teacher's weights on a fixed sample of training data, measured each epoch.
         self.diagnostics = (
@@ -136,6 +119,7 @@ class Trainer:
             self.logger: RunLogger = SilentLogger(self.run_dir)
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = config_to_dict(cfg)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         self.logger = RunLogger(
             self.run_dir,
@@ -222,7 +206,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> Tensor:
         """One student step (and the teacher's, when due) by the teaching strategy.
 
-        Returns its :class:`~metateach.progress.StepStats`, stacked on the device.
+        Returns its :class:`~metateach.types.StepStats`, stacked on the device.
         """
         state = self.state
         with sharded(self.world):
@@ -230,14 +214,7 @@ class Trainer:
         if self.world.size > 1:  # the global batch's numbers, the same on every rank
             (stats,) = all_sum([stats])
         batch_loss = stats[0] / self.train_loader.global_size(state.batch)
-        if self._loss_averaging == "mean":  # over the episode's steps so far, this one included
-            self.loss_average = self.loss_average + (batch_loss - self.loss_average) / (
-                state.step + 1
-            )
-        elif state.step == 0:
-            self.loss_average = batch_loss.clone()
-        else:
-            self.loss_average = 0.9 * self.loss_average + 0.1 * batch_loss
+        self.loss_average.update(batch_loss, state.step)
         return stats
 
     def evaluate(self, loader: BatchLoader) -> tuple[float, float]:
@@ -255,7 +232,7 @@ class Trainer:
             step=state.step,
             epoch=state.epoch,
             total_steps=self.cfg.train.epochs * len(self.train_loader),
-            avg_train_loss=self.loss_average,
+            avg_train_loss=self.loss_average.value,
             best_val_acc=max(state.best_val_acc, 0.0),
             episode=state.episode,
         )
@@ -369,7 +346,7 @@ class Trainer:
             optimizer_from_config(self.cfg.optim, fresh.parameters()).state_dict()
         )
         self.train_loader = self._episode_loader()
-        self.loss_average.zero_()
+        self.loss_average.value.zero_()
         self._save_due = True
         self._save_if_due()
 
@@ -414,16 +391,17 @@ class Trainer:
             return metrics
         if self.diagnostics is not None:
             self.diagnostics.save(self.context(), self.run_dir / "diagnostics")
-        if self.diagnostics is not None and self.cfg.logging.plots:
-            figures = self.diagnostics.draw(
-                self.context(), state.history, self.run_dir.name, self.run_dir / "diagnostics"
-            )
-            for name, path in figures.items():
-                self.logger.log_image(f"diagnostics/{name}", path, self.state.global_step)
         if self.cfg.logging.plots:
-            plots = plot_run(state, self.cfg.train.target_val_acc, self.run_dir.name, self.run_dir)
-            for name, path in plots.items():
-                self.logger.log_image(f"plots/{name}", path, self.state.global_step)
+            run, figures = self.run_dir, {}
+            if self.diagnostics is not None:
+                drawn = self.diagnostics.draw(
+                    self.context(), state.history, run.name, run / "diagnostics"
+                )
+                figures = {f"diagnostics/{name}": path for name, path in drawn.items()}
+            drawn = plot_run(state, self.cfg.train.target_val_acc, run.name, run)
+            figures |= {f"plots/{name}": path for name, path in drawn.items()}
+            for name, path in figures.items():
+                self.logger.log_image(name, path, state.global_step)
         self.logger.close()
         return metrics
 
@@ -485,31 +463,3 @@ class Trainer:
 
     def _set_lr(self, epoch: float) -> None:
         set_lr(self.optimizer, self.cfg.optim.lr * self.schedule(epoch))
-
-
-def train(
-    config: ExperimentConfig | str | os.PathLike[str], overrides: Sequence[str] = ()
-) -> dict[str, float]:
-    """Train one experiment to the end; its final metrics (`test/acc`, ...).
-
-    `config` is a loaded `ExperimentConfig` or the path of a YAML experiment,
-    read with `overrides` (`["train.epochs=5"]`) as `metateach train` reads
-    its command line:
-
-    ```python
-    import metateach
-
-    metrics = metateach.train("configs/quickstart.yaml", ["train.epochs=5"])
-    print(metrics["test/acc"])
-    ```
-
-    For the run folder, the student or the teacher afterwards, build a
-    `Trainer` and call its `fit()`.
-    """
-    if isinstance(config, ExperimentConfig):
-        if overrides:
-            raise TypeError("overrides apply to a YAML path; change a loaded config's fields")
-        cfg = config
-    else:
-        cfg = load_config(config, overrides)
-    return Trainer(cfg).fit()

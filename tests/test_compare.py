@@ -10,22 +10,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from metateach import train
 from metateach.config import load_config
 from metateach.errors import CheckpointError, ConfigError
-from metateach.lab.compare import (
-    Comparison,
+from metateach.lab.compare import Comparison, load_comparison, run_comparison
+from metateach.lab.compare_cli import main
+from metateach.lab.results import (
     accuracy_curve,
     course,
-    load_comparison,
     markdown_table,
-    run_comparison,
     selected,
     summarize,
     write_results,
 )
-from metateach.lab.compare_cli import main
 from metateach.report.diagnostics import SNAPSHOT, WeightSnapshot
-from metateach.trainer import train
 
 from .conftest import CONFIGS, QUICK, write_yaml
 

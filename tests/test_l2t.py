@@ -13,6 +13,7 @@ from torch import nn
 from metateach.config import load_config
 from metateach.data import Batch
 from metateach.engine import Reinforce
+from metateach.engine.refill import refilled
 from metateach.errors import ConfigError
 from metateach.lesson import Lesson
 from metateach.logging import read_metrics
@@ -347,7 +348,7 @@ def test_a_refilled_batch_is_full_of_kept_samples_and_counts_every_decision(make
     trainer = Trainer(make_config("teacher.name=test_low_labels", "teacher.refill=true"))
     problem = trainer.teaching.strategy.problem
     batch = next(iter(trainer.train_loader))
-    full, log_prob, examined = problem.refilled(batch, trainer.context(), teacher_grad=True)
+    full, log_prob, examined = refilled(problem, batch, trainer.context(), teacher_grad=True)
     assert len(full.y) == len(batch.y) == 64 and bool((full.y < 5).all())
     # The batch's own kept samples come first, in order; then those of further batches.
     own = batch.index[batch.y < 5]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from metateach import train
 from metateach.config import load_config
 from metateach.errors import ConfigError
 from metateach.lab.compare import load_comparison
 from metateach.lab.reproduce import fill_blocks, load_suite, main, run_suite, suite_markdown
-from metateach.trainer import train
 
 from .conftest import CONFIGS, QUICK, write_yaml
 

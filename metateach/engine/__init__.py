@@ -6,6 +6,8 @@
 :mod:`~.strategy`              ``TeachingStrategy`` (one step, and when the
                                teacher learns), ``StudentOnly``, and the base of
                                the hypergradient methods (:mod:`metateach.hypergrad`)
+:mod:`~.forward_mode`          the teacher term of a differentiated step, by forward mode
+:mod:`~.refill`                L2T's refill: batches of the samples a filter keeps
 :mod:`~.meter`                 the memory a teacher step's graphs hold
 :mod:`~.peer`                  a peer student that selects for the student (co-teaching, SRIT)
 :mod:`~.policy_gradient`       REINFORCE over whole runs (L2T's data filter)
@@ -19,7 +21,7 @@ from __future__ import annotations
 from metateach.engine.meter import UpdateMeter
 from metateach.engine.peer import PeerTeaching
 from metateach.engine.policy_gradient import Reinforce
-from metateach.engine.problem import BilevelProblem, RNGState, TrainPass
+from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.strategy import (
     Differentiates,
     HypergradMethod,
@@ -27,6 +29,7 @@ from metateach.engine.strategy import (
     StudentOnly,
     TeachingStrategy,
 )
+from metateach.types import RNGState
 
 __all__ = [
     "BilevelProblem",

@@ -12,32 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, autograd
 
 from metateach.data import Batch, BatchStream, RepeatedBatch, WholeSplit
 from metateach.distributed import sum_gradients
+from metateach.engine.refill import refilled
 from metateach.errors import NonFiniteStep
-from metateach.functional import Params, scratch_buffers, student_forward
+from metateach.functional import scratch_buffers, student_forward
 from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.rules import State, UpdateRule, rule_of, set_state, state_of
 from metateach.optim.sam import SAM
-from metateach.progress import StepStats
 from metateach.student import Student, StudentStates
 from metateach.teacher import StudentView, Teacher, TeachingContext
+from metateach.types import Params, RNGState, StepStats
 
-__all__ = ["BilevelProblem", "RNGState", "TrainPass", "RealPass"]
-
-
-#: Candidate batches a refilled batch may draw beyond the first (``teacher.refill``).
-MAX_REFILLS = 100
+__all__ = ["BilevelProblem", "TrainPass", "RealPass"]
 
 
 class TrainPass(NamedTuple):
@@ -57,11 +52,6 @@ class RealPass(NamedTuple):
     log_prob: Tensor | None  # of the teacher's draws, on every candidate batch
     rng: RNGState | None  # under SAM, the random state its second pass replays
     examined: int  # the samples the step looked at: every candidate under ``teacher.refill``
-
-
-class RNGState(NamedTuple):
-    cpu: Tensor
-    cuda: Tensor | None
 
 
 @contextlib.contextmanager
@@ -244,7 +234,7 @@ class BilevelProblem:
         self, batch: Batch, context: TeachingContext
     ) -> Callable[[StudentStates], Tensor]:
         """The teacher's lesson loss on ``batch`` as a function of the student's states (for
-        :meth:`mixed_gradient`), with its graph to the teacher's parameters."""
+        :func:`~metateach.engine.forward_mode.mixed_gradient`), with its graph to the teacher's parameters."""
         return lambda states: self.taught(states, batch, context).loss
 
     def states(self, params: Params, x: Tensor, *, real: bool) -> StudentStates:
@@ -261,64 +251,6 @@ class BilevelProblem:
         """
         states = self.states(params, batch.x, real=real)
         return states.logits, self.view(states, batch, context)
-
-    def mixed_gradient(
-        self,
-        x: Tensor,
-        loss_of: Callable[[StudentStates], Tensor],
-        params: Params,
-        direction: Mapping[str, Tensor],
-        targets: Sequence[Tensor],
-        rng: RNGState | None,
-    ) -> tuple[Tensor | None, ...]:
-        """d/d ``targets`` of <grad_theta L(theta), ``direction``> at theta = ``params``.
-
-        L(theta) = ``loss_of(s(theta))``, s the student's states (logits,
-        features, maps) on the inputs ``x``. The mixed second derivative of a
-        training loss applied to a vector, in two parts, without a second-order
-        backward through the student:
-
-        1. One forward-mode pass of the student, theta carrying the tangent
-           ``direction``, gives the states s and their tangents
-           s' = (ds/dtheta) ``direction`` for the whole batch at once.
-        2. The loss as a function of the states, which holds everything the
-           targets act in (the view, the lesson, its loss function), is
-           differentiated twice in reverse mode: <grad_s L(s), s'> is L's
-           directional derivative along ``direction``, and its gradient in the
-           targets is the result.
-
-        Reverse mode never runs through a forward-mode rule. Not every one of
-        PyTorch's is safe to differentiate in reverse: log_softmax's modifies a
-        tensor it saved (pytorch/pytorch#162350), and a loss function with the
-        teacher's parameters before a softmax (a learned temperature) got a
-        wrong hypergradient that way. The second-order part runs on the
-        states, not the network: it costs what the lesson costs.
-
-        The pass starts from the random state ``rng`` of the pass it repeats,
-        so that dropout draws the same masks, and runs on scratch BatchNorm buffers.
-        """
-        with fwAD.dual_level(), self.own_rng(rng), warnings.catch_warnings():
-            # On first use, forward mode registers some of its rules with torch.jit.script,
-            # which warns of its own deprecation: PyTorch's business, not the user's.
-            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-            duals = {
-                k: fwAD.make_dual(p.detach(), direction[k].detach()) for k, p in params.items()
-            }
-            states = self.states(duals, x, real=False)
-            unpacked = [fwAD.unpack_dual(s) for s in (states.logits, states.features, *states.maps)]
-            leaves = [u.primal.detach().requires_grad_() for u in unpacked]
-            tangents = [None if u.tangent is None else u.tangent.detach() for u in unpacked]
-        loss = loss_of(StudentStates(leaves[0], leaves[1], tuple(leaves[2:])))
-        grads = autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        terms = [
-            (g * t).sum()
-            for g, t in zip(grads, tangents, strict=True)
-            if g is not None and t is not None
-        ]
-        slope = sum(terms)
-        if not isinstance(slope, Tensor) or not slope.requires_grad:  # no target acts here
-            return (None,) * len(targets)
-        return autograd.grad(slope, list(targets), allow_unused=True)
 
     def val_loss(self, params: Params, batch: Batch) -> Tensor:
         """The outer objective: mean cross-entropy on a clean validation batch at ``params``.
@@ -427,7 +359,7 @@ class BilevelProblem:
         """A real step's forward pass under the teacher's lesson, for :meth:`descend`.
 
         With ``refill`` the teacher's choices fill a batch of their own
-        (:meth:`refilled`), on which the pass is plain cross-entropy.
+        (:func:`~metateach.engine.refill.refilled`), on which the pass is plain cross-entropy.
         """
         if self.refill is None:
             rng = self.step_rng()
@@ -436,45 +368,11 @@ class BilevelProblem:
             )
             log_prob = None if train.lesson is None else train.lesson.log_prob
             return RealPass(batch, train, log_prob, rng, len(batch.y))
-        batch, log_prob, examined = self.refilled(batch, context, teacher_grad)
+        batch, log_prob, examined = refilled(self, batch, context, teacher_grad)
         rng = self.step_rng()  # after the teacher's passes: SAM replays the real one
         logits, view = self.forward(self.params(), batch, context, real=True)
         train = TrainPass(lesson_loss(None, logits, batch.y), logits, view, None)
         return RealPass(batch, train, log_prob, rng, examined)
-
-    def refilled(
-        self, batch: Batch, context: TeachingContext, teacher_grad: bool
-    ) -> tuple[Batch, Tensor | None, int]:
-        """A full batch of samples the teacher keeps: from ``batch``, then from the refill stream.
-
-        Each candidate batch is shown to the teacher with the student's view
-        of it (a pass on scratch BatchNorm buffers); the kept samples gather
-        until there are ``len(batch)`` (L2T's "refilled until M are kept").
-        Returns them, the summed log-probability of every decision (None
-        when the lessons carry none), with its graph to the teacher when
-        ``teacher_grad``, and the number of candidates examined.
-        """
-        assert self.refill is not None
-        size, kept, examined, parts = len(batch.y), 0, 0, []
-        log_prob: Tensor | None = None
-        for _ in range(MAX_REFILLS + 1):
-            with torch.no_grad():
-                _, view = self.forward(self.params(), batch, context, real=False)
-            lesson = self.lesson(batch, view, teacher_grad)
-            if lesson is None or lesson.mask is None:
-                raise RuntimeError("teacher.refill needs a teacher whose lessons are masks")
-            if lesson.log_prob is not None:
-                log_prob = lesson.log_prob if log_prob is None else log_prob + lesson.log_prob
-            parts.append(Batch(*(t[lesson.mask] for t in batch)))
-            kept += int(lesson.mask.sum())
-            examined += len(batch.y)
-            if kept >= size:
-                break
-            batch = self.refill.next()
-        if kept == 0:
-            raise RuntimeError(f"the teacher kept no sample of {MAX_REFILLS + 1} batches")
-        full = Batch(*(torch.cat(t)[:size] for t in zip(*parts, strict=True)))
-        return full, log_prob, examined
 
     def step_rng(self) -> RNGState | None:
         """Under SAM, the random state before a real step's forward pass (its second pass replays it)."""
@@ -541,7 +439,7 @@ class BilevelProblem:
     def statistics(
         self, view: StudentView, batch: Batch, lesson: Lesson | None, examined: int | None = None
     ) -> Tensor:
-        """A step's :class:`~metateach.progress.StepStats`, stacked on the device.
+        """A step's :class:`~metateach.types.StepStats`, stacked on the device.
         The samples learned from are those the ``lesson`` kept
                (all of the batch without a mask); those examined, ``examined``
                (default: the batch; a refilled batch's candidates, see :meth:`refilled`).

@@ -23,13 +23,13 @@ from torch import Tensor
 from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
 from metateach.engine.meter import UpdateMeter
-from metateach.engine.problem import BilevelProblem, RNGState, TrainPass
-from metateach.functional import Params
+from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.lesson import lesson_loss
 from metateach.optim.rules import UpdateRule
 from metateach.optim.schedules import set_lr
 from metateach.registry import STRATEGIES
 from metateach.teacher import LearnedUpdates, Teacher, TeachingContext
+from metateach.types import Params, RNGState
 
 __all__ = ["Differentiates", "TeachingStrategy", "StudentOnly", "HypergradMethod", "PerStepMethod"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from metateach.data import Batch
-from metateach.engine.problem import BilevelProblem, RNGState
+from metateach.engine.problem import BilevelProblem
 from metateach.engine.strategy import Differentiates, HypergradMethod
 from metateach.functional import student_forward
 from metateach.hypergrad.lookahead import lookahead_gradient
@@ -19,6 +19,7 @@ from metateach.lesson import Lesson, lesson_loss
 from metateach.registry import STRATEGIES
 from metateach.student import StudentStates
 from metateach.teacher import TeachingContext
+from metateach.types import RNGState
 
 __all__ = ["ExampleGradients", "example_gradient"]
 

@@ -18,9 +18,10 @@ from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.strategy import Differentiates, PerStepMethod
-from metateach.functional import Params, dot
+from metateach.functional import dot
 from metateach.optim.rules import UpdateRule, decayed_gradients
 from metateach.registry import HYPERGRADS
+from metateach.types import Params
 
 __all__ = ["Implicit"]
 

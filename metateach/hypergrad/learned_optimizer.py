@@ -42,10 +42,10 @@ from metateach.data import Batch
 from metateach.distributed import sum_gradients
 from metateach.engine.problem import BilevelProblem
 from metateach.engine.strategy import Differentiates
-from metateach.functional import Params
 from metateach.hypergrad.unrolled import Unrolled
 from metateach.registry import HYPERGRADS
 from metateach.teacher import LearnedUpdates, Teacher, TeachingContext
+from metateach.types import Params
 
 __all__ = ["LearnedOptimizer"]
 

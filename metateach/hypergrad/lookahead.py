@@ -10,7 +10,7 @@ w is one vector-Jacobian product of the update rule, element-wise
 (:meth:`~metateach.engine.problem.BilevelProblem.virtual_step`): -lr u
 for momentum SGD, -lr (1 + mu) u with Nesterov's, the derivative of Adam's
 step for Adam. The right-hand side is
-:meth:`~metateach.engine.problem.BilevelProblem.mixed_gradient`: one
+:func:`~metateach.engine.forward_mode.mixed_gradient`: one
 forward-mode pass of the student with theta carrying the tangent w, then
 reverse mode twice through the lesson alone. No second-order backward
 through the student is taken. The result is the number the differentiated virtual step
@@ -33,11 +33,12 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
-from metateach.engine.problem import BilevelProblem, RNGState, TrainPass
+from metateach.engine.forward_mode import mixed_gradient
+from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.strategy import PerStepMethod
-from metateach.functional import Params
 from metateach.registry import HYPERGRADS
 from metateach.student import StudentStates
+from metateach.types import Params, RNGState
 
 __all__ = ["Lookahead", "lookahead_gradient", "virtual_direction"]
 
@@ -77,7 +78,7 @@ def lookahead_gradient(
     state ``rng``). ``val_batch`` as in :func:`virtual_direction`.
     """
     direction, val_loss = virtual_direction(problem, params, grads, val_batch)
-    return problem.mixed_gradient(x, loss_of, params, direction, targets, rng), val_loss
+    return mixed_gradient(problem, x, loss_of, params, direction, targets, rng), val_loss
 
 
 @HYPERGRADS.register("lookahead")

@@ -16,9 +16,10 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
-from metateach.engine.problem import BilevelProblem, RNGState
+from metateach.engine.forward_mode import mixed_gradient
+from metateach.engine.problem import BilevelProblem
 from metateach.engine.strategy import HypergradMethod
-from metateach.functional import Params, dot
+from metateach.functional import dot
 from metateach.optim.rules import (
     MomentumSGD,
     UpdateRule,
@@ -28,6 +29,7 @@ from metateach.optim.rules import (
 )
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
+from metateach.types import Params, RNGState
 
 __all__ = ["Reversible"]
 
@@ -65,7 +67,7 @@ class Reversible(HypergradMethod):
     batch with the same augmentation and dropout draws, and the teacher's
     gradient accumulates through Hessian-vector products of d_t (one graph at
     a time). The window's first step needs only its teacher term, taken in
-    forward mode (:meth:`~metateach.engine.problem.BilevelProblem.mixed_gradient`).
+    forward mode (:func:`~metateach.engine.forward_mode.mixed_gradient`).
     ``teacher/reconstruction_error`` logs how far the recovered theta_{K-B}
     lies from the true one, relative to its norm. Needs mu > 0.
 
@@ -135,8 +137,8 @@ class Reversible(HypergradMethod):
                 # The window's first step: only its teacher term is left, <d_0, d_v>'s
                 # derivative in omega, which forward mode gives without a second-order graph.
                 loss_of = problem.lesson_loss_of(record.batch, record.context)
-                mixed = problem.mixed_gradient(
-                    record.batch.x, loss_of, params, d_v, teacher_params, record.rng
+                mixed = mixed_gradient(
+                    problem, record.batch.x, loss_of, params, d_v, teacher_params, record.rng
                 )
                 d_omega = [a if g is None else a + g for a, g in zip(d_omega, mixed, strict=True)]
                 break

@@ -17,13 +17,14 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch
 from metateach.distributed import sum_gradients
+from metateach.engine.forward_mode import mixed_gradient
 from metateach.engine.meter import UpdateMeter
-from metateach.engine.problem import BilevelProblem, RNGState, TrainPass
+from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.strategy import HypergradMethod
-from metateach.functional import Params
 from metateach.optim.rules import State
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
+from metateach.types import Params, RNGState
 
 __all__ = ["Unrolled"]
 
@@ -57,7 +58,7 @@ class Unrolled(HypergradMethod):
     matters. Its gradient g enters the graph as a leaf; at the window's end
     the validation loss's gradient a with respect to that leaf gives the
     step's teacher term d/d omega <g(theta_{K-B}, omega), a> by one
-    forward-mode pass (:meth:`~metateach.engine.problem.BilevelProblem.mixed_gradient`).
+    forward-mode pass (:func:`~metateach.engine.forward_mode.mixed_gradient`).
     With B = 1 no step keeps a second-order graph.
     """
 
@@ -142,8 +143,8 @@ class Unrolled(HypergradMethod):
             for (k, g), a in zip(first.gradient.items(), adjoint, strict=True)
         }
         loss_of = problem.lesson_loss_of(first.batch, first.context)
-        mixed = problem.mixed_gradient(
-            first.batch.x, loss_of, first.params, direction, targets, first.rng
+        mixed = mixed_gradient(
+            problem, first.batch.x, loss_of, first.params, direction, targets, first.rng
         )
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
         self._params = self._state = self._first = None

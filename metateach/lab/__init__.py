@@ -1,3 +1,3 @@
 """Tools that run many experiments: comparisons over seeds (:mod:`~.compare`),
-reproduction suites that write the docs' tables (:mod:`~.reproduce`), and the
+their results tabulated and drawn (:mod:`~.results`), reproduction suites that write the docs' tables (:mod:`~.reproduce`), and the
 speed table (:mod:`~.bench`). They sit above the trainer and drive it."""

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "compare.py") -> int:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     from metateach.errors import ConfigError, MetateachError, first_line
-    from metateach.lab.compare import load_comparison, run_comparison, write_results
+    from metateach.lab.compare import load_comparison, run_comparison
+    from metateach.lab.results import write_results
 
     try:
         with sigterm_exits():

@@ -38,7 +38,8 @@ import yaml
 
 from metateach.config import load_config
 from metateach.errors import ConfigError, check_keys
-from metateach.lab.compare import load_comparison, run_comparison, write_results
+from metateach.lab.compare import load_comparison, run_comparison
+from metateach.lab.results import write_results
 from metateach.rundir import unfinished
 
 __all__ = [
@@ -139,7 +140,7 @@ def run_suite(
             f"(it has: {', '.join(suite.comparisons)})"
         )
     if train is None:
-        from metateach.trainer import train as train_experiment
+        from metateach import train as train_experiment
 
         train = train_experiment
     for entry in suite.train:

@@ -18,7 +18,14 @@ from metateach.optim.rules import (
     rule_of,
 )
 from metateach.optim.sam import SAM, sam_perturbation
-from metateach.optim.schedules import build_schedule, constant, cosine, set_lr, step_decay
+from metateach.optim.schedules import (
+    build_schedule,
+    constant,
+    cosine,
+    schedule_from_config,
+    set_lr,
+    step_decay,
+)
 
 __all__ = [
     "SAM",
@@ -36,6 +43,7 @@ __all__ = [
     "rule_from_config",
     "optimizer_from_config",
     "build_schedule",
+    "schedule_from_config",
     "constant",
     "cosine",
     "set_lr",

@@ -10,12 +10,24 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from metateach.registry import SCHEDULES
 
-__all__ = ["build_schedule", "step_decay", "cosine", "linear_decay", "constant", "set_lr"]
+if TYPE_CHECKING:
+    from metateach.config import ScheduleConfig
+
+__all__ = [
+    "build_schedule",
+    "schedule_from_config",
+    "step_decay",
+    "cosine",
+    "linear_decay",
+    "constant",
+    "set_lr",
+]
 
 Schedule = Callable[[float], float]
 
@@ -61,6 +73,14 @@ def linear_decay(
     start = min(milestones, default=0)
     span = max(total_epochs - start, 1e-12)
     return lambda epoch: 1.0 - (1.0 - min_factor) * min(max(epoch - start, 0.0) / span, 1.0)
+
+
+def schedule_from_config(settings: ScheduleConfig, epochs: int, base_lr: float) -> Schedule:
+    """The schedule ``schedule`` in a config describes, over ``epochs``, for a base rate ``base_lr``."""
+    return build_schedule(
+        settings.name, epochs, milestones=settings.milestones, gamma=settings.gamma,
+        min_factor=settings.min_lr / base_lr, warmup_epochs=settings.warmup_epochs,
+    )  # fmt: skip
 
 
 def build_schedule(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from metateach.report.diagnostics import WeightSnapshot
 
 __all__ = [
+    "save_figure",
     "plot_run",
     "plot_transition_matrix",
     "plot_training_curves",
@@ -27,8 +28,6 @@ __all__ = [
     "plot_figure2",
     "plot_weight_histogram",
     "plot_noisy_weight_share",
-    "plot_comparison",
-    "plot_course",
     "plot_mentor_curriculum",
     "plot_loss_curves",
 ]
@@ -78,7 +77,7 @@ def plot_transition_matrix(
                         )
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(
@@ -117,7 +116,7 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_samples(
@@ -141,7 +140,7 @@ def plot_accuracy_vs_samples(
     ax.set(xlabel="training samples learned from", ylabel="accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_episodes(records: Sequence[Mapping[str, float]], title: str, path: str | Path) -> Path:
@@ -167,7 +166,7 @@ def plot_episodes(records: Sequence[Mapping[str, float]], title: str, path: str 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_weight_vs_loss(snapshot: WeightSnapshot, title: str, path: str | Path) -> Path:
@@ -175,7 +174,7 @@ def plot_weight_vs_loss(snapshot: WeightSnapshot, title: str, path: str | Path) 
     fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
     _weight_vs_loss(ax, snapshot)
     ax.set_title(f"weight against loss - {title}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int = 0) -> Path:
@@ -183,7 +182,7 @@ def plot_tsne(snapshot: WeightSnapshot, title: str, path: str | Path, seed: int 
     fig, (by_class, by_weight) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     _tsne(fig, by_class, by_weight, snapshot, seed)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_figure2(
@@ -203,7 +202,7 @@ def plot_figure2(
         by_class.set_title(f"{name}: internal states (t-SNE), by given label")
         by_weight.set_title(f"{name}: internal states (t-SNE), by weight")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _weight_vs_loss(ax: plt.Axes, snapshot: WeightSnapshot) -> None:
@@ -279,7 +278,7 @@ def plot_weight_histogram(snapshot: WeightSnapshot, title: str, path: str | Path
     ax.set(xlabel="weight (mean 1)", ylabel="samples", title=f"weights - {title}")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_noisy_weight_share(
@@ -303,7 +302,7 @@ def plot_noisy_weight_share(
     ax.set_ylim(bottom=0)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curves(
@@ -338,74 +337,7 @@ def plot_loss_curves(
     )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_comparison(rows: Sequence[Mapping[str, float]], title: str, path: str | Path) -> Path:
-    """Test accuracy per variant, mean with the seeds' standard deviation as error bars."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 4), constrained_layout=True)
-    names = [str(r["variant"]) for r in rows]
-    means = [r["test/acc"] for r in rows]
-    stds = [r["test/acc std"] for r in rows]
-    ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-    low = min(m - s for m, s in zip(means, stds, strict=True))
-    ax.set_ylim(
-        max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds, strict=True)) + 2)
-    )
-    ax.set(ylabel="test accuracy (%)", title=title)
-    ax.tick_params(axis="x", rotation=30)
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_course(
-    courses: Mapping[str, Sequence[Mapping[str, Sequence[tuple[int, float]]]]],
-    panels: Mapping[str, tuple[str, float, str]],
-    noise_rate: float | None,
-    title: str,
-    path: str | Path,
-) -> Path:
-    """Each variant's course through training, one panel per metric, the mean over its seeds.
-
-    ``courses``: variant -> one mapping per seed, metric -> (epoch, value)
-    (:func:`metateach.lab.compare.course`); ``panels``: metric -> (axis label,
-    factor to draw it in, y scale), in order (:data:`metateach.lab.compare.COURSE`).
-    A panel is drawn for each metric some run logged; a variant without the
-    metric (no teacher) is absent from it.
-    ``noise_rate`` marks the share of mislabeled samples, the weight they
-    get without a teacher.
-    """
-    drawn = [key for key in panels if any(key in c for runs in courses.values() for c in runs)]
-    fig, axes = plt.subplots(
-        1, len(drawn), figsize=(5.2 * len(drawn), 4.2), constrained_layout=True, squeeze=False
-    )
-    colors = plt.get_cmap("tab10" if len(courses) <= 10 else "tab20")
-    for ax, key in zip(axes[0], drawn, strict=True):
-        label, scale, yscale = panels[key]
-        for n, (variant, runs) in enumerate(courses.items()):
-            by_epoch: dict[int, list[float]] = {}
-            for run in runs:
-                for epoch, value in run.get(key, ()):
-                    by_epoch.setdefault(epoch, []).append(value)
-            if by_epoch:
-                epochs = sorted(by_epoch)
-                means = [scale * float(np.mean(by_epoch[e])) for e in epochs]
-                ax.plot(epochs, means, color=colors(n), label=f"{variant} ({len(runs)})")
-        if key == "teacher/noisy_weight_share" and noise_rate is not None:
-            ax.axhline(100 * noise_rate, color="gray", linestyle="--", label="mislabeled share")
-        ax.set(xlabel="epoch", ylabel=label, yscale=yscale)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    handles: dict[str, Any] = {}
-    for ax in axes[0]:
-        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(name, handle)
-    fig.legend(
-        handles.values(), handles.keys(), loc="outside right upper", fontsize=8,
-        title="variant (seeds)", title_fontsize=8,
-    )  # fmt: skip
-    fig.suptitle(f"{title}: the course of training, mean over seeds")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mentor_curriculum(
@@ -440,32 +372,10 @@ def plot_mentor_curriculum(
     ax.set_xscale("symlog", linthresh=0.1)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_speed_comparison(
-    curves: Mapping[str, Sequence[Sequence[tuple[float, float]]]],
-    target: float | None,
-    title: str,
-    path: str | Path,
-) -> Path:
-    """Validation accuracy against training samples learned from, one colour per variant, a line per seed."""
-    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    for i, (variant, runs) in enumerate(curves.items()):
-        for j, points in enumerate(runs):
-            if points:
-                samples, accuracy = zip(*points, strict=True)
-                ax.plot(samples, [100 * a for a in accuracy], color=f"C{i % 10}", alpha=0.8,
-                        linewidth=1.2, label=variant if j == 0 else None)  # fmt: skip
-    if target is not None:
-        ax.axhline(100 * target, color="grey", linestyle="--", label=f"target {100 * target:g}%")
-    ax.set(xlabel="training samples learned from", ylabel="validation accuracy (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

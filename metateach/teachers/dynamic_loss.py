@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metateach.data import Batch
-from metateach.functional import Params
 from metateach.lesson import Lesson
 from metateach.optim.learned import CoordinatewiseLSTM
 from metateach.registry import TEACHERS
 from metateach.teacher import Hypergradient, LearnedUpdates, StudentView, Teacher
+from metateach.types import Params
 
 __all__ = ["ENCODINGS", "DynamicLossNetwork", "DynamicLossTeacher", "fit_to_cross_entropy"]
 
