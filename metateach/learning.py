@@ -62,8 +62,6 @@ class Learning:
     fills_batches: ClassVar[bool] = False
     #: Whether ``train.episodes`` > 1 means something to it: one teacher over several students.
     over_episodes: ClassVar[bool] = False
-    #: Whether the teacher reads ``view.example_grad``, each sample's hypergradient.
-    reads_example_grad: ClassVar[bool] = False
     #: How it learns, for messages: "teacher 'x' {how}".
     how: ClassVar[str] = ""
     #: Let gradients flow through the lesson's dependence on the student's states.
@@ -194,7 +192,6 @@ class ExampleGradient(Learning):
 
     reads_validation: ClassVar[bool] = True
     differentiates_step: ClassVar[bool] = True
-    reads_example_grad: ClassVar[bool] = True
     how: ClassVar[str] = "reads its weights off each sample's hypergradient"
 
     def checked_method(self, method: str | None) -> tuple[str, type]:

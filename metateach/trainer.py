@@ -101,7 +101,7 @@ class Trainer:
         # The teacher's weights on a fixed sample of training data, measured each epoch.
         self.diagnostics = (
             TeacherDiagnostics(
-                self.teaching.strategy.problem,
+                self.teaching.strategy,
                 self.data,
                 cfg.logging.diagnostic_samples,
                 derive_seed(run.seed, 2),

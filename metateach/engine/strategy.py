@@ -24,11 +24,11 @@ from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
 from metateach.engine.meter import UpdateMeter
 from metateach.engine.problem import BilevelProblem, TrainPass
-from metateach.lesson import lesson_loss
+from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.rules import UpdateRule
 from metateach.optim.schedules import set_lr
 from metateach.registry import STRATEGIES
-from metateach.teacher import LearnedUpdates, Teacher, TeachingContext
+from metateach.teacher import LearnedUpdates, StudentView, Teacher, TeachingContext
 from metateach.types import Params, RNGState
 
 __all__ = ["Differentiates", "TeachingStrategy", "StudentOnly", "HypergradMethod", "PerStepMethod"]
@@ -79,6 +79,27 @@ class TeachingStrategy(ABC):
     def networks(self) -> dict[str, torch.nn.Module]:
         """Networks the strategy trains besides the student, by name (a peer), for evaluation."""
         return {}
+
+    def preview(self, batch: Batch, context: TeachingContext) -> tuple[StudentView, Lesson | None]:
+        """The teacher's view of ``batch`` and the lesson it would give it now, changing nothing.
+
+        For the diagnostics: the student's pass runs on scratch BatchNorm
+        buffers and nothing steps; the caller keeps the run's random stream
+        (``problem.own_rng()``). The view is the one the strategy's real steps
+        show the teacher (:meth:`previewed` adds what only this strategy reads).
+        """
+        problem = self.problem
+        with torch.enable_grad():
+            rng = problem.rng_state()
+            states = problem.states(problem.params(), batch.x, real=False)
+            view = self.previewed(problem.view(states, batch, context), batch, rng)
+        with torch.no_grad():
+            return view, None if problem.teacher is None else problem.teacher(batch, view)
+
+    def previewed(self, view: StudentView, batch: Batch, rng: RNGState) -> StudentView:
+        """The view :meth:`preview` shows the teacher: ``view`` itself, unless the strategy adds to it."""
+        _ = batch, rng
+        return view
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the metrics not yet handed out, and subclasses' state."""

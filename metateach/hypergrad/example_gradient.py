@@ -18,7 +18,7 @@ from metateach.hypergrad.lookahead import lookahead_gradient
 from metateach.lesson import Lesson, lesson_loss
 from metateach.registry import STRATEGIES
 from metateach.student import StudentStates
-from metateach.teacher import TeachingContext
+from metateach.teacher import StudentView, TeachingContext
 from metateach.types import RNGState
 
 __all__ = ["ExampleGradients", "example_gradient"]
@@ -85,6 +85,15 @@ class ExampleGradients(HypergradMethod):
         rng = problem.rng_state()
         states = student_forward(problem.student, problem.params(), batch.x)
         return states, example_gradient(problem, batch, rng)
+
+    def previewed(self, view: StudentView, batch: Batch, rng: RNGState) -> StudentView:
+        """The view with the samples' hypergradients, on the first validation batch (the
+        stream's position stays where the run left it)."""
+        stream = self.problem.val_stream
+        if stream is None:
+            return view
+        grad = example_gradient(self.problem, batch, rng, stream.loader.batch_at(0, 0))
+        return view._replace(example_grad=grad.detach())
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem

@@ -35,10 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metateach.data import Batch, DataBundle
-from metateach.engine import BilevelProblem
-from metateach.functional import scratch_buffers, student_forward
-from metateach.hypergrad.example_gradient import example_gradient
-from metateach.learning import FixedRule
+from metateach.engine import TeachingStrategy
 from metateach.lesson import Lesson, LossFn, per_sample_losses
 from metateach.teacher import TeachingContext
 
@@ -151,7 +148,7 @@ class TeacherDiagnostics:
     """A run's teacher diagnostics: a fixed sample, measured each epoch and drawn at the end.
 
     Args:
-        problem: the run's bilevel problem (student and teacher).
+        strategy: the run's teaching strategy (its problem holds the student and teacher).
         data: the run's data.
         count: training samples to look at.
         seed: chooses them.
@@ -159,9 +156,9 @@ class TeacherDiagnostics:
     """
 
     def __init__(
-        self, problem: BilevelProblem, data: DataBundle, count: int, seed: int, batch_size: int
+        self, strategy: TeachingStrategy, data: DataBundle, count: int, seed: int, batch_size: int
     ) -> None:
-        self.problem = problem
+        self.strategy = strategy
         self.data = data
         self.indices = diagnostic_indices(data, count, seed)
         self.batch_size = batch_size
@@ -174,7 +171,7 @@ class TeacherDiagnostics:
     def measure(self, context: TeachingContext) -> dict[str, float]:
         """The teacher's weights now, kept for the record, summarized (see :meth:`WeightSnapshot.summary`)."""
         self.snapshot = weight_snapshot(
-            self.problem, self.data, self.indices, context, self.batch_size
+            self.strategy, self.data, self.indices, context, self.batch_size
         )
         self.rows.append((context.episode, context.epoch + 1, context.progress))
         self.losses.append(torch.from_numpy(self.snapshot.losses))
@@ -219,7 +216,7 @@ class TeacherDiagnostics:
         """The latest snapshot; taken now, outside the record, if there is none (a finished run, resumed)."""
         if self.snapshot is None:
             self.snapshot = weight_snapshot(
-                self.problem, self.data, self.indices, context, self.batch_size
+                self.strategy, self.data, self.indices, context, self.batch_size
             )
         return self.snapshot
 
@@ -250,13 +247,14 @@ def diagnostic_indices(data: DataBundle, count: int, seed: int) -> Tensor:
 
 
 def weight_snapshot(
-    problem: BilevelProblem,
+    strategy: TeachingStrategy,
     data: DataBundle,
     indices: Tensor,
     context: TeachingContext,
     batch_size: int,
 ) -> WeightSnapshot:
-    """The teacher's lessons on the training samples ``indices``, without disturbing the run.
+    """The teacher's lessons on the training samples ``indices``, without disturbing the run
+    (:meth:`~metateach.engine.strategy.TeachingStrategy.preview`).
 
     A sample's effective weight is its lesson weight times its mask (1 where
     the lesson has none), times the ratio of the gradient norms (with
@@ -264,10 +262,10 @@ def weight_snapshot(
     the lesson replaces the loss: how much the sample counts in the
     student's step, relative to plain training.
     """
-    student, teacher = problem.student, problem.teacher
+    problem = strategy.problem
+    teacher = problem.teacher
     assert teacher is not None
     device = problem.device
-    val_batch = problem.val_stream.loader.batch_at(0, 0) if problem.val_stream is not None else None
     parts: dict[str, list[Tensor]] = {k: [] for k in ("weights", "losses", "features")}
     curve = None
     # A teacher's buffers (MentorNet-PD's running threshold) are put back after; its
@@ -281,16 +279,8 @@ def weight_snapshot(
                 data.train.targets[index].to(device),
                 index.to(device),
             )
-            params = problem.params()
-            with torch.enable_grad():
-                rng = problem.rng_state()
-                states = student_forward(student, params, batch.x, scratch_buffers(student))
-                view = problem.view(states, batch, context)
-                if val_batch is not None and _needs_example_grad(problem):
-                    grad = example_gradient(problem, batch, rng, val_batch)
-                    view = view._replace(example_grad=grad.detach())
+            view, lesson = strategy.preview(batch, context)
             with torch.no_grad():
-                lesson = teacher(batch, view)
                 weights = torch.ones_like(view.losses)
                 if lesson is not None:
                     if lesson.weights is not None:
@@ -327,10 +317,6 @@ def _gradient_ratio(lesson: Lesson, logits: Tensor, targets: Tensor) -> Tensor:
     (by_lesson,) = torch.autograd.grad(replaced.sum(), logits)
     by_ce = logits.detach().softmax(dim=1) - F.one_hot(targets, logits.shape[1]).to(logits.dtype)
     return by_lesson.norm(dim=1) / by_ce.norm(dim=1).clamp(min=1e-12)
-
-
-def _needs_example_grad(problem: BilevelProblem) -> bool:
-    return getattr(problem.teacher, "learns", FixedRule()).reads_example_grad
 
 
 def draw_diagnostics(
