@@ -24,16 +24,6 @@ differences of the validation loss.
 
 from __future__ import annotations
 
-# The engine's names, for code that reaches them here (docs/writing-a-teacher.md does).
-from metateach.engine import (
-    BilevelProblem,
-    Differentiates,
-    HypergradMethod,
-    PerStepMethod,
-    StudentOnly,
-    TeachingStrategy,
-    TrainPass,
-)
 from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
 from metateach.hypergrad.example_gradient import ExampleGradients, example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
@@ -44,21 +34,14 @@ from metateach.hypergrad.reversible import Reversible
 from metateach.hypergrad.unrolled import Unrolled
 
 __all__ = [
-    "BilevelProblem",
-    "Differentiates",
     "ExampleGradients",
     "example_gradient",
     "FiniteDifference",
-    "HypergradMethod",
     "HypergradientCheck",
     "Implicit",
     "LearnedOptimizer",
     "Lookahead",
-    "PerStepMethod",
     "Reversible",
     "check_hypergradient",
     "Unrolled",
-    "StudentOnly",
-    "TeachingStrategy",
-    "TrainPass",
 ]

@@ -38,7 +38,7 @@ def sam_perturbation(
 class SAM(torch.optim.Optimizer):
     """SAM's two-pass step around ``base``: perturb, take the gradient there, restore, step.
 
-    The caller (:meth:`metateach.hypergrad.BilevelProblem.real_step`) runs
+    The caller (:meth:`metateach.engine.BilevelProblem.real_step`) runs
     the passes: :meth:`perturb` with the gradient at w, a second forward
     and backward at w + epsilon, :meth:`restore`, then :meth:`step` with
     that second gradient in ``.grad``. The base optimizer's state and
