@@ -38,6 +38,8 @@ __all__ = [
     "BEST",
 ]
 
+#: The layout of a run's checkpoint (:func:`run_state`); another is refused, not guessed at.
+FORMAT = 1
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -77,6 +79,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: the file is missing or is not a metateach checkpoint.
     """
     file = checkpoint_path(path)
+    if not file.is_file() and Path(path).is_dir():
+        raise CheckpointError(
+            f"run folder {path} holds no checkpoint: its run stopped before saving one; "
+            "delete the folder to start that run again"
+        )
     if not file.is_file():
         raise CheckpointError(
             f"checkpoint not found: {file} (train.resume takes a .pt file or a run folder)"
@@ -87,6 +94,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {file}: {first_line(e)}") from None
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise CheckpointError(f"{file} is not a metateach checkpoint")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {file} has format {state.get('format')!r}; this metateach reads format "
+            f"{FORMAT} (a newer metateach wrote it, or it was not written by metateach)"
+        )
     return state
 
 
@@ -97,7 +109,7 @@ def run_state(trainer: Trainer, weights_only: bool = False) -> dict[str, Any]:
     """
     teaching = trainer.teaching
     checkpoint: dict[str, Any] = {
-        "format": 1,
+        "format": FORMAT,
         "config": config_to_dict(trainer.cfg),
         "model": trainer.model.state_dict(),
         "progress": asdict(trainer.state),

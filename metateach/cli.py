@@ -103,17 +103,22 @@ def _train(argv: Sequence[str] | None, prog: str) -> int:
 
     # Imported here so that --help answers at once.
     from metateach.config import load_config
-    from metateach.errors import MetateachError, first_line
+    from metateach.errors import MetateachError, RunInterrupted, first_line
+    from metateach.runtime import stops_on_signals
     from metateach.trainer import Trainer
 
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg)
-        metrics = trainer.fit()
+        with stops_on_signals(trainer):
+            metrics = trainer.fit()
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except RunInterrupted as e:  # SIGINT or SIGTERM, the state saved at a step boundary
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C
         print("interrupted; continue with train.resume=<run folder>", file=sys.stderr)
         return 130
     if not trainer.world.main:  # under torchrun, rank 0 reports

@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = [
     "MetateachError", "ConfigError", "DataError", "CheckpointError", "NonFiniteStep",
-    "check_keys", "first_line",
+    "RunInterrupted", "check_keys", "check_folder_name", "first_line",
 ]  # fmt: skip
 
 
@@ -33,6 +33,27 @@ class CheckpointError(MetateachError):
 
 class NonFiniteStep(MetateachError, ArithmeticError):
     """The student's gradient is not finite; its step was not taken (the run stops there)."""
+
+
+class RunInterrupted(Exception):
+    """A signal (SIGINT, SIGTERM) stopped the run at a step boundary, its state saved.
+
+    Not a mistake in the input: the command exits with 128 + the signal's number.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def check_folder_name(name: str, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is one folder's name: nothing that leads out
+    of the folder it is made in (a separator, ``..``, an absolute path)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(
+            f"{what}={name!r} must be a single folder name (no '/', no '..'): "
+            "runs stay inside their output folder"
+        )
 
 
 def check_keys(content: Any, allowed: set[str], where: str) -> None:

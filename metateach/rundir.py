@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 from metateach.checkpoint import LAST, checkpoint_path, load_checkpoint
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.distributed import World, from_main
 from metateach.errors import CheckpointError, ConfigError
 
-__all__ = ["new_run_dir", "resumed_run_dir", "check_same_experiment"]
+__all__ = ["RunLock", "new_run_dir", "open_run", "check_same_experiment", "unfinished"]
 
 #: Settings that define the experiment: a checkpoint only resumes a run that agrees on them.
 #: Everything else (epochs, device, logging, ...) may change between the two.
@@ -30,46 +37,114 @@ MUST_MATCH = (
 MAY_DIFFER = ("data.root", "data.download")
 
 
-def new_run_dir(cfg: ExperimentConfig) -> Path:
-    """``<train.out_dir>/<train.run_name>``, or ``<config>-<time>`` made unique.
+#: The file a run folder's owner holds locked while it trains there.
+LOCK = ".lock"
 
-    A named folder that already holds a run is an error, never overwritten.
+
+class RunLock:
+    """An exclusive lock on a run folder: one process trains in it at a time.
+
+    The folder is made if need be; the lock is an ``flock`` on ``<folder>/.lock``,
+    which the operating system drops when its holder ends, however it ends, so
+    a lock is never stale. Without ``fcntl`` (not POSIX) there is no lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self._file = open(folder / LOCK, "a+")  # noqa: SIM115 - held for the run's life
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ConfigError(
+                f"run folder {folder} is in use by another run (process {holder}); wait for it "
+                "to end, or choose another train.run_name"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Let another process train in the folder (the lock file stays, unlocked)."""
+        self._file.close()  # closing drops the flock
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds anything of a run (its lock file aside)."""
+    return folder.is_dir() and any(p.name != LOCK for p in folder.iterdir())
+
+
+def new_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
+    """``<train.out_dir>/<train.run_name>``, or ``<config>-<time>`` made unique; locked.
+
+    A named folder that already holds a run, or that another process is
+    training in, is an error, never overwritten.
     """
     out = Path(cfg.train.out_dir)
     if cfg.train.run_name:
         path = out / cfg.train.run_name
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError(
-                f"run folder {path} already exists; continue it with train.resume={path} "
-                "or choose another train.run_name"
+        lock = RunLock(path)
+        if holds_run(path):
+            lock.release()
+            how = (
+                f"continue it with train.resume={path}"
+                if checkpoint_path(path).is_file()
+                else "it holds no checkpoint (its run stopped before saving one): delete it to "
+                "start again"
             )
-        return path
+            raise ConfigError(
+                f"run folder {path} already exists; {how}, or choose another train.run_name"
+            )
+        return path, lock
     stem = Path(cfg.source).stem if cfg.source else "run"
     base = out / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
+    for n in itertools.count():
+        path = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        if holds_run(path):
+            continue
+        try:
+            lock = RunLock(path)
+        except ConfigError:  # another run took this name just now
+            continue
+        if not holds_run(path):
+            return path, lock
+        lock.release()
+    raise AssertionError("unreachable")
 
 
-def open_run(cfg: ExperimentConfig, world: World) -> tuple[Path, dict[str, Any] | None]:
-    """The run's folder, and the checkpoint it resumes from (None for a new run).
+def open_run(
+    cfg: ExperimentConfig, world: World
+) -> tuple[Path, dict[str, Any] | None, RunLock | None]:
+    """The run's folder, the checkpoint it resumes from (None for a new run), and its lock.
 
     A resumed run stays in its own folder, once its checkpoint is shown to
-    belong to this experiment; a new run's folder is made by rank 0.
+    belong to this experiment; a loose checkpoint (a ``.pt`` outside a run's
+    ``checkpoints/``) resumes into a new folder under ``train.out_dir``. Rank 0
+    makes and locks the folder (the lock is None on the other ranks).
     """
     resume = cfg.train.resume
-    if not resume:
-        return from_main(world, lambda: new_run_dir(cfg)), None
-    resumed = load_checkpoint(resume)
-    check_same_experiment(resumed["config"], config_to_dict(cfg), checkpoint_path(resume))
-    return resumed_run_dir(resume), resumed
+    resumed = None
+    if resume:
+        resumed = load_checkpoint(resume)
+        check_same_experiment(resumed["config"], config_to_dict(cfg), checkpoint_path(resume))
+        file = checkpoint_path(resume)
+        if file.parent.name == "checkpoints":  # the run's own folder
+            folder = file.parent.parent
+            return folder, resumed, RunLock(folder) if world.main else None
+    locks: list[RunLock] = []
 
+    def make() -> Path:
+        path, lock = new_run_dir(cfg)
+        locks.append(lock)
+        return path
 
-def resumed_run_dir(resume: str) -> Path:
-    """The run folder a ``train.resume`` path (a run folder or a checkpoint in it) belongs to."""
-    file = checkpoint_path(resume)
-    return file.parent.parent if file.parent.name == "checkpoints" else file.parent
+    return from_main(world, make), resumed, locks[0] if locks else None
 
 
 def unfinished(cfg: ExperimentConfig, folder: Path) -> bool:

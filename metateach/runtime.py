@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +16,13 @@ import torch
 from metateach.distributed import World, gather_rng_states
 from metateach.errors import ConfigError
 
-__all__ = ["resolve_device", "seed_everything", "rng_state", "restore_rng_state"]
+__all__ = [
+    "resolve_device",
+    "seed_everything",
+    "rng_state",
+    "restore_rng_state",
+    "stops_on_signals",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,3 +75,36 @@ def restore_rng_state(saved: dict, world: World) -> None:
     torch.set_rng_state(saved["torch"])
     if "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+@contextlib.contextmanager
+def stops_on_signals(trainer: Any) -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM ask ``trainer`` (a :class:`~metateach.trainer.Trainer`) to
+    stop at its next step boundary, saved.
+
+    The first signal only sets ``trainer.stop_signal``; the loop saves a
+    checkpoint at the first boundary where the teaching strategy allows one
+    (the end of a differentiable window) and raises :class:`~metateach.errors.RunInterrupted`.
+    Nothing raises inside the engine, so no step is left half done and no
+    interrupt lands where Python cannot raise it (a finalizer). A second
+    signal acts at once, as it would without this block. Only in the main
+    thread of a single process: under torchrun the ranks would stop at
+    different steps.
+    """
+    if threading.current_thread() is not threading.main_thread() or trainer.world.size > 1:
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def ask(signum: int, frame: Any) -> None:
+        trainer.stop_signal = signum
+        for s, handler in previous.items():  # a second signal: the usual behaviour
+            signal.signal(s, handler)
+
+    for s in previous:
+        signal.signal(s, ask)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -19,6 +19,7 @@ Under ``torchrun`` every process runs this loop on its shard of each batch
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -38,7 +39,7 @@ from metateach.checkpoint import (
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
 from metateach.distributed import all_sum, check_data_parallel, init_world, sharded
-from metateach.errors import MetateachError, NonFiniteStep
+from metateach.errors import MetateachError, NonFiniteStep, RunInterrupted
 from metateach.evaluation import evaluate_models, evaluate_peers
 from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
@@ -75,7 +76,8 @@ class Trainer:
         self.world, device = init_world(run.device)
         self.device = resolve_device(device)
         seed_everything(run.seed, run.deterministic, self.device)
-        self.run_dir, resumed = open_run(cfg, self.world)
+        # The folder is this process's until fit() ends: a second run under its name is refused.
+        self.run_dir, resumed, self._lock = open_run(cfg, self.world)
         self.data = data if data is not None else build_data(cfg.data, cfg.noise)
         self.model = model_for(cfg.model, self.data).to(self.device)
         self.optimizer = optimizer_from_config(cfg.optim, self.model.parameters())
@@ -98,6 +100,9 @@ class Trainer:
         # The running average of the batch losses, a teacher's view of the student's history.
         self.loss_average = LossAverage(loss_averaging(cfg.teacher), self.device)
         self._save_due = False  # a checkpoint waits for the teaching strategy to allow it
+        #: A signal that asked the run to stop (:func:`~metateach.runtime.stops_on_signals`): it stops, saved,
+        #: at the first step boundary where the teaching strategy can be checkpointed.
+        self.stop_signal: int | None = None
         # The teacher's weights on a fixed sample of training data, measured each epoch.
         self.diagnostics = (
             TeacherDiagnostics(
@@ -158,6 +163,8 @@ class Trainer:
         finally:
             if not self.state.finished:  # stopped early or failed: release W&B and the file
                 self.logger.close()
+            if self._lock is not None:
+                self._lock.release()
 
     def _train_student(self, stop_at: int | None) -> bool:
         """Train this episode's student through its epochs; True if paused at ``stop_at`` instead."""
@@ -195,9 +202,12 @@ class Trainer:
                         break
                 every = cfg.train.checkpoint_every_steps
                 stopping = stop_at is not None and self.state.global_step >= stop_at
-                self._save_due |= stopping or (bool(every) and state.step % every == 0)
-                if self._save_if_due() and stopping:
+                signalled = self.stop_signal is not None
+                self._save_due |= stopping or signalled or (bool(every) and state.step % every == 0)
+                if self._save_if_due() and (stopping or signalled):
                     bar.close()
+                    if signalled:
+                        self._stop_signalled()
                     return True
             bar.close()
             self._end_epoch()
@@ -429,6 +439,16 @@ class Trainer:
                 f"(epoch {self.state.epoch + 1}); lower optim.lr or check the data"
             )
         return totals
+
+    def _stop_signalled(self) -> NoReturn:
+        """A signal asked the run to stop, and its state is saved: say how to go on."""
+        assert self.stop_signal is not None
+        name = signal.Signals(self.stop_signal).name
+        raise RunInterrupted(
+            self.stop_signal,
+            f"stopped by {name} after step {self.state.step} (epoch {self.state.epoch + 1}); "
+            f"the state is saved: continue with train.resume={self.run_dir}",
+        )
 
     def _stop_diverged(self) -> NoReturn:
         """The student's gradient at this step is not finite: save the state before it, and stop."""

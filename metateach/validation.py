@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from metateach.errors import ConfigError, first_line
+from metateach.errors import ConfigError, check_folder_name, first_line
 from metateach.learning import configured_learning
 from metateach.optim.optimizers import COMMON_SETTINGS, rule_from_config
 from metateach.registry import (
@@ -128,6 +128,8 @@ def validate(cfg: ExperimentConfig) -> None:
             value = getattr(value, part)
         if not ok(value):
             raise ConfigError(f"{key} must be {what}, got {value!r}")
+    if cfg.train.run_name is not None:
+        check_folder_name(cfg.train.run_name, "train.run_name")
     if cfg.noise.type == "none" and cfg.noise.rate != 0:
         raise ConfigError(
             f"noise.rate={cfg.noise.rate} needs a noise.type to corrupt labels (it is 'none')"

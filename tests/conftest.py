@@ -18,6 +18,7 @@ import yaml
 
 from metateach.checkpoint import load_checkpoint
 from metateach.config import load_config
+from metateach.errors import CheckpointError
 from metateach.report.diagnostics import SampleRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,18 +150,28 @@ def without_measurements(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(measured)}
 
 
+def wait_for_checkpoint(process: subprocess.Popen, run: Path, past_step: int) -> None:
+    """Return once ``run`` holds a checkpoint past ``past_step``, while ``process`` runs on."""
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if last.is_file() and load_checkpoint(last)["progress"]["step"] > past_step:
+                return
+        except CheckpointError:  # being replaced just now
+            pass
+        assert process.poll() is None, "the run ended before it was stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def kill_once_checkpointed(process: subprocess.Popen, run: Path, past_step: int) -> int:
     """SIGKILL ``process`` and its descendants once ``run`` holds a checkpoint past ``past_step``.
 
     No handler runs and no file is closed (torchrun's workers, in sessions of
     their own, go too). Returns the step of the checkpoint the kill left.
     """
-    last = run / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not (last.is_file() and load_checkpoint(last)["progress"]["step"] > past_step):
-        assert process.poll() is None, "the run ended before it was killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for_checkpoint(process, run, past_step)
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -176,7 +187,7 @@ def kill_once_checkpointed(process: subprocess.Popen, run: Path, past_step: int)
         with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             os.kill(each, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    return load_checkpoint(last)["progress"]["step"]
+    return load_checkpoint(run / "checkpoints" / "last.pt")["progress"]["step"]
 
 
 def sample_record(path, epochs: int = 10, n: int = 200, seed: int = 0):

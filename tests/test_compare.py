@@ -135,6 +135,14 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
             {"config": "x.yaml", "variants": {"a": []}, "select": {"best": ["a", "b"]}},
             "select must map new row names to lists of variants (variants: a)",
         ),
+        (  # a comparison file someone hands you cannot write outside its --out
+            {"config": "x.yaml", "variants": {"../../../escape": []}},
+            "variant='../../../escape' must be a single folder name (no '/', no '..')",
+        ),
+        (
+            {"config": "x.yaml", "variants": {"/tmp/elsewhere": []}},
+            "variant='/tmp/elsewhere' must be a single folder name",
+        ),
     ],
 )
 def test_bad_comparison_files_are_named(tmp_path: Path, content: dict, message: str) -> None:

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from metateach.checkpoint import load_checkpoint
 from metateach.cli import train_main as main
 from metateach.config import load_config
 from metateach.logging import read_metrics
 from metateach.trainer import Trainer
 
-from .conftest import CONFIGS, QUICK, REPO, kill_once_checkpointed, without_measurements
+from .conftest import (
+    CONFIGS,
+    QUICK,
+    REPO,
+    kill_once_checkpointed,
+    wait_for_checkpoint,
+    without_measurements,
+)
 
 # --------------------------------------------------------------------------- #
 # A run killed outright
@@ -30,7 +40,6 @@ KILLABLE = ["train.epochs=6", "train.threads=1", "train.checkpoint_every_steps=7
 
 
 def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
     run = tmp_path / "killed"
     command = [sys.executable, "tools/train.py", str(CONFIGS / "quickstart.yaml"), *KILLABLE,
                f"train.out_dir={tmp_path}", "train.run_name=killed"]  # fmt: skip
@@ -40,6 +49,12 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     # Killed once a checkpoint past the first epoch is on disk.
     cut = kill_once_checkpointed(process, run, past_step=20)
     assert 20 < cut < 120 and not (run / "summary.json").exists()
+    assert_resumes_as_if_never_stopped(run, tmp_path)
+
+
+def assert_resumes_as_if_never_stopped(run: Path, tmp_path: Path) -> None:
+    """Resumed, the stopped ``run`` ends with the weights and metrics of one that never stopped."""
+    threads = torch.get_num_threads()
     try:
         resumed = Trainer(
             load_config(CONFIGS / "quickstart.yaml", [*KILLABLE, f"train.resume={run}"])
@@ -60,6 +75,34 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
         without_measurements(r) for r in read_metrics(straight.run_dir) if "epoch" in r
     ]
     assert json.loads((run / "summary.json").read_text())["test/acc"] == expected["test/acc"]
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_a_run_at_a_step_saved_and_it_resumes_to_the_same_end(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    run = tmp_path / "signalled"
+    command = [sys.executable, "tools/train.py", str(CONFIGS / "quickstart.yaml"), *KILLABLE,
+               f"train.out_dir={tmp_path}", "train.run_name=signalled"]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_checkpoint(process, run, past_step=20)  # Learning-to-Reweight, mid-run
+    sent = time.monotonic()
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 5
+    assert process.returncode == status, err
+    name = signal.Signals(signum).name
+    assert re.fullmatch(
+        rf"stopped by {name} after step (\d+) \(epoch \d\); the state is saved: "
+        rf"continue with train.resume={re.escape(str(run))}\n",
+        err,
+    ), err
+    stopped = int(re.search(r"after step (\d+)", err).group(1))
+    assert load_checkpoint(run)["progress"]["step"] == stopped  # saved at the step it names
+    assert not (run / "summary.json").exists()
+    assert_resumes_as_if_never_stopped(run, tmp_path)
 
 
 def test_wandb_in_an_unwritable_place_warns_once_and_training_goes_on(
@@ -181,7 +224,23 @@ BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
      r"teacher 'random_filter' \(teacher.name\) with teacher.kwargs=\{'keep': 1.5\}: keep must be in \(0, 1\]"),
     ("missing config file", lambda t: [str(t / "nope.yaml")],
      r"config file not found: .*nope.yaml"),
+    ("run name that climbs out", lambda t: [QUICKSTART, "train.run_name=../../x"],
+     r"train.run_name='../../x' must be a single folder name \(no '/', no '..'\): runs stay "
+     r"inside their output folder"),
+    ("absolute run name", lambda t: [QUICKSTART, f"train.run_name={t / 'elsewhere'}"],
+     r"train.run_name='/.*/elsewhere' must be a single folder name"),
+    ("checkpoint of an unknown format", lambda t: [QUICKSTART, *QUICK,
+                                                   f"train.resume={reformatted(trained_run(t))}"],
+     r"checkpoint .*last.pt has format 999; this metateach reads format 1 \(a newer metateach"),
 ]  # fmt: skip
+
+
+def reformatted(run: Path) -> Path:
+    """``run`` with its last checkpoint claiming a format no metateach wrote."""
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    torch.save({**state, "format": 999}, last)
+    return run
 
 
 @pytest.mark.parametrize(
@@ -199,3 +258,71 @@ def test_bad_input_ends_in_one_line_naming_the_problem(
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert re.match(message, err.removeprefix("error: ")), err
+
+
+# --------------------------------------------------------------------------- #
+# Run folders: one owner, names inside the output folder
+# --------------------------------------------------------------------------- #
+
+
+def test_a_second_run_under_a_name_in_use_is_refused_and_the_first_is_intact(
+    tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "shared"
+    first = [sys.executable, "tools/train.py", str(CONFIGS / "quickstart.yaml"), *KILLABLE,
+             f"train.out_dir={tmp_path}", "train.run_name=shared", "train.seed=0",
+             "train.epochs=30"]  # fmt: skip
+    process = subprocess.Popen(first, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_checkpoint(process, run, past_step=0)
+        second = [str(CONFIGS / "quickstart.yaml"), *KILLABLE, f"train.out_dir={tmp_path}",
+                  "train.run_name=shared", "train.seed=1"]  # fmt: skip
+        assert main(second) == 2
+        assert process.poll() is None  # the first still trains
+        err = capsys.readouterr().err
+        assert re.fullmatch(
+            rf"error: run folder {re.escape(str(run))} is in use by another run "
+            rf"\(process {process.pid}\); wait for it to end, or choose another train.run_name\n",
+            err,
+        ), err
+    finally:
+        assert process.wait(timeout=300) == 0
+    assert "seed: 0" in (run / "config.yaml").read_text()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 600
+    assert [r["epoch"] for r in read_metrics(run) if "epoch" in r] == list(range(1, 31))
+    # Once the first has ended, the name is taken by a finished run, and says so.
+    assert main(second) == 2
+    assert "already exists; continue it with train.resume=" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_how_to_start_again(
+    tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "config.yaml").write_text("written before the run was killed\n")
+    argv = [QUICKSTART, *QUICK, f"train.out_dir={tmp_path}", "train.progress=false"]
+    assert main([*argv, "train.run_name=early"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: run folder {run} already exists; it holds no checkpoint (its run stopped before "
+        "saving one): delete it to start again, or choose another train.run_name\n"
+    )
+    assert main([*argv, f"train.resume={run}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: run folder {run} holds no checkpoint: its run stopped before saving one; delete "
+        "the folder to start that run again\n"
+    )
+
+
+def test_a_loose_checkpoint_resumes_into_a_new_run_folder(tmp_path: Path) -> None:
+    done = trained_run(tmp_path)
+    loose = tmp_path / "handed_over" / "model.pt"
+    loose.parent.mkdir()
+    loose.write_bytes((done / "checkpoints" / "last.pt").read_bytes())
+    argv = [QUICKSTART, *QUICK, f"train.out_dir={tmp_path / 'runs'}", "train.progress=false",
+            "train.epochs=2", f"train.resume={loose}", "train.run_name=continued"]  # fmt: skip
+    assert main(argv) == 0
+    assert sorted(p.name for p in loose.parent.iterdir()) == ["model.pt"]  # nothing beside it
+    continued = tmp_path / "runs" / "continued"
+    assert [r["epoch"] for r in read_metrics(continued) if "epoch" in r] == [2]
+    assert main(argv) == 2  # a second loose resume under that name cannot overwrite it

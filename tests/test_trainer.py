@@ -172,7 +172,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "checkpoints" / "last.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "progress": {"step": 1}})
+    save_checkpoint(path, {"format": 1, "model": {"w": torch.ones(3)}, "progress": {"step": 1}})
 
     def dies_half_way(obj: object, f: object) -> None:
         f.write(b"partial bytes")  # type: ignore[attr-defined]
@@ -180,7 +180,9 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "progress": {"step": 2}})
+        save_checkpoint(
+            path, {"format": 1, "model": {"w": torch.zeros(3)}, "progress": {"step": 2}}
+        )
     monkeypatch.undo()
     assert load_checkpoint(path)["progress"]["step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind

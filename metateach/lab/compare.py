@@ -63,7 +63,7 @@ from typing import Any
 import yaml
 
 from metateach.config import config_to_dict, load_config
-from metateach.errors import ConfigError, check_keys
+from metateach.errors import ConfigError, check_folder_name, check_keys
 from metateach.rundir import check_same_experiment, unfinished
 
 __all__ = [
@@ -208,6 +208,7 @@ def _variants(content: Any, path: Path) -> tuple[dict[str, list[str]], dict[str,
         raise ConfigError(usage)
     variants, configs = {}, {}
     for name, value in content.items():
+        check_folder_name(str(name), f"comparison file {path}: variant")
         if isinstance(value, dict):
             check_keys(value, {"config", "overrides"}, f"comparison file {path}: variant {name!r}")
             if "config" not in value:
