@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from metateach.errors import ConfigError, first_line
 from metateach.plugins import import_plugins
-from metateach.validation import LOSS_AVERAGES, WANDB_MODES, validate
+from metateach.validation import LOSS_AVERAGES, SECTIONS, WANDB_MODES, validate
 
 __all__ = [
     "DataConfig",
@@ -360,9 +360,10 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
 _NAMED_SECTIONS = ("model", "teacher", "optim", "teacher.optim")
 
 
-#: What a teacher's hypergradient settings declare about how it learns; a layer that names
-#: another teacher drops them (the validation batch size is the data's, and stays).
-_TEACHER_LEARNING = ("method", "inner_steps", "backprop_steps", "keep_weight_grad", "options")
+#: The defaults of the sections whose settings adjust a teacher's declaration of how it learns
+#: (:data:`metateach.validation.SECTIONS`): a layer that names another teacher drops the old
+#: one's (the validation batch size is the data's, and stays).
+_LEARNING_DEFAULTS = {"hypergrad": HypergradConfig(), "policy": PolicyConfig()}
 
 
 def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
@@ -382,16 +383,11 @@ def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
         below = copy.deepcopy(below)
         if OmegaConf.select(below, f"{section}.kwargs"):
             OmegaConf.update(below, f"{section}.kwargs", {}, merge=False)
-        hypergrad = OmegaConf.select(below, f"{section}.hypergrad")
-        if hypergrad is not None:
-            defaults = HypergradConfig()
-            for key in _TEACHER_LEARNING:
-                if key in hypergrad:
-                    hypergrad[key] = getattr(defaults, key)
-        policy = OmegaConf.select(below, f"{section}.policy")
-        if policy is not None:
-            for key in policy:
-                policy[key] = None  # unset: the new teacher's declaration
+        for part, (keys, _, _) in SECTIONS.items():
+            settings = OmegaConf.select(below, f"{section}.{part}")
+            for key in keys if settings is not None else ():
+                if key in settings:
+                    settings[key] = getattr(_LEARNING_DEFAULTS[part], key)
         if OmegaConf.select(below, f"{section}.loss_average") is not None:
             below[section].loss_average = None  # the old teacher's declaration, like its method
     return OmegaConf.merge(below, above)

@@ -256,14 +256,11 @@ class _AllSum(torch.autograd.Function):
         return tangent
 
 
-def gather_rng_states(world: World) -> list[dict[str, Tensor]]:
-    """Every rank's random state, in rank order (collective)."""
-    mine = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        mine["cuda"] = torch.cuda.get_rng_state_all()
-    states: list[Any] = [None] * world.size
-    dist.all_gather_object(states, mine)
-    return states
+def gather_objects(world: World, mine: T) -> list[T]:
+    """Every rank's ``mine``, in rank order (collective; picklable objects)."""
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def check_data_parallel(cfg: ExperimentConfig, strategy: Any, world: World) -> None:

@@ -131,9 +131,9 @@ def open_run(
     resume = cfg.train.resume
     resumed = None
     if resume:
-        resumed = load_checkpoint(resume)
-        check_same_experiment(resumed["config"], config_to_dict(cfg), checkpoint_path(resume))
         file = checkpoint_path(resume)
+        resumed = load_checkpoint(resume)  # a run folder without one is named as such
+        check_same_experiment(resumed["config"], config_to_dict(cfg), file)
         if file.parent.name == "checkpoints":  # the run's own folder
             folder = file.parent.parent
             return folder, resumed, RunLock(folder) if world.main else None

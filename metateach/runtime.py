@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metateach.distributed import World, gather_rng_states
+from metateach.distributed import World, gather_objects
 from metateach.errors import ConfigError
 
 __all__ = [
@@ -63,7 +63,7 @@ def rng_state(world: World) -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if world.size > 1:  # every rank's own, for an exact resume
-        state["ranks"] = gather_rng_states(world)
+        state["ranks"] = gather_objects(world, dict(state))
     return state
 
 

@@ -70,7 +70,7 @@ def build_teaching(
             load_teacher_weights(teacher, settings.checkpoint)
     # Without a teacher there is nothing to learn, whatever the settings say.
     learning = configured_learning(settings) if teacher is not None else FixedRule()
-    trainable = [p for p in teacher.parameters() if p.requires_grad] if teacher else []
+    trainable = [p for p in teacher.parameters() if p.requires_grad] if teacher is not None else []
     problem = BilevelProblem(
         student=student,
         optimizer=student_optimizer,
