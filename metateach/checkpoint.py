@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "save_checkpoint",
+    "remove_stale_writes",
     "load_checkpoint",
     "checkpoint_path",
     "run_state",
@@ -41,6 +42,8 @@ __all__ = [
 #: The layout of a run's checkpoint (:func:`run_state`); another is refused, not guessed at.
 FORMAT = 1
 LAST = "last.pt"
+#: The ending of a checkpoint being written (``.last.pt.<pid>.tmp``), renamed into place when whole.
+TMP = ".tmp"
 BEST = "best.pt"
 
 
@@ -53,23 +56,40 @@ def checkpoint_path(path: str | os.PathLike[str]) -> Path:
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # Make the rename itself durable.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        # Make the rename itself durable.
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        kept = "the previous one is intact" if path.is_file() else "there is no earlier one"
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {e.strerror or first_line(e)} ({kept})"
+        ) from None
     return path
+
+
+def remove_stale_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes cut short in ``folder``; return them.
+
+    Only for a folder whose run lock is held: no other process can be writing there.
+    """
+    stale = sorted(folder.glob(f".*{TMP}"))
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -99,6 +119,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"checkpoint {file} has format {state.get('format')!r}; this metateach reads format "
             f"{FORMAT} (a newer metateach wrote it, or it was not written by metateach)"
         )
+    if "config" not in state:
+        raise CheckpointError(f"checkpoint {file} is damaged: it has no 'config' (its experiment)")
+    try:
+        TrainState.from_dict(state["progress"])
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint {file} is damaged: its progress record does not fit ({type(e).__name__}: "
+            f"{first_line(e)})"
+        ) from None
     return state
 
 
@@ -144,16 +173,37 @@ def restore_run(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
     teaching = trainer.teaching
     try:
         trainer.model.load_state_dict(checkpoint["model"])
-        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        _load_optimizer(trainer.optimizer, checkpoint["optimizer"])
         if teaching.teacher is not None:
             teaching.teacher.load_state_dict(checkpoint["teacher"])
         if teaching.optimizer is not None:
-            teaching.optimizer.load_state_dict(checkpoint["teaching"]["optimizer"])
+            _load_optimizer(teaching.optimizer, checkpoint["teaching"]["optimizer"])
         teaching.strategy.load_state_dict(checkpoint["teaching"]["strategy"])
         trainer.loss_average.value.fill_(checkpoint["teaching"]["loss_average"])
         if trainer.diagnostics is not None and "diagnostics" in checkpoint:
             trainer.diagnostics.load_state_dict(checkpoint["diagnostics"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint does not fit this model: {first_line(e)}") from None
+        raise CheckpointError(f"checkpoint does not fit this run: {_one_line(e)}") from None
     trainer.state = TrainState.from_dict(checkpoint["progress"])
     restore_rng_state(checkpoint["rng"], trainer.world)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an optimizer's state; its parameter groups keep the settings the config gave them.
+
+    The same settings as saved on a plain resume (the experiment must match);
+    the new ones when ``train.resume_with_changes`` lets them differ.
+    """
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, settings, strict=True):
+        group.update(kept)
+
+
+def _one_line(problem: Exception) -> str:
+    """A load error in one line: ``load_state_dict`` puts its heading and each mismatch on lines of their own."""
+    lines = [line.strip() for line in str(problem).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(problem).__name__
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    return " ".join(lines[:2]) + more

@@ -102,18 +102,25 @@ def _train(argv: Sequence[str] | None, prog: str) -> int:
     args = parser.parse_args(argv)
 
     # Imported here so that --help answers at once.
-    from metateach.config import load_config
+    from metateach.config import check_overrides, load_config
     from metateach.errors import MetateachError, RunInterrupted, first_line
     from metateach.runtime import stops_on_signals
     from metateach.trainer import Trainer
 
     try:
+        check_overrides(args.overrides)
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg)
         with stops_on_signals(trainer):
             metrics = trainer.fit()
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # The file system refused (permissions, a full disk, a file where a folder goes).
+        print(f"error: {e.strerror or first_line(e)}: {e.filename}", file=sys.stderr)
         return EXIT_USAGE
     except RunInterrupted as e:  # SIGINT or SIGTERM, the state saved at a step boundary
         print(e, file=sys.stderr)

@@ -44,6 +44,8 @@ __all__ = [
     "WANDB_MODES",
     "LOSS_AVERAGES",
     "PolicyConfig",
+    "read_yaml",
+    "check_overrides",
 ]
 
 
@@ -164,6 +166,11 @@ class TrainConfig:
     run_name: str | None = None
     #: A checkpoint (or a run folder) to continue from.
     resume: str | None = None
+    #: Settings of the experiment a resumed run may change from its checkpoint's
+    #: (e.g. ``[optim.lr]`` after a diverged step): keys, or whole sections. Any
+    #: other difference is refused as another experiment. The change is recorded
+    #: in ``metrics.jsonl`` at the step the run resumed from.
+    resume_with_changes: list[str] = field(default_factory=list)
     #: Also checkpoint every this many steps (the end of an epoch always is).
     checkpoint_every_steps: int | None = None
     #: Also measure validation accuracy every this many steps (the end of an epoch
@@ -323,6 +330,74 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The content of a YAML file that a user wrote, or a :class:`ConfigError` in one line.
+
+    ``what`` names the kind of file in the messages. A file that is not UTF-8
+    text, is not valid YAML (the message points at line and column), repeats
+    a key in one mapping, or is empty is refused.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} on line {line}"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or first_line(e)}") from None
+    try:
+        content = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None)
+        raise ConfigError(
+            f"{what} {path} is not valid YAML{where}" + (f": {problem}" if problem else "")
+        ) from None
+    if content is None:
+        raise ConfigError(f"{what} {path} is empty: it holds no settings")
+    return content
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it would take the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the safe loader's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first})",
+                    key_node.start_mark,
+                )  # fmt: skip
+        return super().construct_mapping(node, deep)
+
+
+def check_overrides(overrides: Sequence[str], origin: str = "overrides") -> None:
+    """Raise :class:`ConfigError` if one list of ``key=value`` overrides gives a key two values.
+
+    For the lists a user writes (a command line, a comparison's lists);
+    :func:`load_config` takes layered lists, where a later one wins.
+    """
+    given: dict[str, str] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if given.get(key.strip(), value) != value:
+            raise ConfigError(
+                f"{origin}: {key.strip()} is given two values ({given[key.strip()]}, then "
+                f"{value}); give it once"
+            )
+        given[key.strip()] = value
+
+
 def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     """The file's content on top of its ``base:`` files, recursively."""
     if not path.is_file():
@@ -331,12 +406,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     resolved = path.resolve()
     if resolved in chain:
         raise ConfigError(f"config file {path} builds on itself through 'base:'")
-    try:
-        content = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    content = read_yaml(path)
     if not isinstance(content, dict):
         raise ConfigError(
             f"config file {path} must hold a mapping of sections, not {type(content).__name__}"
@@ -349,6 +419,10 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> DictConfig:
     bases = content.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(
+            f"config file {path}: base must be a file name or a list of file names, got {bases!r}"
+        )
     merged = OmegaConf.create()
     for base in bases:
         base_cfg = _read_with_bases(path.parent / base, (*chain, resolved))
@@ -395,6 +469,12 @@ def _layer(below: DictConfig, above: DictConfig) -> DictConfig:
 
 def _merge(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
     """Merge ``update`` into the typed ``schema``, turning OmegaConf's errors into one line."""
+    if misplaced := _value_for_section(schema, update):
+        key, value = misplaced
+        raise ConfigError(
+            f"{origin}: {key} must be a mapping of its settings, not {value!r}; "
+            f"valid keys in {key!r}: {', '.join(schema_keys(key))}"
+        )
     try:
         return _layer(schema, update)
     except ConfigKeyError as e:
@@ -407,16 +487,31 @@ def _merge(schema: DictConfig, update: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(f"{origin}: {first_line(e.msg or e)}") from None
 
 
+def _value_for_section(schema: DictConfig, update: Any, prefix: str = "") -> tuple[str, Any] | None:
+    """The first key where ``update`` gives a plain value for one of ``schema``'s sections."""
+    if not isinstance(update, DictConfig):
+        return None
+    for key, value in update.items_ex(resolve=False):
+        below = schema.get(key) if key in schema else None
+        if isinstance(below, DictConfig) and OmegaConf.get_type(below) is not dict:
+            if not isinstance(value, DictConfig):
+                return f"{prefix}{key}", value
+            if found := _value_for_section(below, value, f"{prefix}{key}."):
+                return found
+    return None
+
+
+def schema_keys(section: str) -> list[str]:
+    """The keys of a section of :class:`ExperimentConfig` (``"train"``, ``"teacher.hypergrad"``)."""
+    node: Any = ExperimentConfig()
+    for part in section.split(".") if section else []:
+        node = getattr(node, part, None)
+    return list(vars(node)) if hasattr(node, "__dataclass_fields__") else []
+
+
 def _unknown_key_message(e: ConfigKeyError, origin: str) -> str:
     key = str(e.full_key)
     parent, _, _ = key.rpartition(".")
-    section: Any = ExperimentConfig()
-    for part in parent.split(".") if parent else []:
-        section = getattr(section, part, None)
-    valid = (
-        ", ".join(vars(section))
-        if section is not None and hasattr(section, "__dataclass_fields__")
-        else ""
-    )
+    valid = ", ".join(schema_keys(parent))
     where = f"'{parent}'" if parent else "the top level"
     return f"{origin}: unknown key {key!r}; valid keys in {where}: {valid}"

@@ -155,14 +155,21 @@ class RunLogger:
 
 
 class SilentLogger(RunLogger):
-    """A logger that records nothing: what a data-parallel run's ranks other than 0 hold."""
+    """A logger that records nothing: what a data-parallel run's ranks other than 0 hold, and a
+    quiet replay (:class:`~metateach.trainer.Trainer`'s ``quiet``)."""
 
-    def __init__(self, run_dir: Path) -> None:  # no file, no W&B
+    def __init__(self, run_dir: Path, wandb_id: str | None = None) -> None:  # no file, no W&B
         self.run_dir = run_dir
         self.metrics_path = run_dir / METRICS_FILE
         self._wandb = None
         self._warned = False
         self.wandb_dir = None
+        self._wandb_id = wandb_id
+
+    @property
+    def wandb_id(self) -> str | None:
+        """The W&B run this run continues, kept for its checkpoints (given by a quiet replay)."""
+        return self._wandb_id
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         pass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,14 @@ try:
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
-from metateach.checkpoint import LAST, checkpoint_path, load_checkpoint
+from metateach.checkpoint import LAST, checkpoint_path, load_checkpoint, remove_stale_writes
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.distributed import World, from_main
 from metateach.errors import CheckpointError, ConfigError
 
-__all__ = ["RunLock", "new_run_dir", "open_run", "check_same_experiment", "unfinished"]
+__all__ = [
+    "RunLock", "new_run_dir", "open_run", "check_same_experiment", "changed_settings", "unfinished",
+]  # fmt: skip
 
 #: Settings that define the experiment: a checkpoint only resumes a run that agrees on them.
 #: Everything else (epochs, device, logging, ...) may change between the two.
@@ -37,6 +41,10 @@ MUST_MATCH = (
 MAY_DIFFER = ("data.root", "data.download")
 
 
+class FolderInUse(ConfigError):
+    """Another process holds the run folder's lock."""
+
+
 #: The file a run folder's owner holds locked while it trains there.
 LOCK = ".lock"
 
@@ -50,9 +58,15 @@ class RunLock:
     """
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        self._file = open(folder / LOCK, "a+")  # noqa: SIM115 - held for the run's life
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._file = open(folder / LOCK, "a+")  # noqa: SIM115 - held for the run's life
+        except OSError as e:
+            at = f" ({e.filename})" if e.filename and str(e.filename) != str(folder) else ""
+            raise ConfigError(
+                f"cannot make the run folder {folder} (train.out_dir): {e.strerror or e}{at}"
+            ) from None
         if fcntl is None:
             return
         try:
@@ -61,7 +75,7 @@ class RunLock:
             self._file.seek(0)
             holder = self._file.read().strip() or "unknown"
             self._file.close()
-            raise ConfigError(
+            raise FolderInUse(
                 f"run folder {folder} is in use by another run (process {holder}); wait for it "
                 "to end, or choose another train.run_name"
             ) from None
@@ -110,7 +124,7 @@ def new_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
             continue
         try:
             lock = RunLock(path)
-        except ConfigError:  # another run took this name just now
+        except FolderInUse:  # another run took this name just now
             continue
         if not holds_run(path):
             return path, lock
@@ -133,10 +147,25 @@ def open_run(
     if resume:
         file = checkpoint_path(resume)
         resumed = load_checkpoint(resume)  # a run folder without one is named as such
-        check_same_experiment(resumed["config"], config_to_dict(cfg), file)
+        check_same_experiment(
+            resumed["config"], config_to_dict(cfg), file, cfg.train.resume_with_changes
+        )
         if file.parent.name == "checkpoints":  # the run's own folder
             folder = file.parent.parent
-            return folder, resumed, RunLock(folder) if world.main else None
+            if cfg.train.run_name not in (None, folder.name):
+                raise ConfigError(
+                    f"train.run_name={cfg.train.run_name!r} cannot rename the run that "
+                    f"train.resume={resume} continues in its folder {folder}: drop train.run_name "
+                    "(it names the new folder only when resuming a loose checkpoint)"
+                )
+            if not world.main:
+                return folder, resumed, None
+            lock = RunLock(folder)
+            stale = remove_stale_writes(file.parent)  # writes cut short by a kill
+            if stale:
+                print(f"removed {len(stale)} unfinished checkpoint write(s) of an earlier process "
+                      f"from {file.parent}", file=sys.stderr)  # fmt: skip
+            return folder, resumed, lock
     locks: list[RunLock] = []
 
     def make() -> Path:
@@ -160,16 +189,28 @@ def unfinished(cfg: ExperimentConfig, folder: Path) -> bool:
     return True
 
 
-def check_same_experiment(saved: dict[str, Any], current: dict[str, Any], file: Path) -> None:
-    """Refuse a checkpoint whose experiment differs from the config in a :data:`MUST_MATCH` setting."""
-    before, now = _flatten(saved), _flatten(current)
-    for key in sorted(before.keys() | now.keys()):
-        differs = before.get(key) != now.get(key)
-        if differs and key.startswith(MUST_MATCH) and key not in MAY_DIFFER:
+def check_same_experiment(
+    saved: dict[str, Any], current: dict[str, Any], file: Path, may_change: Sequence[str] = ()
+) -> None:
+    """Refuse a checkpoint whose experiment differs from the config in a :data:`MUST_MATCH` setting
+    not listed in ``may_change`` (keys or whole sections)."""
+    for key, (before, now) in changed_settings(saved, current).items():
+        if not any(key == k or key.startswith(f"{k}.") for k in may_change):
             raise CheckpointError(
-                f"checkpoint {file} belongs to a different experiment: {key} was {before.get(key)!r}, "
-                f"the config now says {now.get(key)!r}"
+                f"checkpoint {file} belongs to a different experiment: {key} was {before!r}, the "
+                f"config now says {now!r} (to continue it with this change on purpose, add "
+                f"train.resume_with_changes=[{key}])"
             )
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The settings that define the experiment and differ: key -> (saved value, value now)."""
+    before, now = _flatten(saved), _flatten(current)
+    return {
+        key: (before.get(key), now.get(key))
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key) and key.startswith(MUST_MATCH) and key not in MAY_DIFFER
+    }
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,6 +19,9 @@ Under ``torchrun`` every process runs this loop on its shard of each batch
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -48,7 +51,7 @@ from metateach.plugins import import_plugins
 from metateach.progress import EpochTotals, LossAverage, TrainState, episode_seed
 from metateach.report.diagnostics import TeacherDiagnostics
 from metateach.report.plots import plot_run
-from metateach.rundir import open_run
+from metateach.rundir import changed_settings, open_run
 from metateach.runtime import resolve_device, seed_everything
 from metateach.teacher import TeachingContext, loss_averaging
 from metateach.teaching import build_teaching
@@ -63,10 +66,15 @@ class Trainer:
     Args:
         cfg: the experiment.
         data: the data, if already built (to share one bundle between runs).
+        quiet: write checkpoints only: no config, log, W&B run or console line (the
+            replay that rebuilds the state before a failed step).
     """
 
-    def __init__(self, cfg: ExperimentConfig, data: DataBundle | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, data: DataBundle | None = None, quiet: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.quiet = quiet
         # A trainer in a process of its own (a comparison's worker) has not read the config,
         # whose plugins register the names it builds.
         import_plugins(cfg.plugins)
@@ -120,8 +128,9 @@ class Trainer:
             restore_run(self, resumed)
         self.train_loader = self._episode_loader()
 
-        if not self.world.main:  # rank 0 writes the run folder
-            self.logger: RunLogger = SilentLogger(self.run_dir)
+        if not self.world.main or quiet:  # rank 0 writes the run folder
+            kept = resumed.get("wandb_id") if resumed is not None else None
+            self.logger: RunLogger = SilentLogger(self.run_dir, kept)
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved = config_to_dict(cfg)
@@ -134,6 +143,10 @@ class Trainer:
             resume_step=self.state.global_step if resumed is not None else None,
             wandb_id=resumed.get("wandb_id") if resumed is not None else None,
         )
+        if resumed is not None and (changes := changed_settings(resumed["config"], resolved)):
+            said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            self._say(f"resumed after step {self.state.global_step} with changed settings: {said}")
+            self.logger.log({"resumed_with_changes": said}, self.state.global_step)
 
     # ------------------------------------------------------------------ #
     # The loop
@@ -150,8 +163,13 @@ class Trainer:
         call; a later ``train.resume`` continues exactly from there.
         """
         cfg = self.cfg
-        if self.state.global_step == 0 and self.world.main:
-            log_run_start(self.cfg, self.data, self.model, self.device, self.run_dir, self.logger)
+        if self.state.global_step == 0:
+            if self.world.main and not self.quiet:
+                log_run_start(cfg, self.data, self.model, self.device, self.run_dir, self.logger)
+            # The start is a checkpoint too: a run stopped (or diverged) before its first
+            # epoch ends resumes, or is replayed, from there.
+            self._save_due = True
+            self._save_if_due()
         stop_at = None if max_steps is None else self.state.global_step + max_steps
         try:
             while True:  # one student an episode
@@ -451,18 +469,78 @@ class Trainer:
         )
 
     def _stop_diverged(self) -> NoReturn:
-        """The student's gradient at this step is not finite: save the state before it, and stop."""
+        """The student's gradient at this step is not finite: save the state just before it, and stop.
+
+        By then the step has moved what comes before the student's own update
+        (a teacher's update, the validation stream, random draws, BatchNorm's
+        statistics), so that state is rebuilt: :meth:`_replay_to` runs the
+        run again from its last checkpoint, quietly, and pauses where this
+        step began. That checkpoint is kept beside it: a run that diverged
+        over several steps is better continued from there.
+        """
+        if self.quiet:  # the replay itself met the step: it could not pause before it
+            raise NonFiniteStep("the replay could not pause before the failing step")
         state = self.state
         step = state.step + 1
-        self.logger.log({"train/nonfinite_step": step}, self.state.global_step + 1)
-        saved = "the last checkpoint holds the last good state"
-        if self.teaching.strategy.can_checkpoint():
-            saved = f"the state before it is saved in {self.save(LAST)}"
+        self.logger.log({"train/nonfinite_step": step}, state.global_step + 1)
+        last = self.run_dir / "checkpoints" / LAST
+        kept, exact = self._replay_to(state.global_step, step)
+        if not exact:
+            saved = (
+                f"this teacher cannot be saved just before it (its differentiable window was open), "
+                f"so the last good state is the one saved in {last}"
+            )
+        elif kept is None:
+            saved = f"the state before it is saved in {last}"
+        else:
+            saved = (
+                f"the state before it is saved in {last}, and the checkpoint it was rebuilt from "
+                f"(step {kept[0]}) is kept as {kept[1]}"
+            )
         raise MetateachError(
-            f"the training loss became non-finite at step {step} (epoch {state.epoch + 1}, "
-            f"batch {state.batch + 1}) and its step was not taken; {saved}; "
-            "lower optim.lr or check the data"
+            f"the training loss became non-finite at step {step} (epoch {state.epoch + 1}, batch "
+            f"{state.batch + 1}) and its step was not taken; {saved}; continue from a checkpoint "
+            f"with a lower learning rate: train.resume=<checkpoint> optim.lr=<lower> "
+            "train.resume_with_changes=[optim.lr] (or check the data)"
         )
+
+    def _replay_to(self, global_step: int, failing: int) -> tuple[tuple[int, Path] | None, bool]:
+        """Rebuild the run at ``global_step`` from its last checkpoint and save it there as ``last.pt``.
+
+        The replay is a second, quiet trainer that resumes the run folder (a
+        resumed run is the same run) and pauses after the steps in between.
+        Returns the checkpoint replayed from (its step and where it is kept
+        now; None if no step needed replaying), and whether ``last.pt`` holds
+        the state at ``global_step`` (not if the teacher cannot be saved there).
+        """
+        self.logger.close()
+        if self._lock is not None:  # the replay takes the folder's lock
+            self._lock.release()
+            self._lock = None
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.resume = str(self.run_dir)
+        replay = Trainer(cfg, self.data, quiet=True)
+        since = replay.state.global_step
+        if since == global_step:
+            return None, True
+        last = self.run_dir / "checkpoints" / LAST
+        kept = last.with_name(f"step{since}.pt")
+        if replay.world.main:
+            kept.unlink(missing_ok=True)
+            try:  # the next save replaces last.pt by a rename: a second link to it stays
+                os.link(last, kept)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(last, kept)
+        self._say(
+            f"replaying steps {since + 1}-{global_step} from the checkpoint at step {since}, to "
+            f"save the state before step {failing}"
+        )
+        try:
+            replay.fit(max_steps=global_step - since)
+        except NonFiniteStep:  # last.pt is still the checkpoint it started from
+            kept.unlink(missing_ok=True)
+            return None, False
+        return (since, kept), True
 
     def _log_running_loss(self, bar: tqdm) -> None:
         totals = self._collect()
@@ -477,8 +555,8 @@ class Trainer:
         return {} if teacher is None else {f"teacher/{k}": v for k, v in teacher.metrics().items()}
 
     def _say(self, line: str) -> None:
-        """A line on the console, from rank 0 alone."""
-        if self.world.main:
+        """A line on the console, from rank 0 alone (and not from a quiet replay)."""
+        if self.world.main and not self.quiet:
             tqdm.write(line)
 
     def _set_lr(self, epoch: float) -> None:

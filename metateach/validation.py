@@ -4,8 +4,10 @@ and a teacher's learning setup against what the engine can run. Each failure is 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from metateach.errors import ConfigError, check_folder_name, first_line
@@ -94,6 +96,9 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
 
 def validate(cfg: ExperimentConfig) -> None:
     """Check names against the registries and values against their ranges."""
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
     for registry, name in [
         (DATASETS, cfg.data.name),
         (NOISES, cfg.noise.type),
@@ -130,6 +135,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key} must be {what}, got {value!r}")
     if cfg.train.run_name is not None:
         check_folder_name(cfg.train.run_name, "train.run_name")
+    _validate_changes(cfg)
     if cfg.noise.type == "none" and cfg.noise.rate != 0:
         raise ConfigError(
             f"noise.rate={cfg.noise.rate} needs a noise.type to corrupt labels (it is 'none')"
@@ -139,6 +145,43 @@ def validate(cfg: ExperimentConfig) -> None:
             "train.stop_at_target needs train.target_val_acc, the accuracy to stop at"
         )
     _validate_teacher(cfg)
+
+
+def _validate_changes(cfg: ExperimentConfig) -> None:
+    """``train.resume_with_changes``: only with ``train.resume``, and each entry a setting."""
+    changes = cfg.train.resume_with_changes
+    if changes and not cfg.train.resume:
+        raise ConfigError(
+            f"train.resume_with_changes={changes} changes a resumed run, but train.resume is unset"
+        )
+    for key in changes:
+        node: Any = cfg
+        for part in key.split("."):
+            if isinstance(node, dict):  # inside kwargs or options: any key of the thing's own
+                break
+            if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+                valid = (
+                    ", ".join(f.name for f in dataclasses.fields(node))
+                    if dataclasses.is_dataclass(node)
+                    else ""
+                )
+                raise ConfigError(
+                    f"train.resume_with_changes: {key!r} names no setting"
+                    + (f" ({part!r} is not among {valid})" if valid else "")
+                )
+            node = getattr(node, part)
+
+
+def _numbers(section: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every number of a config's sections (and of their lists), with its key."""
+    for item in dataclasses.fields(section):
+        value, key = getattr(section, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, list | tuple):
+            yield from ((key, v) for v in value if isinstance(v, float))
 
 
 def _validate_teacher(cfg: ExperimentConfig) -> None:

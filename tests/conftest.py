@@ -57,6 +57,17 @@ def cifar_batch(n: int, key: str, num_classes: int, seed: int = 0) -> dict:
     }
 
 
+def layered(*lists: list[str]) -> list[str]:
+    """Override lists joined, a later list's value of a key replacing an earlier one's (a
+    command line refuses a key given two values)."""
+    merged: dict[str, str] = {}
+    for item in (item for overrides in lists for item in overrides):
+        key = item.partition("=")[0]
+        merged.pop(key, None)
+        merged[key] = item
+    return list(merged.values())
+
+
 def write_yaml(path: Path, content: dict) -> Path:
     """``content`` as a YAML file at ``path`` (keys in order); returns the path."""
     path.write_text(yaml.safe_dump(content, sort_keys=False))

@@ -25,7 +25,7 @@ from metateach.lab.results import (
 )
 from metateach.report.diagnostics import SNAPSHOT, WeightSnapshot
 
-from .conftest import CONFIGS, QUICK, write_yaml
+from .conftest import CONFIGS, QUICK, layered, write_yaml
 
 
 def test_a_comparison_runs_each_variant_and_seed_once_and_tabulates(tmp_path: Path) -> None:
@@ -93,7 +93,22 @@ def test_the_command_line_writes_the_results(tmp_path: Path, capsys) -> None:
             {"config": "x.yaml", "variants": {"a": "teacher.name=none"}},
             "variants must map names to lists",
         ),
-        ({"config": "x.yaml", "variants": {}, "seeds": [0.5]}, "seeds must be a list of integers"),
+        (
+            {"config": "x.yaml", "variants": {}, "seeds": [0.5]},
+            "seeds must be a non-empty list of integers, got [0.5]",
+        ),
+        (
+            {"config": "x.yaml", "variants": {"a": []}, "seeds": []},
+            "seeds must be a non-empty list of integers, got []",
+        ),
+        (
+            {"config": "x.yaml", "variants": {"a": []}, "seeds": [1, 1]},
+            "seeds [1, 1] repeat a seed",
+        ),
+        (
+            {"config": "x.yaml", "variants": {"a": ["optim.lr=0.1", "optim.lr=0.2"]}},
+            "variant 'a': optim.lr is given two values (0.1, then 0.2); give it once",
+        ),
         (
             {"variants": {"a": {"config": "a.yaml"}, "b": ["optim.lr=0.1"]}},
             "missing key 'config' (variant 'b' names none of its own)",
@@ -233,7 +248,10 @@ def test_a_speed_comparison_draws_every_runs_accuracy_curve(tmp_path: Path) -> N
         "variants": {"none": ["teacher.name=none"],
                      "rand": ["teacher.name=random_filter", "teacher.refill=true"]},
     })  # fmt: skip
-    assert main([str(spec), *QUICK, "train.epochs=12", "--out", str(tmp_path / "runs")]) == 0
+    assert (
+        main([str(spec), *layered(QUICK, ["train.epochs=12"]), "--out", str(tmp_path / "runs")])
+        == 0
+    )
     folder = tmp_path / "runs" / "speed"
     assert "| 1/1 |" in (folder / "results.md").read_text()
     assert (folder / "results_speed.png").stat().st_size > 10_000

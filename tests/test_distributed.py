@@ -20,7 +20,7 @@ from metateach.errors import ConfigError
 from metateach.teaching import build_teaching
 from metateach.trainer import Trainer
 
-from .conftest import CONFIGS, REPO, kill_once_checkpointed, without_measurements
+from .conftest import CONFIGS, REPO, kill_once_checkpointed, layered, without_measurements
 
 #: Two processes sum two halves of each batch's gradient where one process takes the
 #: whole batch in one kernel: float32 rounding, compounded over 40 steps, stays below this.
@@ -44,8 +44,8 @@ def torchrun_command(tmp_path: Path, *overrides: str) -> list[str]:
     """``torchrun --standalone --nproc_per_node=2 tools/train.py`` on the quickstart."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "tools/train.py", str(CONFIGS / "quickstart.yaml"), *COMMON, *overrides,
-        f"train.out_dir={tmp_path}",
+        "tools/train.py", str(CONFIGS / "quickstart.yaml"),
+        *layered(COMMON, [*overrides, f"train.out_dir={tmp_path}"]),
     ]  # fmt: skip
 
 
@@ -184,7 +184,7 @@ def test_two_processes_killed_mid_run_resume_exactly(tmp_path: Path) -> None:
     time.sleep(1)  # nothing is left running: the folder stays as the kill left it
     assert load_checkpoint(last)["progress"]["step"] == cut
     assert 20 < cut < 120 and not (tmp_path / "cut" / "summary.json").exists()
-    torchrun(tmp_path, "resumed", *longer, f"train.resume={tmp_path / 'cut'}")
+    torchrun(tmp_path, "cut", *longer, f"train.resume={tmp_path / 'cut'}")  # on in its folder
     resumed, expected = load_checkpoint(last), load_checkpoint(straight)
     for part in ("model", "teacher"):
         for key, value in expected[part].items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from .conftest import (
     QUICK,
     REPO,
     kill_once_checkpointed,
+    layered,
     wait_for_checkpoint,
     without_measurements,
 )
@@ -113,8 +115,8 @@ def test_wandb_in_an_unwritable_place_warns_once_and_training_goes_on(
     run = tmp_path / "r"
     (run / "wandb").write_text("a file where W&B wants its folder")  # W&B cannot write there
     capsys.readouterr()
-    resumed = [str(CONFIGS / "quickstart.yaml"), *quick, "train.epochs=3", "logging.wandb=offline",
-               f"train.resume={run}"]  # fmt: skip
+    resumed = [str(CONFIGS / "quickstart.yaml"),
+               *layered(quick, ["train.epochs=3", "logging.wandb=offline", f"train.resume={run}"])]  # fmt: skip
     assert main(resumed) == 0
     err = capsys.readouterr().err
     assert len(re.findall(r"warning: W&B (could not start|failed)", err)) == 1, err
@@ -153,6 +155,77 @@ def test_a_run_skips_and_counts_non_finite_hypergradients_and_goes_on(
     assert all(torch.isfinite(p).all() for p in after)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert metrics["test/acc"] > 0.5
+
+
+def same_state(a: object, b: object, where: str = "") -> None:
+    """Assert two checkpoints hold the same run state, bit for bit (timings and names aside)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        named = {str(k): k for k in a if k not in ("config", "seconds")}  # optimizer states: ints
+        for key in map(named.get, without_measurements(named)):
+            same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b or (a != a and b != b), where  # nan is the same nan
+
+
+@pytest.mark.parametrize("teacher", ["learning_to_reweight", "meta_weight_net"])
+def test_a_diverged_step_leaves_exactly_the_state_before_it_and_resumes_with_a_lower_rate(
+    tmp_path: Path, capsys, teacher: str
+) -> None:
+    argv = [QUICKSTART, *QUICK, f"teacher.name={teacher}", f"train.out_dir={tmp_path}",
+            "train.progress=false"]  # fmt: skip
+    assert main([*argv, "optim.lr=1e10", "train.run_name=diverged"]) == 2
+    run = tmp_path / "diverged"
+    err = capsys.readouterr().err.splitlines()[-1]
+    found = re.fullmatch(
+        r"error: the training loss became non-finite at step (\d+) \(epoch 1, batch \d+\) and its "
+        rf"step was not taken; the state before it is saved in {re.escape(str(run))}/checkpoints/"
+        rf"last.pt, and the checkpoint it was rebuilt from \(step 0\) is kept as "
+        rf"{re.escape(str(run))}/checkpoints/step0.pt; continue from a checkpoint with a lower "
+        r"learning rate: train.resume=<checkpoint> optim.lr=<lower> "
+        r"train.resume_with_changes=\[optim.lr\] \(or check the data\)",
+        err,
+    )
+    assert found, err
+    step = int(found.group(1))
+    assert step >= 3  # the steps since the checkpoint at the start were replayed
+    # The saved state is the one a run paused before that step saves: stream positions,
+    # teacher, optimizers, the teacher's metric lists and random states, bit for bit.
+    paused = Trainer(load_config(QUICKSTART, [*argv[1:], "optim.lr=1e10", "train.run_name=paused"]))
+    paused.fit(max_steps=step - 1)
+    saved = load_checkpoint(run)
+    assert saved["progress"]["step"] == step - 1
+    same_state(saved, load_checkpoint(paused.run_dir))
+    # Resumed as it is, the same step diverges again.
+    assert main([*argv, "optim.lr=1e10", f"train.resume={run}"]) == 2
+    assert f"non-finite at step {step} " in capsys.readouterr().err
+    # Another rate is another experiment, unless the change is named. The state just before
+    # the step is past saving (the weights blew up over the steps before it); from the
+    # checkpoint it was rebuilt from, the run goes on at the lower rate.
+    start = run / "checkpoints" / "step0.pt"
+    assert main([*argv, "optim.lr=0.001", f"train.resume={start}"]) == 2
+    assert "add train.resume_with_changes=[optim.lr])" in capsys.readouterr().err
+    changed = [
+        *argv,
+        "optim.lr=0.001",
+        f"train.resume={start}",
+        "train.resume_with_changes=[optim.lr]",
+    ]
+    assert main(changed) == 0
+    records = read_metrics(run)
+    assert {"step": 0, "resumed_with_changes": "optim.lr 10000000000.0 -> 0.001"} in records
+    assert not any("train/nonfinite_step" in r for r in records)  # the records past step 0 went
+    assert [r["epoch"] for r in records if "epoch" in r] == [1]
+    assert json.loads((run / "summary.json").read_text())["steps"] == -(
+        -200 // 64
+    )  # an epoch of batches of 64
+    assert load_checkpoint(run)["config"]["optim"]["lr"] == 0.001
 
 
 # --------------------------------------------------------------------------- #
@@ -207,7 +280,7 @@ BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
      r"MNIST not found under data root '.*': expected .*/MNIST/raw/train-images-idx3-ubyte"),
     ("corrupt checkpoint", lambda t: [QUICKSTART, f"train.resume={corrupt_checkpoint(t)}"],
      r"cannot read checkpoint .*corrupt.pt: "),
-    ("checkpoint of another model", lambda t: [QUICKSTART, *QUICK, "model.kwargs.hidden=[64]",
+    ("checkpoint of another model", lambda t: [QUICKSTART, *layered(QUICK, ["model.kwargs.hidden=[64]"]),
                                                f"train.resume={trained_run(t)}"],
      r"checkpoint .*last.pt belongs to a different experiment: model.kwargs.hidden was \[16\], "
      r"the config now says \[64\]"),
@@ -232,7 +305,132 @@ BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("checkpoint of an unknown format", lambda t: [QUICKSTART, *QUICK,
                                                    f"train.resume={reformatted(trained_run(t))}"],
      r"checkpoint .*last.pt has format 999; this metateach reads format 1 \(a newer metateach"),
+    ("config that is not UTF-8", lambda t: [written(t, b"train:\n  epochs: 1\n# caf\xe9\n")],
+     r"config file .*bad.yaml is not UTF-8 text: byte 0xe9 on line 3"),
+    ("config with a YAML syntax error", lambda t: [written(t, b"train:\n  epochs: [1\n  seed: 2\n")],
+     r"config file .*bad.yaml is not valid YAML at line 3, column 7: expected ',' or ']'"),
+    ("config that gives a key twice", lambda t: [written(t, b"train:\n  epochs: 1\n  epochs: 2\n")],
+     r"config file .*bad.yaml is not valid YAML at line 3, column 3: key 'epochs' is given twice "
+     r"\(first on line 2\)"),
+    ("empty config file", lambda t: [written(t, b"# nothing yet\n")],
+     r"config file .*bad.yaml is empty: it holds no settings"),
+    ("base that is not a file name", lambda t: [written(t, f"base: [{QUICKSTART}, 7]\n".encode())],
+     r"config file .*bad.yaml: base must be a file name or a list of file names, got \['.*', 7\]"),
+    ("section given a value", lambda t: [written(t, b"train: 5\n")],
+     r"config file .*bad.yaml: train must be a mapping of its settings, not 5; valid keys in "
+     r"'train': epochs, batch_size, "),
+    ("section given a value on the command line", lambda t: [QUICKSTART, "teacher.hypergrad=5"],
+     r"overrides: teacher.hypergrad must be a mapping of its settings, not 5; valid keys in "
+     r"'teacher.hypergrad': method, "),
+    ("override given two values", lambda t: [QUICKSTART, "optim.lr=0.1", "optim.lr=0.2"],
+     r"overrides: optim.lr is given two values \(0.1, then 0.2\); give it once"),
+    ("infinite learning rate", lambda t: [QUICKSTART, "optim.lr=inf"],
+     r"optim.lr must be a finite number, got inf"),
+    ("model option of the wrong type", lambda t: [QUICKSTART, "model.kwargs.hidden=abc"],
+     r"model.kwargs.hidden='abc' does not fit model 'mlp': it takes a list of an integer"),
+    ("teacher option of the wrong type", lambda t: [QUICKSTART, "teacher.name=meta_weight_net",
+                                                    "teacher.kwargs.hidden=abc"],
+     r"teacher.kwargs.hidden='abc' does not fit teacher 'meta_weight_net': it takes an integer"),
+    ("hypergradient option of the wrong type", lambda t: [
+        QUICKSTART, "teacher.name=meta_weight_net", "teacher.hypergrad.method=finite_difference",
+        "teacher.hypergrad.options.epsilon=abc"],
+     r"teacher.hypergrad.options.epsilon='abc' does not fit hypergradient method "
+     r"'finite_difference': it takes a number"),
+    *[(f"MNIST with {damage}", lambda t, damage=damage: [QUICKSTART, "data.name=mnist",
+                                                         f"data.root={damaged_mnist(t, damage)}"],
+       message) for damage, message in [
+        ("a truncated image file", r".*/t10k-images-idx3-ubyte is 8000 bytes, but its header describes "
+                                   r"20 x 28 x 28 values \(15696 bytes\): the file is truncated"),
+        ("a truncated label file", r".*/train-labels-idx1-ubyte is 20 bytes, but its header describes "
+                                   r"20 values \(28 bytes\): the file is truncated"),
+        ("a bad magic number", r".*/train-images-idx3-ubyte is not an IDX file of 3-dimensional "
+                               r"unsigned bytes: it begins 00000903, not 00000803"),
+        ("fewer labels than images", r".*/t10k-labels-idx1-ubyte holds 12 labels for the 20 images "
+                                     r"of t10k-images-idx3-ubyte: the two files do not belong together"),
+    ]],
+    ("output folder that is a file", lambda t: [QUICKSTART, f"train.out_dir={written(t, b'')}",
+                                                "train.run_name=r"],
+     r"cannot make the run folder .*bad.yaml/r \(train.out_dir\): Not a directory"),
+    ("output folder that cannot be written", lambda t: [QUICKSTART, "train.out_dir=/sys/metateach",
+                                                        "train.run_name=r"],
+     r"cannot make the run folder /sys/metateach/r \(train.out_dir\): Operation not permitted "
+     r"\(/sys/metateach\)"),
+    ("checkpoint without its config", lambda t: [QUICKSTART, *QUICK,
+                                                 f"train.resume={crafted(trained_run(t), 'config')}"],
+     r"checkpoint .*last.pt is damaged: it has no 'config' \(its experiment\)"),
+    ("checkpoint without its running totals", lambda t: [
+        QUICKSTART, *QUICK, f"train.resume={crafted(trained_run(t), 'progress.totals')}"],
+     r"checkpoint .*last.pt is damaged: its progress record does not fit \(KeyError: 'totals'\)"),
+    ("checkpoint of the wrong shape", lambda t: [QUICKSTART, *QUICK,
+                                                 f"train.resume={reshaped(trained_run(t))}"],
+     r"checkpoint does not fit this run: Error\(s\) in loading state_dict for MLP: size mismatch "
+     r"for layers.0.weight: copying a param with shape torch.Size\(\[16, 32\]\) from checkpoint, "
+     r"the shape in current model is torch.Size\(\[16, 64\]\).$"),
+    ("run name beside a resumed run folder", lambda t: [QUICKSTART, *QUICK, "train.run_name=other",
+                                                        f"train.resume={trained_run(t)}"],
+     r"train.run_name='other' cannot rename the run that train.resume=.*done continues in its "
+     r"folder .*done: drop train.run_name"),
+    ("changes allowed without a resume", lambda t: [QUICKSTART, "train.resume_with_changes=[optim.lr]"],
+     r"train.resume_with_changes=\['optim.lr'\] changes a resumed run, but train.resume is unset"),
+    ("a change that names no setting", lambda t: [QUICKSTART, *QUICK, f"train.resume={trained_run(t)}",
+                                                  "train.resume_with_changes=[optim.rate]"],
+     r"train.resume_with_changes: 'optim.rate' names no setting \('rate' is not among name, lr, "),
 ]  # fmt: skip
+
+
+def written(tmp_path: Path, content: bytes) -> str:
+    """A config file holding ``content``."""
+    (tmp_path / "bad.yaml").write_bytes(content)
+    return str(tmp_path / "bad.yaml")
+
+
+def damaged_mnist(tmp_path: Path, damage: str) -> Path:
+    """A data root holding MNIST's four IDX files (20 blank images each split), one damaged."""
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            struct.pack(">4I", 0x803, 20, 28, 28) + bytes(20 * 28 * 28)
+        )
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">2I", 0x801, 20) + bytes(range(10)) * 2
+        )
+    if damage == "a truncated image file":
+        file = raw / "t10k-images-idx3-ubyte"
+        file.write_bytes(file.read_bytes()[:8000])
+    elif damage == "a truncated label file":
+        file = raw / "train-labels-idx1-ubyte"
+        file.write_bytes(file.read_bytes()[:20])
+    elif damage == "a bad magic number":
+        file = raw / "train-images-idx3-ubyte"
+        file.write_bytes(struct.pack(">I", 0x903) + file.read_bytes()[4:])
+    elif damage == "fewer labels than images":
+        (raw / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 0x801, 12) + bytes(12))
+    else:
+        raise AssertionError(damage)
+    return tmp_path / "mnist"
+
+
+def crafted(run: Path, missing: str) -> Path:
+    """``run`` with its last checkpoint lacking the entry ``missing`` (dotted for a nested one)."""
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    *parents, key = missing.split(".")
+    holder = state
+    for part in parents:
+        holder = holder[part]
+    del holder[key]
+    torch.save(state, last)
+    return run
+
+
+def reshaped(run: Path) -> Path:
+    """``run`` with the first layer of its last checkpoint's MLP cut to half its inputs."""
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["model"]["layers.0.weight"] = state["model"]["layers.0.weight"][:, :32].clone()
+    torch.save(state, last)
+    return run
 
 
 def reformatted(run: Path) -> Path:
@@ -253,7 +451,8 @@ def test_bad_input_ends_in_one_line_naming_the_problem(
     capsys.readouterr()
     quiet = ["logging.wandb=disabled", f"train.out_dir={tmp_path / 'runs'}", "train.progress=false",
              "train.epochs=1"]  # fmt: skip
-    code = main([config, *quiet, *overrides])
+    given = {o.partition("=")[0] for o in overrides}  # the case's own keys win over these
+    code = main([config, *[q for q in quiet if q.partition("=")[0] not in given], *overrides])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
@@ -269,9 +468,9 @@ def test_a_second_run_under_a_name_in_use_is_refused_and_the_first_is_intact(
     tmp_path: Path, capsys
 ) -> None:
     run = tmp_path / "shared"
-    first = [sys.executable, "tools/train.py", str(CONFIGS / "quickstart.yaml"), *KILLABLE,
-             f"train.out_dir={tmp_path}", "train.run_name=shared", "train.seed=0",
-             "train.epochs=30"]  # fmt: skip
+    first = [sys.executable, "tools/train.py", str(CONFIGS / "quickstart.yaml"),
+             *layered(KILLABLE, [f"train.out_dir={tmp_path}", "train.run_name=shared", "train.seed=0",
+                                 "train.epochs=30"])]  # fmt: skip
     process = subprocess.Popen(first, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_checkpoint(process, run, past_step=0)
@@ -319,10 +518,76 @@ def test_a_loose_checkpoint_resumes_into_a_new_run_folder(tmp_path: Path) -> Non
     loose = tmp_path / "handed_over" / "model.pt"
     loose.parent.mkdir()
     loose.write_bytes((done / "checkpoints" / "last.pt").read_bytes())
-    argv = [QUICKSTART, *QUICK, f"train.out_dir={tmp_path / 'runs'}", "train.progress=false",
-            "train.epochs=2", f"train.resume={loose}", "train.run_name=continued"]  # fmt: skip
+    argv = [QUICKSTART, *layered(QUICK, [f"train.out_dir={tmp_path / 'runs'}", "train.progress=false",
+            "train.epochs=2", f"train.resume={loose}", "train.run_name=continued"])]  # fmt: skip
     assert main(argv) == 0
     assert sorted(p.name for p in loose.parent.iterdir()) == ["model.pt"]  # nothing beside it
     continued = tmp_path / "runs" / "continued"
     assert [r["epoch"] for r in read_metrics(continued) if "epoch" in r] == [2]
     assert main(argv) == 2  # a second loose resume under that name cannot overwrite it
+
+
+def test_the_unfinished_checkpoint_writes_of_a_killed_run_go_when_it_resumes(
+    tmp_path: Path, capsys
+) -> None:
+    run = trained_run(tmp_path)
+    stale = [run / "checkpoints" / f".last.pt.{pid}.tmp" for pid in (4242, 4343)]
+    for file in stale:
+        file.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    argv = [QUICKSTART, *layered(QUICK, ["train.epochs=2"]), f"train.resume={run}"]
+    assert main([*argv, f"train.out_dir={tmp_path}", "train.progress=false"]) == 0
+    assert not any(file.exists() for file in stale)
+    assert (
+        f"removed 2 unfinished checkpoint write(s) of an earlier process from {run}/checkpoints"
+        in (capsys.readouterr().err)
+    )
+
+
+def test_a_run_folder_that_turns_read_only_mid_run_stops_in_one_line(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metateach.checkpoint
+
+    written = []
+
+    def refuses_after_the_first(file: Path, mode: str):  # type: ignore[no-untyped-def]
+        if written:  # the folder turned read-only after the run's first checkpoint
+            raise PermissionError(13, "Permission denied", str(file))
+        written.append(file)
+        return open(file, mode)  # noqa: SIM115 - the checkpoint writer closes it
+
+    monkeypatch.setattr(metateach.checkpoint, "open", refuses_after_the_first, raising=False)
+    argv = [QUICKSTART, *QUICK, f"train.out_dir={tmp_path}", "train.progress=false",
+            "train.run_name=r", "train.checkpoint_every_steps=2"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: cannot write checkpoint {tmp_path}/r/checkpoints/last.pt: Permission denied "
+        "(the previous one is intact)\n"
+    )
+    assert load_checkpoint(tmp_path / "r")["progress"]["step"] == 0  # the run's first, whole
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"config: x.yaml\nvariants:\n  a: [x\n  b: []\n",
+         r"comparison file .*bad.yaml is not valid YAML at line 4, column 4: expected ',' or ']'"),
+        (b"config: x.yaml\nvariants: {a: []}\n# \xff\n",
+         r"comparison file .*bad.yaml is not UTF-8 text: byte 0xff on line 3"),
+        (b"config: x.yaml\nseeds: []\nvariants: {a: []}\n",
+         r"comparison file .*bad.yaml: seeds must be a non-empty list of integers, got \[\]"),
+        (b"", r"comparison file .*bad.yaml is empty: it holds no settings"),
+    ],
+    ids=["syntax error", "not UTF-8", "no seeds", "empty"],
+)  # fmt: skip
+def test_a_bad_comparison_file_ends_in_one_line(
+    tmp_path: Path, capsys, content: bytes, message: str
+) -> None:
+    from metateach.lab.compare_cli import main as compare
+
+    capsys.readouterr()
+    assert compare([written(tmp_path, content), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(message, err.removeprefix("error: ")), err

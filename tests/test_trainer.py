@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 from metateach.checkpoint import load_checkpoint, save_checkpoint
 from metateach.errors import CheckpointError, ConfigError, MetateachError
 from metateach.logging import read_metrics
+from metateach.progress import TrainState
 from metateach.trainer import Trainer
 
 from .conftest import without_measurements
@@ -172,17 +174,23 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "checkpoints" / "last.pt"
-    save_checkpoint(path, {"format": 1, "model": {"w": torch.ones(3)}, "progress": {"step": 1}})
+
+    def checkpoint(step: int) -> dict:
+        progress = asdict(TrainState(step=step))
+        return {"format": 1, "config": {}, "model": {"w": torch.ones(3)}, "progress": progress}
+
+    save_checkpoint(path, checkpoint(1))
 
     def dies_half_way(obj: object, f: object) -> None:
         f.write(b"partial bytes")  # type: ignore[attr-defined]
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(
-            path, {"format": 1, "model": {"w": torch.zeros(3)}, "progress": {"step": 2}}
-        )
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot write checkpoint .*last.pt: disk full \(the previous one is intact\)",
+    ):
+        save_checkpoint(path, checkpoint(2))
     monkeypatch.undo()
     assert load_checkpoint(path)["progress"]["step"] == 1
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
@@ -196,7 +204,9 @@ def test_a_diverging_run_stops_at_the_step_and_saves_the_state_before_it(make_co
     step = trainer.state.step + 1  # the step that diverged was not taken
     assert re.fullmatch(
         rf"the training loss became non-finite at step {step} \(epoch 1, batch {step}\) and its "
-        r"step was not taken; the state before it is saved in .*last.pt; lower optim.lr or check the data",
+        r"step was not taken; the state before it is saved in .*last.pt, and the checkpoint it was "
+        r"rebuilt from \(step 0\) is kept as .*step0.pt; continue from a checkpoint with a lower "
+        r"learning rate: .*",
         message,
     )
     saved = load_checkpoint(trainer.run_dir)

@@ -12,7 +12,9 @@ CIFAR-10 takes 180 MB this way, SVHN 230 MB, MNIST 55 MB.
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +123,10 @@ def _mnist_like(
     cls_name: str, mean: float, std: float, classes: tuple[str, ...]
 ) -> Callable[[Path, bool], ImageData]:
     def build(root: Path, download: bool) -> ImageData:
-        how = f"expected {root / cls_name / 'raw'}/train-images-idx3-ubyte and its three siblings"
+        raw = root / cls_name / "raw"
+        how = f"expected {raw}/train-images-idx3-ubyte and its three siblings"
+        for split in ("train", "t10k"):
+            _check_idx_pair(raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte")
         train = _torchvision(cls_name, root, download, how, train=True)
         test = _torchvision(cls_name, root, download, how, train=False)
         return ImageData(
@@ -132,6 +137,41 @@ def _mnist_like(
         )
 
     return build
+
+
+def _check_idx_pair(images: Path, labels: Path) -> None:
+    """Raise :class:`DataError` unless the two IDX files (where present) are whole and agree.
+
+    Torchvision reads a damaged file with a bare assertion or a reshape error;
+    this names the file and what is wrong with it.
+    """
+    if not (images.is_file() and labels.is_file()):
+        return  # torchvision says what is missing (or downloads it)
+    n_images, n_labels = _idx_length(images, 3), _idx_length(labels, 1)
+    if n_images != n_labels:
+        raise DataError(
+            f"{labels} holds {n_labels} labels for the {n_images} images of {images.name}: the two "
+            "files do not belong together; replace them with the originals"
+        )
+
+
+def _idx_length(path: Path, dims: int) -> int:
+    """How many items an IDX file of unsigned bytes with ``dims`` dimensions holds, once checked."""
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * dims)
+    if len(header) < 4 + 4 * dims or header[:4] != bytes((0, 0, 0x08, dims)):
+        raise DataError(
+            f"{path} is not an IDX file of {dims}-dimensional unsigned bytes: it begins "
+            f"{header[:4].hex()}, not 000008{dims:02x}; replace it with the original"
+        )
+    shape = struct.unpack(f">{dims}I", header[4:])
+    expected, size = len(header) + math.prod(shape), path.stat().st_size
+    if size != expected:
+        raise DataError(
+            f"{path} is {size} bytes, but its header describes {' x '.join(map(str, shape))} "
+            f"values ({expected} bytes): the file is truncated or damaged; replace it with the original"
+        )
+    return shape[0]
 
 
 DATASETS.register("mnist")(_mnist_like("MNIST", 0.1307, 0.3081, tuple(str(i) for i in range(10))))

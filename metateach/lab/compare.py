@@ -62,7 +62,7 @@ from typing import Any
 
 import yaml
 
-from metateach.config import config_to_dict, load_config
+from metateach.config import check_overrides, config_to_dict, load_config, read_yaml
 from metateach.errors import ConfigError, check_folder_name, check_keys
 from metateach.rundir import check_same_experiment, unfinished
 
@@ -115,7 +115,7 @@ def load_comparison(path: str | Path) -> Comparison:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"comparison file not found: {path}")
-    content = yaml.safe_load(path.read_text()) or {}
+    content = read_yaml(path, "comparison file")
     check_keys(
         content,
         {"config", "seeds", "variants", "overrides", "paper", "table", "figure2", "select"},
@@ -129,8 +129,16 @@ def load_comparison(path: str | Path) -> Comparison:
         because = f" (variant {lacking[0]!r} names none of its own)" if lacking else ""
         raise ConfigError(f"comparison file {path}: missing key 'config'{because}")
     seeds = content.get("seeds", [0, 1, 2])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"comparison file {path}: seeds must be a list of integers")
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
+        raise ConfigError(
+            f"comparison file {path}: seeds must be a non-empty list of integers, got {seeds!r}"
+        )
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"comparison file {path}: seeds {seeds} repeat a seed")
+    overrides = content.get("overrides", [])
+    if not isinstance(overrides, list):
+        raise ConfigError(f"comparison file {path}: overrides must be a list of key=value")
+    check_overrides([str(o) for o in overrides], f"comparison file {path}: overrides")
     select = content.get("select", {})
     if not isinstance(select, dict) or not all(
         isinstance(group, list)
@@ -162,7 +170,7 @@ def load_comparison(path: str | Path) -> Comparison:
         seeds=seeds,
         variants=variants,
         name=path.stem,
-        overrides=[str(o) for o in content.get("overrides", [])],
+        overrides=[str(o) for o in overrides],
         paper={str(k): float(v) for k, v in paper.items()},
         configs=configs,
         pairs=_paired_table(content["table"], variants, path) if "table" in content else None,
@@ -218,6 +226,7 @@ def _variants(content: Any, path: Path) -> tuple[dict[str, list[str]], dict[str,
         if not isinstance(value, list):
             raise ConfigError(usage)
         variants[str(name)] = [str(o) for o in value]
+        check_overrides(variants[str(name)], f"comparison file {path}: variant {name!r}")
     return variants, configs
 
 

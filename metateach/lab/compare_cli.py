@@ -56,12 +56,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "compare.py") -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
+    from metateach.config import check_overrides
     from metateach.errors import ConfigError, MetateachError, first_line
     from metateach.lab.compare import load_comparison, run_comparison
     from metateach.lab.results import write_results
 
     try:
         with sigterm_exits():
+            check_overrides(args.overrides)
             comparison = load_comparison(args.comparison)
             if args.seeds:
                 if unknown := sorted(set(args.seeds) - set(comparison.seeds)):

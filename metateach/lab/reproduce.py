@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from metateach.config import load_config
+from metateach.config import check_overrides, load_config, read_yaml
 from metateach.errors import ConfigError, check_keys
 from metateach.lab.compare import load_comparison, run_comparison
 from metateach.lab.results import write_results
@@ -80,7 +78,7 @@ def load_suite(name_or_path: str | Path, suites_dir: Path = Path("configs/suites
             f"no suite {str(name_or_path)!r}: neither a file nor a name in {suites_dir} "
             f"(available: {', '.join(known) or 'none'})"
         )
-    content = yaml.safe_load(path.read_text()) or {}
+    content = read_yaml(path, "suite")
     check_keys(content, {"comparisons", "train"}, f"suite {path}")
     comparisons = content.get("comparisons")
     if not isinstance(comparisons, dict) or not comparisons:
@@ -104,6 +102,7 @@ def _entry(value: Any, file_key: str, path: Path, where: str) -> SuiteEntry:
     overrides = value.get("overrides", [])
     if not isinstance(overrides, list):
         raise ConfigError(f"suite {path}: {where}: overrides must be a list of key=value")
+    check_overrides([str(o) for o in overrides], f"suite {path}: {where}: overrides")
     data = value.get("data")
     return SuiteEntry(
         Path(os.path.normpath(path.parent / str(value[file_key]))),
