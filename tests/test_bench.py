@@ -7,13 +7,16 @@ import json
 import torch
 
 from metateach.lab.bench import (
+    FLOORS,
     BenchSettings,
     _teaching_step,
     bare_sgd_steps,
     higher_lookahead_step,
     main,
+    paired_ratios,
     random_bundle,
     run_bench,
+    summarize,
     teacher_step_memory,
     torch_optimizer,
     trainer_for,
@@ -30,11 +33,13 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
     assert set(figures) == {
         "plain_step_ms",
         "framework_overhead",
+        "python_overhead",
         "lookahead_vs_plain",
         "lookahead_adamw_vs_plain",
         "l2rw_vs_plain",
         "loss_fn_lookahead_vs_plain",
         "deep_interaction_vs_plain",
+        "deep_interaction_reversible_vs_plain",
         "dln_vs_plain",
         "co_teaching_vs_plain",
         "srit_vs_plain",
@@ -45,10 +50,45 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
         "unrolled_memory_b20_vs_b1",
         "unrolled_memory_b20_vs_b2",
     }
-    assert all(v > 0 for v in figures.values())
+    assert all(f["value"] > 0 for k, f in figures.items() if k != "python_overhead")
+    assert 0 <= figures["python_overhead"]["value"] < 1
+    # Every timed ratio carries its spread; every teaching step its counted floor.
+    for key, figure in figures.items():
+        timed = key.endswith("_vs_plain") or key in (
+            "framework_overhead",
+            "ours_vs_higher_lookahead",
+        )
+        assert (figure["iqr"] is not None) == timed, key
+        if figure["iqr"] is not None:
+            assert figure["iqr"][0] <= figure["value"] <= figure["iqr"][1], key
+        if key.endswith("_vs_plain"):
+            assert figure["floor"] == FLOORS[key][0] >= 1, key
     # Each figure has its row in the table.
     for key in figures:
         assert any(line.startswith(key) for line in lines[1:-1])
+
+
+def test_pairs_alternate_their_order_and_the_figure_is_the_median_ratio() -> None:
+    calls: list[str] = []
+    settings = BenchSettings("mlp", "{}", (1, 8, 8), 10, 8, steps=1, repeats=3, warmup=0)
+    ratios, reference = paired_ratios(
+        lambda: calls.append("A"), lambda: calls.append("B"), settings
+    )
+    assert calls == ["A", "B", "B", "A", "A", "B"]  # AB, BA, AB: a drift falls on both
+    assert len(ratios) == 3 and all(r > 0 for r in ratios) and reference > 0
+    figure = summarize([1.0, 4.0, 2.0, 3.0], floor=1.5)
+    assert figure.value == 2.5 and figure.iqr == (1.75, 3.25) and figure.floor == 1.5
+
+
+def test_the_bench_refuses_a_gpu_it_does_not_have(capsys) -> None:
+    if torch.cuda.is_available():  # there, --device cuda runs: the code path this machine lacks
+        settings = BenchSettings("mlp", "{hidden: [16]}", (1, 8, 8), 10, 8, 1, 2, 1, "cuda")
+        assert run_bench(settings, ["l2rw_vs_plain"])["l2rw_vs_plain"].value > 0
+        return
+    assert main([*TINY, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --device cuda: CUDA is not available here; use --device cpu\n"
+    )
 
 
 def test_keys_pick_the_teaching_steps_timed() -> None:
@@ -56,6 +96,8 @@ def test_keys_pick_the_teaching_steps_timed() -> None:
     assert set(run_bench(settings, ["l2rw_vs_plain"])) == {
         "plain_step_ms", "framework_overhead", "l2rw_vs_plain"
     }  # fmt: skip
+    trainer = trainer_for(settings, [], random_bundle(8, 8, (1, 8, 8), 10))
+    assert trainer.cfg.train.device == "cpu"  # the bench's device is the trainer's
 
 
 def test_the_bare_reference_learns_as_the_trainers_plain_step_does() -> None:

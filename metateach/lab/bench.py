@@ -1,15 +1,25 @@
 """The cost of a teaching step against a plain training step, as ratios measured in one process.
 
 Every time figure is time(subject) / time(reference), both measured here:
-after warm-up, the subject's measurements alternate with the reference's,
-and the ratio is of the medians. The reference is a plain SGD step in bare
-PyTorch (an AdamW step for ``lookahead_adamw_vs_plain``, whose student is AdamW), or for ``ours_vs_higher_lookahead`` the same Meta-Weight-Net
-iteration written with ``higher``. Teachers that step every K student
-steps are measured over whole spans of K. The memory figures compare the
-peak graph memory of a teacher step at two truncations B. The student and
-the data are random tensors of the asked shape (timing does not need real
-images); the subjects run through the library's own trainer and teaching
-strategies.
+after warm-up, measurements of the subject and of the reference alternate
+(in the order AB, then BA, ...), each pair gives a ratio, and a figure is
+the median of its pairs' ratios, reported with their interquartile range.
+The reference is a plain SGD step in bare PyTorch (an AdamW step for
+``lookahead_adamw_vs_plain``, whose student is AdamW), or for
+``ours_vs_higher_lookahead`` the same Meta-Weight-Net iteration written
+with ``higher``. Teachers that step every K student steps are measured over
+whole spans of K. The memory figures compare the peak graph memory of a
+teacher step at two truncations B. Beside each figure stands its *floor*
+(:data:`FLOORS`): what the exact algorithm must compute, counted in plain
+steps (a forward pass 1 unit, a backward 2, a plain step 3).
+``python_overhead`` is the machine-independent check of the trainer: the
+share of a plain step's time that the trainer adds outside PyTorch's
+operators, by the profiler.
+
+The student and the data are random tensors of the asked shape (timing
+does not need real images); the subjects run through the library's own
+trainer and teaching strategies. On CUDA (``--device cuda``) the times are
+CUDA events' and the memory the allocator's peak.
 
 ``tools/bench.py`` prints the table (and with ``--json`` a JSON line).
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +47,8 @@ from metateach.optim.rules import reference_copy, rule_of
 from metateach.trainer import Trainer
 
 __all__ = [
-    "BenchSettings", "random_bundle", "paired_seconds", "run_bench", "bare_sgd_steps", "trainer_for",
+    "BenchSettings", "Figure", "FLOORS", "random_bundle", "paired_ratios", "summarize",
+    "python_overhead", "run_bench", "bare_sgd_steps", "trainer_for",
 ]  # fmt: skip
 
 
@@ -49,9 +61,23 @@ class BenchSettings:
     image_shape: tuple[int, int, int] = (3, 32, 32)
     num_classes: int = 10
     batch_size: int = 100
-    steps: int = 5  # timed student steps per measurement
-    repeats: int = 5  # measurements; the median is reported
+    steps: int = 3  # timed student steps per measurement
+    repeats: int = 8  # pairs of measurements (subject, reference); the median ratio is reported
     warmup: int = 2  # untimed steps before the first measurement
+    device: str = "cpu"  # cpu or cuda (CUDA events time the steps)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A bench figure: the median ratio, the interquartile range of the pairs' ratios (None for
+    a figure measured once), and the floor of :data:`FLOORS` (None where none is counted)."""
+
+    value: float
+    iqr: tuple[float, float] | None = None
+    floor: float | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {"value": self.value, "iqr": self.iqr, "floor": self.floor}
 
 
 def random_bundle(
@@ -86,27 +112,100 @@ def bench_data(settings: BenchSettings, batches: int) -> DataBundle:
     return random_bundle(size * batches, 2 * size, settings.image_shape, settings.num_classes)
 
 
-def paired_seconds(
+def paired_ratios(
     subject: Callable[[], None], reference: Callable[[], None], settings: BenchSettings
-) -> tuple[float, float]:
-    """Seconds per step of ``subject`` and of ``reference`` (one step a call), measured in turn.
+) -> tuple[list[float], float]:
+    """The ratios time(``subject``) / time(``reference``) of ``repeats`` pairs of measurements
+    (one step a call, ``steps`` steps a measurement), and the reference's median seconds per step.
 
-    Warm-up, then ``repeats`` measurements of ``steps`` steps each, alternating
-    between the two so that a drift of the machine's speed falls on both;
-    the medians.
+    After warm-up the two alternate, the pair's order flipping each time
+    (AB, BA, AB, ...), so that a drift of the machine's speed, or a cache
+    the first of a pair leaves warm, falls on both.
     """
+    clock = _clock(settings.device)
 
     def timed(run: Callable[[], None]) -> float:
-        start = time.perf_counter()
-        for _ in range(settings.steps):
-            run()
-        return (time.perf_counter() - start) / settings.steps
+        return clock(run, settings.steps) / settings.steps
 
     for _ in range(settings.warmup):
         subject()
         reference()
-    pairs = [(timed(subject), timed(reference)) for _ in range(settings.repeats)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    ratios, references = [], []
+    for i in range(settings.repeats):
+        if i % 2:
+            after = timed(reference)
+            first = timed(subject)
+        else:
+            first = timed(subject)
+            after = timed(reference)
+        ratios.append(first / after)
+        references.append(after)
+    return ratios, statistics.median(references)
+
+
+def _clock(device: str) -> Callable[[Callable[[], None], int], float]:
+    """Seconds that ``n`` calls of a function take: CUDA events on a GPU, the wall clock elsewhere."""
+    if device.startswith("cuda"):
+
+        def cuda_clock(run: Callable[[], None], n: int) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(n):
+                run()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+
+        return cuda_clock
+
+    def wall_clock(run: Callable[[], None], n: int) -> float:
+        begin = time.perf_counter()
+        for _ in range(n):
+            run()
+        return time.perf_counter() - begin
+
+    return wall_clock
+
+
+def summarize(ratios: Sequence[float], floor: float | None = None) -> Figure:
+    """A figure from its pairs' ratios: the median and the interquartile range."""
+    if len(ratios) < 2:
+        return Figure(ratios[0], (ratios[0], ratios[0]), floor)
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return Figure(statistics.median(ratios), (q1, q3), floor)
+
+
+def python_overhead(
+    trainer_step: Callable[[], None], bare_step: Callable[[], None], steps: int
+) -> float:
+    """The share of the trainer's plain step spent outside PyTorch's operators beyond what the
+    bare loop spends there: the Python the trainer adds, as a fraction of its step.
+
+    Each loop runs ``steps`` steps under the profiler; time outside the
+    top-level operator events (backward's included) is Python's. The
+    profiler's own cost falls on both loops alike.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    def outside_operators(run: Callable[[], None]) -> tuple[float, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            begin = time.perf_counter()
+            for _ in range(steps):
+                run()
+            wall = time.perf_counter() - begin
+        inside = sum(
+            e.time_range.elapsed_us()
+            for e in prof.events()
+            if e.cpu_parent is None and not getattr(e, "is_user_annotation", False)
+        )
+        return max(wall - inside / 1e6, 0.0), wall
+
+    trainer_step()  # warm both once more, outside the profile
+    bare_step()
+    trainer_outside, trainer_wall = outside_operators(trainer_step)
+    bare_outside, _ = outside_operators(bare_step)
+    return max(trainer_outside - bare_outside, 0.0) / trainer_wall
 
 
 def trainer_for(settings: BenchSettings, overrides: Sequence[str], data: DataBundle) -> Trainer:
@@ -123,6 +222,7 @@ def trainer_for(settings: BenchSettings, overrides: Sequence[str], data: DataBun
             f"train.batch_size={settings.batch_size}",
             f"teacher.hypergrad.val_batch_size={settings.batch_size}",
             "train.progress=false",
+            f"train.device={settings.device}",
             "logging.wandb=disabled",
             "logging.plots=false",
             "logging.diagnostics=false",
@@ -171,6 +271,16 @@ SUBJECTS: dict[str, tuple[list[str], int]] = {
         ],
         20,
     ),
+    # The same by the paper's Algorithm 1: the window reversed exactly, in O(|theta|) memory.
+    "deep_interaction_reversible_vs_plain": (
+        [
+            "teacher.name=deep_interaction",
+            "teacher.hypergrad.method=reversible",
+            "teacher.hypergrad.inner_steps=20",
+            "teacher.hypergrad.backprop_steps=2",
+        ],
+        20,
+    ),
     # L2T-DLN: rounds of K = B = 15 fully differentiated steps (its learned optimizer's own
     # step, every 10 rounds, falls outside a measurement of whole rounds).
     "dln_vs_plain": (["teacher.name=l2t_dln"], 15),
@@ -191,6 +301,48 @@ MEMORY: dict[str, tuple[str, int]] = {
     "reversible_memory_b20_vs_b2": ("reversible", 2),
     "unrolled_memory_b20_vs_b1": ("unrolled", 1),
     "unrolled_memory_b20_vs_b2": ("unrolled", 2),
+}
+
+
+#: What the exact algorithm behind each figure must compute, in plain steps (forward 1 unit,
+#: backward 2, a plain step 3), and what bounds it; key -> (floor, the count).
+FLOORS: dict[str, tuple[float, str]] = {
+    "framework_overhead": (1.0, "the same forward, backward and step"),
+    "lookahead_vs_plain": (
+        3.0,
+        "training forward and backward 3, validation forward and backward at theta' 3, the "
+        "per-sample term by a tangent pass reusing the training forward 1, the real step's "
+        "backward under the updated teacher 2: 9 units",
+    ),
+    "lookahead_adamw_vs_plain": (3.0, "as lookahead_vs_plain: AdamW's update is elementwise"),
+    "l2rw_vs_plain": (
+        3.0,
+        "as lookahead_vs_plain, the weights read from the hypergradient (no teacher network): "
+        "9 units",
+    ),
+    "loss_fn_lookahead_vs_plain": (3.0, "as lookahead_vs_plain, the teacher acting in the loss"),
+    "deep_interaction_vs_plain": (
+        71 / 60,
+        "20 plain steps 60 units, then validation forward and backward 3 and a Hessian-vector "
+        "product (a backward through a backward, 4) for each of B = 2 steps: 71 units a span",
+    ),
+    "deep_interaction_reversible_vs_plain": (
+        71 / 60,
+        "as deep_interaction_vs_plain (reversing the two steps' updates is elementwise)",
+    ),
+    "dln_vs_plain": (
+        2.4,
+        "every step differentiated: the step 3 and its vector-Hessian product in the reverse "
+        "pass 4, validation forward and backward once a round of 15, 0.2: 7.2 units a step",
+    ),
+    "co_teaching_vs_plain": (2.0, "two networks, a forward and a backward each"),
+    "srit_vs_plain": (4.0, "two networks, SAM's two forwards and backwards each"),
+    "l2t_vs_plain": (
+        5 / 3,
+        "the untrained filter keeps about half: a forward of two candidate batches for its "
+        "features 2, then the student's step 3",
+    ),
+    "reversible_memory_b20_vs_b2": (1.0, "one step's graph at a time, whatever B"),
 }
 
 
@@ -283,13 +435,13 @@ def higher_lookahead_step(trainer: Trainer, batch: Batch, optimizer: torch.optim
     optimizer.step()
 
 
-def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, float]:
-    """Measure ``framework_overhead`` and the figures of :data:`SUBJECTS`, ``ours_vs_higher_lookahead``
-    and :data:`MEMORY` (all, or those in ``keys``)."""
+def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, Figure]:
+    """Measure ``plain_step_ms``, ``framework_overhead``, ``python_overhead`` and the figures of
+    :data:`SUBJECTS`, ``ours_vs_higher_lookahead`` and :data:`MEMORY` (all, or those in ``keys``)."""
     spans = {key: span for key, (_, span) in SUBJECTS.items() if keys is None or key in keys}
     longest = _whole_spans(settings, max([1, *spans.values()]))
     data = bench_data(settings, longest.warmup + longest.repeats * longest.steps + 1)
-    results: dict[str, float] = {}
+    results: dict[str, Figure] = {}
 
     def bare_loop(
         overrides: Sequence[str], make: Callable[..., torch.optim.Optimizer]
@@ -306,6 +458,15 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
 
         return bare
 
+    def endless(trainer: Trainer, step: Callable[[Batch], object]) -> Callable[[], None]:
+        """One step of ``step`` a call, on the trainer's batches, round and round."""
+        batches = itertools.cycle(list(trainer.train_loader.epoch(0)))
+
+        def one() -> None:
+            step(next(batches))
+
+        return one
+
     sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     # The plain step through the trainer and its data path, then each teaching step.
     plain = trainer_for(settings, ["teacher.name=none"], data)
@@ -315,33 +476,37 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
         trainer = trainer_for(settings, [*SUBJECTS[key][0], *overrides], data)
         subjects[key] = (trainer, partial(_teaching_step, trainer), span)
     for key, (trainer, step, span) in subjects.items():
-        stream = iter(trainer.train_loader.epoch(0))
-        timing = _whole_spans(settings, span)
         bare = bare_loop(*STUDENT_OPTIMIZERS.get(key, ([], sgd)))
-        seconds, reference = paired_seconds(lambda s=stream, f=step: f(next(s)), bare, timing)
+        ratios, reference = paired_ratios(
+            endless(trainer, step), bare, _whole_spans(settings, span)
+        )
         if key == "framework_overhead":
-            results["plain_step_ms"] = 1000 * reference
-        results[key] = seconds / reference
+            results["plain_step_ms"] = Figure(1000 * reference)
+        results[key] = summarize(ratios, FLOORS.get(key, (None,))[0])
+    if keys is None or "python_overhead" in keys:
+        share = python_overhead(
+            endless(plain, plain.train_step), bare_loop([], sgd), settings.steps * settings.repeats
+        )
+        results["python_overhead"] = Figure(share)
 
     if keys is None or "ours_vs_higher_lookahead" in keys:
         ours = trainer_for(settings, SUBJECTS["lookahead_vs_plain"][0], data)
         theirs = trainer_for(settings, SUBJECTS["lookahead_vs_plain"][0], data)
-        ours_stream = iter(ours.train_loader.epoch(0))
-        their_stream = iter(theirs.train_loader.epoch(0))
         their_optimizer = torch_optimizer(theirs)
-        seconds, reference = paired_seconds(
-            lambda: _teaching_step(ours, next(ours_stream)),
-            lambda: higher_lookahead_step(theirs, next(their_stream), their_optimizer),
+        ratios, _ = paired_ratios(
+            endless(ours, partial(_teaching_step, ours)),
+            endless(theirs, partial(higher_lookahead_step, theirs, optimizer=their_optimizer)),
             settings,
         )
-        results["ours_vs_higher_lookahead"] = seconds / reference
+        results["ours_vs_higher_lookahead"] = summarize(ratios)
     memory: dict[tuple[str, int], float] = {}  # (method, B) -> MB, each measured once
     for key, (method, smaller) in MEMORY.items():
         if keys is None or key in keys:
             for b in (smaller, 20):
                 if (method, b) not in memory:
                     memory[method, b] = teacher_step_memory(settings, method, b)
-            results[key] = memory[method, 20] / memory[method, smaller]
+            floor = FLOORS.get(key, (None,))[0]
+            results[key] = Figure(memory[method, 20] / memory[method, smaller], None, floor)
     return results
 
 
@@ -376,11 +541,13 @@ DESCRIPTIONS = {
     "l2rw_vs_plain": "Learning-to-Reweight iteration / plain",
     "loss_fn_lookahead_vs_plain": "L2T-DLF's learned loss (a loss_fn teacher) by lookahead / plain",
     "deep_interaction_vs_plain": "deep-interaction teacher, K = 20, B = 2, per student step / plain",
+    "deep_interaction_reversible_vs_plain": "the same by reversible (the paper's Algorithm 1) / plain",
     "dln_vs_plain": "L2T-DLN, K = B = 15, per student step / plain",
     "co_teaching_vs_plain": "co-teaching (two networks) / plain",
     "srit_vs_plain": "SRIT (co-teaching with SAM, two passes each) / plain",
     "l2t_vs_plain": "L2T's filter with refilled batches / plain",
     "ours_vs_higher_lookahead": "our Meta-Weight-Net iteration / the same written with higher",
+    "python_overhead": "share of metateach's plain step spent in Python it adds (profiler)",
     "reversible_memory_b20_vs_b1": "reversible: peak memory of a teacher step, B = 20 / B = 1",
     "reversible_memory_b20_vs_b2": "reversible: the same, B = 20 / B = 2",
     "unrolled_memory_b20_vs_b1": "unrolled: peak memory of a teacher step, B = 20 / B = 1",
@@ -409,33 +576,42 @@ def main(argv: Sequence[str] | None = None, prog: str = "bench.py") -> int:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for PyTorch")
     parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default: cpu)"
+    )
+    parser.add_argument(
         "--keys",
         nargs="*",
-        choices=list(DESCRIPTIONS)[2:],
+        choices=[k for k in DESCRIPTIONS if k not in ("plain_step_ms", "framework_overhead")],
         help="figures to measure (default: all)",
     )
     parser.add_argument(
         "--profile", choices=list(SUBJECTS), help="instead, profile one teaching step's operators"
     )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: CUDA is not available here; use --device cpu", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     settings = BenchSettings(
         args.model, args.model_kwargs, tuple(args.image_shape), defaults.num_classes,
-        args.batch_size, args.steps, args.repeats, args.warmup,
+        args.batch_size, args.steps, args.repeats, args.warmup, args.device,
     )  # fmt: skip
     if args.profile:
         print(profile_table(settings, args.profile))
         return 0
-    device = "cuda" if torch.cuda.is_available() else f"cpu, {args.threads} threads"
+    where = "cuda" if args.device == "cuda" else f"cpu, {args.threads} threads"
     print(
         f"{settings.model} on batches of {settings.batch_size} {tuple(settings.image_shape)} "
-        f"({device}); median of {settings.repeats} x {settings.steps} steps after {settings.warmup}, "
-        "rounded up to whole teacher spans"
+        f"({where}); median of {settings.repeats} pairs of {settings.steps} steps after "
+        f"{settings.warmup}, rounded up to whole teacher spans; floors in plain steps"
     )
     results = run_bench(settings, args.keys)
     width = max(len(k) for k in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:8.2f}  {DESCRIPTIONS[key]}")
+    print(f"{'figure':<{width}}  {'value':>8}  {'IQR':>13}  {'floor':>5}  what")
+    for key, figure in results.items():
+        iqr = f"{figure.iqr[0]:.2f}-{figure.iqr[1]:.2f}" if figure.iqr else ""
+        floor = f"{figure.floor:.2f}" if figure.floor is not None else ""
+        print(f"{key:<{width}}  {figure.value:8.3g}  {iqr:>13}  {floor:>5}  {DESCRIPTIONS[key]}")
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({key: figure.as_json() for key, figure in results.items()}))
     return 0
