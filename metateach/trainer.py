@@ -42,7 +42,7 @@ from metateach.checkpoint import (
 from metateach.config import ExperimentConfig, config_to_dict
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
 from metateach.distributed import all_sum, check_data_parallel, init_world, sharded
-from metateach.errors import MetateachError, NonFiniteStep, RunInterrupted
+from metateach.errors import MetateachError, NonFiniteStep, RunInterrupted, first_line
 from metateach.evaluation import evaluate_models, evaluate_peers
 from metateach.logging import RunLogger, SilentLogger, log_run_start
 from metateach.models import model_for
@@ -484,11 +484,11 @@ class Trainer:
         step = state.step + 1
         self.logger.log({"train/nonfinite_step": step}, state.global_step + 1)
         last = self.run_dir / "checkpoints" / LAST
-        kept, exact = self._replay_to(state.global_step, step)
-        if not exact:
+        kept, unsaved = self._replay_to(state.global_step, step)
+        if unsaved is not None:
             saved = (
-                f"this teacher cannot be saved just before it (its differentiable window was open), "
-                f"so the last good state is the one saved in {last}"
+                f"the state just before it could not be rebuilt ({unsaved}), so the last good state "
+                f"is the one saved in {last}"
             )
         elif kept is None:
             saved = f"the state before it is saved in {last}"
@@ -504,14 +504,16 @@ class Trainer:
             "train.resume_with_changes=[optim.lr] (or check the data)"
         )
 
-    def _replay_to(self, global_step: int, failing: int) -> tuple[tuple[int, Path] | None, bool]:
+    def _replay_to(
+        self, global_step: int, failing: int
+    ) -> tuple[tuple[int, Path] | None, str | None]:
         """Rebuild the run at ``global_step`` from its last checkpoint and save it there as ``last.pt``.
 
         The replay is a second, quiet trainer that resumes the run folder (a
         resumed run is the same run) and pauses after the steps in between.
         Returns the checkpoint replayed from (its step and where it is kept
-        now; None if no step needed replaying), and whether ``last.pt`` holds
-        the state at ``global_step`` (not if the teacher cannot be saved there).
+        now; None if no step needed replaying), and why ``last.pt`` could not
+        be brought to ``global_step`` (None when it was).
         """
         self.logger.close()
         if self._lock is not None:  # the replay takes the folder's lock
@@ -522,7 +524,7 @@ class Trainer:
         replay = Trainer(cfg, self.data, quiet=True)
         since = replay.state.global_step
         if since == global_step:
-            return None, True
+            return None, None
         last = self.run_dir / "checkpoints" / LAST
         kept = last.with_name(f"step{since}.pt")
         if replay.world.main:
@@ -539,8 +541,11 @@ class Trainer:
             replay.fit(max_steps=global_step - since)
         except NonFiniteStep:  # last.pt is still the checkpoint it started from
             kept.unlink(missing_ok=True)
-            return None, False
-        return (since, kept), True
+            return None, "the teacher's differentiable window was open there"
+        except MetateachError as e:
+            kept.unlink(missing_ok=True)
+            return None, first_line(e)
+        return (since, kept), None
 
     def _log_running_loss(self, bar: tqdm) -> None:
         totals = self._collect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -238,3 +239,18 @@ def test_one_process_is_its_own_main() -> None:
     world = World()
     assert world.main and world.shard == (0, 1)
     assert from_main(world, lambda: 7) == 7
+
+
+def test_a_diverged_pair_saves_the_state_before_the_failing_step(tmp_path: Path) -> None:
+    # Both ranks replay from the checkpoint at the start and pause before the step that failed.
+    done = subprocess.run(
+        torchrun_command(tmp_path, "teacher.name=meta_weight_net", "optim.lr=1e10",
+                         "train.epochs=1", "train.run_name=diverged"),
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    found = re.search(r"error: the training loss became non-finite at step (\d+) ", done.stderr)
+    assert found, done.stderr[-3000:]
+    run = tmp_path / "diverged" / "checkpoints"
+    assert load_checkpoint(run / "last.pt")["progress"]["step"] == int(found.group(1)) - 1
+    assert load_checkpoint(run / "step0.pt")["progress"]["step"] == 0

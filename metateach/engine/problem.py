@@ -395,26 +395,28 @@ class BilevelProblem:
         second = lesson_loss(first.lesson, states.logits, batch.y)
         grads = torch.autograd.grad(second, list(params.values()))
         self.optimizer.restore()
-        self.step_on(grads)
+        self.step_on(grads, second)
 
     def apply_gradients(self, loss: Tensor, retain_graph: bool = False) -> None:
         """Step the real optimizer on the student's gradient of ``loss`` (never touching the teacher's)."""
         params = self.params()
-        self.step_on(torch.autograd.grad(loss, list(params.values()), retain_graph=retain_graph))
+        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=retain_graph)
+        self.step_on(grads, loss)
 
-    def step_on(self, grads: Sequence[Tensor]) -> None:
+    def step_on(self, grads: Sequence[Tensor], loss: Tensor | None = None) -> None:
         """Step the real optimizer on ``grads``, in the order of :meth:`params`.
 
-        With the batch sharded over processes, ``grads`` are this process's
-        share; their sum over the processes is the step.
+        With the batch sharded over processes, ``grads`` (and ``loss``) are this
+        process's share; their sums over the processes are the step's.
 
         Raises:
-            NonFiniteStep: a gradient holds inf or nan (the loss diverged);
-                the parameters and the optimizer are left as they were.
+            NonFiniteStep: a gradient, or ``loss`` (the one they are of), holds inf
+                or nan (the loss diverged); the parameters and the optimizer are
+                left as they were.
         """
-        grads = sum_gradients(grads)
-        if not _all_finite(grads):
-            raise NonFiniteStep("the student's gradient is not finite")
+        *grads, total = sum_gradients([*grads, None if loss is None else loss.detach()])
+        if not _all_finite([*grads, total]):
+            raise NonFiniteStep("the student's loss or gradient is not finite")
         for p, g in zip(self.params().values(), grads, strict=True):
             p.grad = g
         self.optimizer.step()
