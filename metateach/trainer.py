@@ -163,15 +163,17 @@ class Trainer:
         call; a later ``train.resume`` continues exactly from there.
         """
         cfg = self.cfg
-        if self.state.global_step == 0:
-            if self.world.main and not self.quiet:
-                log_run_start(cfg, self.data, self.model, self.device, self.run_dir, self.logger)
-            # The start is a checkpoint too: a run stopped (or diverged) before its first
-            # epoch ends resumes, or is replayed, from there.
-            self._save_due = True
-            self._save_if_due()
         stop_at = None if max_steps is None else self.state.global_step + max_steps
         try:
+            if self.state.global_step == 0:
+                if self.world.main and not self.quiet:
+                    log_run_start(
+                        cfg, self.data, self.model, self.device, self.run_dir, self.logger
+                    )
+                # The start is a checkpoint too: a run stopped (or diverged) before its first
+                # epoch ends resumes, or is replayed, from there.
+                self._save_due = True
+                self._save_if_due()
             while True:  # one student an episode
                 if self._train_student(stop_at):
                     return self.state.latest()  # paused at max_steps, with a checkpoint

@@ -591,3 +591,22 @@ def test_a_bad_comparison_file_ends_in_one_line(
     assert compare([written(tmp_path, content), "--out", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.match(message, err.removeprefix("error: ")), err
+
+
+def test_a_run_that_cannot_write_its_first_checkpoint_lets_go_of_its_folder(
+    make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metateach.checkpoint
+    from metateach.errors import CheckpointError
+    from metateach.rundir import RunLock
+
+    def refuses(file: Path, mode: str):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied", str(file))
+
+    trainer = Trainer(make_config("train.epochs=1", "train.run_name=r"))
+    monkeypatch.setattr(metateach.checkpoint, "open", refuses, raising=False)
+    with pytest.raises(
+        CheckpointError, match=r"cannot write checkpoint .*last.pt: Permission denied"
+    ):
+        trainer.fit()
+    RunLock(trainer.run_dir).release()  # the folder's lock was let go: another run may take it
