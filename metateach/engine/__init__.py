@@ -7,6 +7,7 @@
                                teacher learns), ``StudentOnly``, and the base of
                                the hypergradient methods (:mod:`metateach.hypergrad`)
 :mod:`~.forward_mode`          the teacher term of a differentiated step, by forward mode
+:mod:`~.tangent`               the tangent pass that reuses a recorded forward pass
 :mod:`~.refill`                L2T's refill: batches of the samples a filter keeps
 :mod:`~.meter`                 the memory a teacher step's graphs hold
 :mod:`~.peer`                  a peer student that selects for the student (co-teaching, SRIT)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, autograd
 
+from metateach.engine.tangent import ForwardRecord, ReplayMismatch
 from metateach.student import StudentStates
 from metateach.types import Params, RNGState
 
@@ -32,6 +33,7 @@ def mixed_gradient(
     direction: Mapping[str, Tensor],
     targets: Sequence[Tensor],
     rng: RNGState | None,
+    record: ForwardRecord | None = None,
 ) -> tuple[Tensor | None, ...]:
     """d/d ``targets`` of <grad_theta L(theta), ``direction``> at theta = ``params``.
 
@@ -58,16 +60,37 @@ def mixed_gradient(
 
     The pass starts from the random state ``rng`` of the pass it repeats,
     so that dropout draws the same masks, and runs on scratch BatchNorm buffers.
+    With the ``record`` of that pass (:func:`~metateach.engine.tangent.recording`),
+    its convolutions, linear maps and batch norms are not computed again: the
+    pass computes their tangents only (:mod:`metateach.engine.tangent`). A
+    record the pass does not match is set aside with a warning, and the pass
+    runs in full.
     """
-    with fwAD.dual_level(), problem.own_rng(rng), warnings.catch_warnings():
+    with fwAD.dual_level(), warnings.catch_warnings():
         # On first use, forward mode registers some of its rules with torch.jit.script,
         # which warns of its own deprecation: PyTorch's business, not the user's.
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
         duals = {k: fwAD.make_dual(p.detach(), direction[k].detach()) for k, p in params.items()}
-        states = problem.states(duals, x, real=False)
+        states, mismatch = None, None
+        if record is not None:
+            try:
+                with problem.own_rng(rng), record.replay():
+                    states = problem.states(duals, x, real=False)
+            except ReplayMismatch as error:
+                mismatch = error
+        if states is None:
+            with problem.own_rng(rng):
+                states = problem.states(duals, x, real=False)
         unpacked = [fwAD.unpack_dual(s) for s in (states.logits, states.features, *states.maps)]
         leaves = [u.primal.detach().requires_grad_() for u in unpacked]
         tangents = [None if u.tangent is None else u.tangent.detach() for u in unpacked]
+    if mismatch is not None:
+        warnings.warn(
+            f"the tangent pass could not reuse the training forward ({mismatch}); it ran "
+            "forward mode in full",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     loss = loss_of(StudentStates(leaves[0], leaves[1], tuple(leaves[2:])))
     grads = autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     terms = [

@@ -24,6 +24,7 @@ from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
 from metateach.engine.meter import UpdateMeter
 from metateach.engine.problem import BilevelProblem, TrainPass
+from metateach.engine.tangent import ForwardRecord, recording
 from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.rules import UpdateRule
 from metateach.optim.schedules import set_lr
@@ -341,6 +342,10 @@ class PerStepMethod(HypergradMethod):
     order of Meta-Weight-Net and Learning-to-Reweight.
     """
 
+    #: Whether :meth:`teacher_gradient` takes a tangent pass that reuses the forward pass
+    #: (recorded in :attr:`forward_record`).
+    records_forward: ClassVar[bool] = False
+
     def __init__(
         self, problem: BilevelProblem, inner_steps: int = 1, backprop_steps: int = 1
     ) -> None:
@@ -351,6 +356,8 @@ class PerStepMethod(HypergradMethod):
         super().__init__(problem, inner_steps, backprop_steps)
         #: The random state before the batch's forward pass, to re-run it with the same draws.
         self.forward_rng: RNGState | None = None
+        #: The batch's forward pass, recorded for a tangent pass when ``records_forward``.
+        self.forward_record: ForwardRecord | None = None
 
     @abstractmethod
     def teacher_gradient(
@@ -371,8 +378,11 @@ class PerStepMethod(HypergradMethod):
         params = problem.params()
         with self.measured():
             self.forward_rng = problem.rng_state()
-            train = problem.train_loss(params, batch, context, real=True)
+            with recording(self.records_forward) as self.forward_record:
+                states = problem.states(params, batch.x, real=True)
+            train = problem.taught(states, batch, context)
             self.update_teacher(self.teacher_gradient(params, batch, train))
+            self.forward_record = None
         lesson = problem.lesson(batch, train.view, teacher_grad=False)
         problem.apply_gradients(lesson_loss(lesson, train.logits, batch.y))
         return problem.statistics(train.view, batch, lesson)

@@ -13,7 +13,7 @@ from torch import Tensor
 from metateach.data import Batch
 from metateach.engine.problem import BilevelProblem
 from metateach.engine.strategy import Differentiates, HypergradMethod
-from metateach.functional import student_forward
+from metateach.engine.tangent import ForwardRecord, recording
 from metateach.hypergrad.lookahead import lookahead_gradient
 from metateach.lesson import Lesson, lesson_loss
 from metateach.registry import STRATEGIES
@@ -25,14 +25,19 @@ __all__ = ["ExampleGradients", "example_gradient"]
 
 
 def example_gradient(
-    problem: BilevelProblem, batch: Batch, rng: RNGState | None, val_batch: Batch | None = None
+    problem: BilevelProblem,
+    batch: Batch,
+    rng: RNGState | None,
+    val_batch: Batch | None = None,
+    record: ForwardRecord | None = None,
 ) -> Tensor:
     """d L_val(theta'(eps)) / d eps at eps = 0, one value per sample of ``batch``.
 
     theta'(eps) is one step of the student's optimizer on sum_k eps_k l_k / n
     from the current parameters; at eps = 0 the loss's gradient is zero, so
     theta' is where momentum and weight decay alone take the student. ``rng``
-    is the random state of the batch's forward pass, ``val_batch`` the
+    is the random state of the batch's forward pass (``record`` its record,
+    when it was taken at the current parameters), ``val_batch`` the
     validation batch (the stream's next by default). Negative entries mark
     samples whose up-weighting would lower the validation loss. Computed by
     :func:`~metateach.hypergrad.lookahead.lookahead_gradient`: a validation
@@ -46,7 +51,7 @@ def example_gradient(
 
     zero = [torch.zeros_like(p) for p in params.values()]
     (grad,), _ = lookahead_gradient(
-        problem, batch.x, weighted_loss, params, zero, [eps], rng, val_batch
+        problem, batch.x, weighted_loss, params, zero, [eps], rng, val_batch, record
     )
     assert grad is not None
     return grad
@@ -83,8 +88,9 @@ class ExampleGradients(HypergradMethod):
         """The real forward pass on ``batch`` and the samples' hypergradients."""
         problem = self.problem
         rng = problem.rng_state()
-        states = student_forward(problem.student, problem.params(), batch.x)
-        return states, example_gradient(problem, batch, rng)
+        with recording() as record:
+            states = problem.states(problem.params(), batch.x, real=True)
+        return states, example_gradient(problem, batch, rng, record=record)
 
     def previewed(self, view: StudentView, batch: Batch, rng: RNGState) -> StudentView:
         """The view with the samples' hypergradients, on the first validation batch (the

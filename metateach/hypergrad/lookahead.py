@@ -36,6 +36,7 @@ from metateach.distributed import sum_gradients
 from metateach.engine.forward_mode import mixed_gradient
 from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.strategy import PerStepMethod
+from metateach.engine.tangent import ForwardRecord
 from metateach.registry import HYPERGRADS
 from metateach.student import StudentStates
 from metateach.types import Params, RNGState
@@ -69,16 +70,19 @@ def lookahead_gradient(
     targets: Sequence[Tensor],
     rng: RNGState | None,
     val_batch: Batch | None = None,
+    record: ForwardRecord | None = None,
 ) -> tuple[tuple[Tensor | None, ...], Tensor]:
     """d L_val(theta') / d ``targets`` and L_val(theta'), theta' one optimizer step on the training loss.
 
     The training loss is ``loss_of`` the student's states on the inputs
     ``x``, with its graph to ``targets``; ``grads`` its gradient in
     ``params`` (the caller has it from its own pass, taken from the random
-    state ``rng``). ``val_batch`` as in :func:`virtual_direction`.
+    state ``rng``, recorded in ``record`` if given). ``val_batch`` as in
+    :func:`virtual_direction`.
     """
     direction, val_loss = virtual_direction(problem, params, grads, val_batch)
-    return mixed_gradient(problem, x, loss_of, params, direction, targets, rng), val_loss
+    found = mixed_gradient(problem, x, loss_of, params, direction, targets, rng, record)
+    return found, val_loss
 
 
 @HYPERGRADS.register("lookahead")
@@ -89,10 +93,12 @@ class Lookahead(PerStepMethod):
     The virtual step is the student's own optimizer step (its state, momentum or
     moments, and weight decay included); K = B = 1 in the engine's terms (``inner_steps`` > 1
     updates the teacher every K-th step). Computed as the module docstring
-    says: the training gradient, a validation gradient, one forward-mode pass.
+    says: the training gradient, a validation gradient, one forward-mode pass (a
+    tangent pass over the training forward's records, :mod:`metateach.engine.tangent`).
     """
 
     data_parallel = True
+    records_forward = True
 
     def teacher_gradient(
         self, params: Params, batch: Batch, train: TrainPass
@@ -101,7 +107,14 @@ class Lookahead(PerStepMethod):
         grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
         loss_of = problem.lesson_loss_of(batch, train.view.context)
         found, val_loss = lookahead_gradient(
-            problem, batch.x, loss_of, params, grads, problem.teacher_params(), self.forward_rng
+            problem,
+            batch.x,
+            loss_of,
+            params,
+            grads,
+            problem.teacher_params(),
+            self.forward_rng,
+            record=self.forward_record,
         )
         self.record(**{"teacher/val_loss": float(val_loss)})
         return found

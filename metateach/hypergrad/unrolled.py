@@ -21,6 +21,7 @@ from metateach.engine.forward_mode import mixed_gradient
 from metateach.engine.meter import UpdateMeter
 from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.strategy import HypergradMethod
+from metateach.engine.tangent import ForwardRecord, recording
 from metateach.optim.rules import State
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
@@ -37,6 +38,7 @@ class _FirstStep(NamedTuple):
     context: TeachingContext
     rng: RNGState  # before its forward pass
     gradient: Params  # its gradient, as leaves of the window's graph
+    record: ForwardRecord | None  # its forward pass, for the tangent pass
 
 
 @HYPERGRADS.register("unrolled")
@@ -58,7 +60,9 @@ class Unrolled(HypergradMethod):
     matters. Its gradient g enters the graph as a leaf; at the window's end
     the validation loss's gradient a with respect to that leaf gives the
     step's teacher term d/d omega <g(theta_{K-B}, omega), a> by one
-    forward-mode pass (:func:`~metateach.engine.forward_mode.mixed_gradient`).
+    forward-mode pass (:func:`~metateach.engine.forward_mode.mixed_gradient`),
+    which reuses that step's forward pass (:mod:`metateach.engine.tangent`: the
+    window holds its records, about one forward pass's activations, until its end).
     With B = 1 no step keeps a second-order graph.
     """
 
@@ -108,13 +112,15 @@ class Unrolled(HypergradMethod):
         problem = self.problem
         start = {k: p.detach().clone().requires_grad_() for k, p in problem.params().items()}
         rng = problem.rng_state()
-        train = problem.train_loss(start, batch, context, real=True)
+        with recording() as record:
+            states = problem.states(start, batch.x, real=True)
+        train = problem.taught(states, batch, context)
         found = sum_gradients(autograd.grad(train.loss, list(start.values())))
         gradient = dict(zip(start, found, strict=True))
         for g in gradient.values():
             g.requires_grad_()
         start = {k: p.detach() for k, p in start.items()}
-        self._first = _FirstStep(start, batch, context, rng, gradient)
+        self._first = _FirstStep(start, batch, context, rng, gradient, record)
         self._params, self._state = problem.inner_step(
             start, problem.inner_state(), list(gradient.values())
         )
@@ -144,7 +150,14 @@ class Unrolled(HypergradMethod):
         }
         loss_of = problem.lesson_loss_of(first.batch, first.context)
         mixed = mixed_gradient(
-            problem, first.batch.x, loss_of, first.params, direction, targets, first.rng
+            problem,
+            first.batch.x,
+            loss_of,
+            first.params,
+            direction,
+            targets,
+            first.rng,
+            first.record,
         )
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
         self._params = self._state = self._first = None
