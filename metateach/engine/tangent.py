@@ -149,7 +149,8 @@ def _batch_norm_tangent(func: Callable[..., Tensor], call: _Call, now: _Parts) -
     running_mean, running_var, training, eps = (_primal(r) for r in now.rest)
     t_in, t_w, t_b = _tangent(now.input), _tangent(now.weight), _tangent(now.bias)
     shape = _channel_shape(x)
-    if training or running_mean is None:
+    batch_statistics = training or running_mean is None
+    if batch_statistics:
         saved = _batch_statistics(call.output)
         if saved is None:
             normalized, _, inv_std = torch.native_batch_norm(
@@ -164,7 +165,7 @@ def _batch_norm_tangent(func: Callable[..., Tensor], call: _Call, now: _Parts) -
     gain = inv_std if now.weight is None else inv_std * _primal(now.weight)
     # y' = gain x' + c x^ + d, c and d per channel.
     c, d = t_w, t_b
-    if t_in is not None and (training or running_mean is None):
+    if t_in is not None and batch_statistics:
         axes = [0, *range(2, x.dim())]
         count = x.numel() // x.shape[1]
         d = _plus(d, -gain * t_in.sum(axes) / count)
@@ -203,10 +204,11 @@ class ForwardRecord(TorchFunctionMode):
         self.calls: list[_Call] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        output = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
         rule = _RULES.get(func)
         if rule is not None:
-            parts = _Parts(*rule[0](*args, **(kwargs or {})))
+            parts = _Parts(*rule[0](*args, **kwargs))
             version = None if parts.weight is None else parts.weight._version
             self.calls.append(_Call(func, parts, version, output))
         return output
@@ -225,10 +227,11 @@ class _Replay(TorchFunctionMode):
         self.position = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
         rule = _RULES.get(func)
         if rule is None:
-            return func(*args, **(kwargs or {}))
-        now = _Parts(*rule[0](*args, **(kwargs or {})))
+            return func(*args, **kwargs)
+        now = _Parts(*rule[0](*args, **kwargs))
         recorded = self._next(func, now)
         output = recorded.output.detach()
         tangent = rule[1](func, recorded, now)

@@ -472,15 +472,15 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
     sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     # The plain step through the trainer and its data path, then each teaching step.
     plain = trainer_for(settings, ["teacher.name=none"], data)
-    subjects = {"framework_overhead": (plain, plain.train_step, 1)}
+    subjects = {"framework_overhead": (plain, plain.train_step, 1, sgd)}
     for key, span in spans.items():
-        overrides, _ = STUDENT_OPTIMIZERS.get(key, ([], sgd))
+        overrides, make = STUDENT_OPTIMIZERS.get(key, ([], sgd))
         trainer = trainer_for(settings, [*SUBJECTS[key][0], *overrides], data)
-        subjects[key] = (trainer, partial(_teaching_step, trainer), span)
-    for key, (trainer, step, span) in subjects.items():
+        subjects[key] = (trainer, partial(_teaching_step, trainer), span, make)
+    for key, (trainer, step, span, make) in subjects.items():
         # The reference steps the subject's own student: two instances of one network differ
         # by up to 6% in the speed of the same bare step (where their tensors lie in memory).
-        bare = bare_loop(STUDENT_OPTIMIZERS.get(key, ([], sgd))[1], trainer)
+        bare = bare_loop(make, trainer)
         ratios, reference = paired_ratios(
             endless(trainer, step), bare, _whole_spans(settings, span)
         )
