@@ -8,6 +8,7 @@ import torch
 
 from metateach.lab.bench import (
     FLOORS,
+    SUBJECTS,
     BenchSettings,
     _teaching_step,
     bare_sgd_steps,
@@ -66,6 +67,24 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
     # Each figure has its row in the table.
     for key in figures:
         assert any(line.startswith(key) for line in lines[1:-1])
+
+
+def test_each_teaching_step_runs_the_method_its_key_names() -> None:
+    # deep_interaction_vs_plain once timed reversible, the teacher's default, under its
+    # unrolled name.
+    settings = BenchSettings("mlp", "{hidden: [16]}", (1, 8, 8), 10, 8)
+    data = random_bundle(16, 16, (1, 8, 8), 10)
+    methods = {
+        "lookahead_vs_plain": "Lookahead",
+        "l2rw_vs_plain": "ExampleGradients",
+        "loss_fn_lookahead_vs_plain": "Lookahead",
+        "deep_interaction_vs_plain": "Unrolled",
+        "deep_interaction_reversible_vs_plain": "Reversible",
+        "dln_vs_plain": "LearnedOptimizer",
+    }
+    for key, method in methods.items():
+        strategy = trainer_for(settings, SUBJECTS[key][0], data).teaching.strategy
+        assert type(strategy).__name__ == method, key
 
 
 def test_pairs_alternate_their_order_and_the_figure_is_the_median_ratio() -> None:

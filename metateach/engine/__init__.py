@@ -8,6 +8,8 @@
                                the hypergradient methods (:mod:`metateach.hypergrad`)
 :mod:`~.forward_mode`          the teacher term of a differentiated step, by forward mode
 :mod:`~.tangent`               the tangent pass that reuses a recorded forward pass
+:mod:`~.second_order`          batch norm with a fused double backward, for steps
+                               differentiated twice
 :mod:`~.refill`                L2T's refill: batches of the samples a filter keeps
 :mod:`~.meter`                 the memory a teacher step's graphs hold
 :mod:`~.peer`                  a peer student that selects for the student (co-teaching, SRIT)

@@ -24,6 +24,7 @@ from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
 from metateach.engine.meter import UpdateMeter
 from metateach.engine.problem import BilevelProblem, TrainPass
+from metateach.engine.second_order import second_order
 from metateach.engine.tangent import ForwardRecord, recording
 from metateach.lesson import Lesson, lesson_loss
 from metateach.optim.rules import UpdateRule
@@ -345,6 +346,9 @@ class PerStepMethod(HypergradMethod):
     #: Whether :meth:`teacher_gradient` takes a tangent pass that reuses the forward pass
     #: (recorded in :attr:`forward_record`).
     records_forward: ClassVar[bool] = False
+    #: Whether :meth:`teacher_gradient` differentiates the forward pass twice (its batch norms
+    #: then take :mod:`metateach.engine.second_order`'s fused double backward).
+    differentiates_twice: ClassVar[bool] = False
 
     def __init__(
         self, problem: BilevelProblem, inner_steps: int = 1, backprop_steps: int = 1
@@ -378,7 +382,10 @@ class PerStepMethod(HypergradMethod):
         params = problem.params()
         with self.measured():
             self.forward_rng = problem.rng_state()
-            with recording(self.records_forward) as self.forward_record:
+            with (
+                recording(self.records_forward) as self.forward_record,
+                second_order(self.differentiates_twice),
+            ):
                 states = problem.states(params, batch.x, real=True)
             train = problem.taught(states, batch, context)
             self.update_teacher(self.teacher_gradient(params, batch, train))

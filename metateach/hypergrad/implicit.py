@@ -67,6 +67,7 @@ class Implicit(PerStepMethod):
 
     data_parallel = True
     differentiates = Differentiates.OPTIMUM
+    differentiates_twice = True  # Hessian-vector products through the forward pass
 
     @classmethod
     def refuses_rule(cls, rule: UpdateRule) -> str | None:

@@ -18,6 +18,7 @@ from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.engine.forward_mode import mixed_gradient
 from metateach.engine.problem import BilevelProblem
+from metateach.engine.second_order import second_order
 from metateach.engine.strategy import HypergradMethod
 from metateach.functional import dot
 from metateach.optim.rules import (
@@ -143,7 +144,7 @@ class Reversible(HypergradMethod):
                 d_omega = [a if g is None else a + g for a, g in zip(d_omega, mixed, strict=True)]
                 break
             theta = {k: p.detach().requires_grad_() for k, p in params.items()}
-            with problem.own_rng(record.rng):
+            with problem.own_rng(record.rng), second_order():
                 replay = problem.train_loss(theta, record.batch, record.context, real=False)
             grads = autograd.grad(replay.loss, list(theta.values()), create_graph=True)
             decay = sgd.weight_decay if holds_constant_terms() else 0.0

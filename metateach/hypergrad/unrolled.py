@@ -20,6 +20,7 @@ from metateach.distributed import sum_gradients
 from metateach.engine.forward_mode import mixed_gradient
 from metateach.engine.meter import UpdateMeter
 from metateach.engine.problem import BilevelProblem, TrainPass
+from metateach.engine.second_order import second_order
 from metateach.engine.strategy import HypergradMethod
 from metateach.engine.tangent import ForwardRecord, recording
 from metateach.optim.rules import State
@@ -95,7 +96,8 @@ class Unrolled(HypergradMethod):
                 self._meter.start()
                 train = self._first_step(batch, context)
             else:
-                train = problem.train_loss(self._params, batch, context, real=True)
+                with second_order():
+                    train = problem.train_loss(self._params, batch, context, real=True)
                 grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
                 grads = sum_gradients(grads, differentiable=True)
                 self._params, self._state = problem.inner_step(self._params, self._state, grads)
