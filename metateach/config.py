@@ -160,6 +160,10 @@ class TrainConfig:
     deterministic: bool = True
     #: CPU threads for PyTorch; unset keeps PyTorch's default.
     threads: int | None = None
+    #: Keep memory the process frees for reuse (glibc's malloc, Linux): a step's
+    #: tensors then reuse the last step's memory instead of faulting in fresh pages
+    #: (:func:`metateach.runtime.keep_freed_memory`). Process-wide; false leaves malloc alone.
+    keep_freed_memory: bool = True
     #: Run folders are created under this directory.
     out_dir: str = "runs"
     #: The run folder's name; unset means ``<config>-<timestamp>``.

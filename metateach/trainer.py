@@ -52,7 +52,7 @@ from metateach.progress import EpochTotals, LossAverage, TrainState, episode_see
 from metateach.report.diagnostics import TeacherDiagnostics
 from metateach.report.plots import plot_run
 from metateach.rundir import changed_settings, open_run
-from metateach.runtime import resolve_device, seed_everything
+from metateach.runtime import keep_freed_memory, resolve_device, seed_everything
 from metateach.teacher import TeachingContext, loss_averaging
 from metateach.teaching import build_teaching
 from metateach.types import StepStats
@@ -81,6 +81,8 @@ class Trainer:
         run = cfg.train
         if run.threads is not None:
             torch.set_num_threads(run.threads)
+        if run.keep_freed_memory:
+            keep_freed_memory()
         self.world, device = init_world(run.device)
         self.device = resolve_device(device)
         seed_everything(run.seed, run.deterministic, self.device)
