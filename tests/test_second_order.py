@@ -1,4 +1,5 @@
-"""Batch norm's fused double backward (metateach.engine.second_order) against PyTorch's, in float64.
+"""The fused double backwards of batch norm and convolutions (metateach.engine.second_order)
+against PyTorch's, in float64.
 
 The hypergradients that use it (``unrolled``, ``reversible``, ``implicit``)
 are checked against central differences on a BatchNorm ResNet in
@@ -19,7 +20,13 @@ from torch import Tensor, nn
 
 from metateach.engine import strategy
 from metateach.engine.problem import BilevelProblem
-from metateach.engine.second_order import _BatchNormDoubleBackward, batch_norm, second_order
+from metateach.engine.second_order import (
+    _BatchNormDoubleBackward,
+    _ConvDoubleBackward,
+    batch_norm,
+    conv,
+    second_order,
+)
 from metateach.engine.strategy import HypergradMethod
 from metateach.hypergrad import reversible, unrolled
 from metateach.hypergrad.implicit import Implicit
@@ -88,6 +95,71 @@ def test_values_statistics_and_both_derivatives_equal_pytorchs(
         torch.testing.assert_close(b_, a, rtol=1e-12, atol=1e-12)
 
 
+#: Convolutions: (function, input shape, weight shape, keyword arguments).
+CONVOLUTIONS = {
+    "conv1d": (F.conv1d, (2, 2, 7), (3, 2, 3), {"padding": 1}),
+    "conv2d strided, dilated": (
+        F.conv2d,
+        (2, 2, 6, 5),
+        (3, 2, 2, 3),
+        {"stride": 2, "dilation": (2, 1)},
+    ),
+    "conv2d grouped": (F.conv2d, (2, 4, 5, 5), (4, 2, 3, 3), {"groups": 2, "padding": (1, 0)}),
+    "conv3d": (F.conv3d, (1, 2, 3, 4, 3), (2, 2, 2, 2, 2), {}),
+}
+
+
+def _conv_inputs(name: str, biased: bool) -> tuple[Tensor, ...]:
+    _, x_shape, w_shape, _ = CONVOLUTIONS[name]
+    g = torch.Generator().manual_seed(2)
+
+    def leaf(*size: int) -> Tensor:
+        return torch.randn(*size, generator=g, dtype=torch.float64).requires_grad_()
+
+    x, w = leaf(*x_shape), leaf(*w_shape)
+    return (x, w, leaf(w_shape[0])) if biased else (x, w)
+
+
+@pytest.mark.parametrize("biased", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+def test_the_convolutions_pass_gradgradcheck_and_equal_pytorchs_rule(
+    name: str, biased: bool
+) -> None:
+    func, _, _, kwargs = CONVOLUTIONS[name]
+    inputs = _conv_inputs(name, biased)
+
+    def ours(*t: Tensor) -> Tensor:
+        return conv(func, *t, **kwargs)
+
+    assert type(ours(*inputs).grad_fn).__name__ == "_ConvBackward"
+    assert torch.autograd.gradgradcheck(ours, inputs)
+    g = torch.Generator().manual_seed(3)
+    found = []
+    for fn in (lambda *t: func(*t, **kwargs), ours):
+        y = fn(*inputs)
+        upstream = torch.randn(y.shape, generator=g, dtype=torch.float64, requires_grad=True)
+        adjoints = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in inputs]
+        firsts = torch.autograd.grad(y, inputs, upstream, create_graph=True)
+        product = sum((f * a).sum() for f, a in zip(firsts, adjoints, strict=True))
+        seconds = torch.autograd.grad(product, [*inputs, upstream], allow_unused=True)
+        found.append([y, *firsts, *(torch.zeros(()) if d is None else d for d in seconds)])
+        g.manual_seed(3)  # the same upstream and adjoints for both
+    for theirs, ours_ in zip(*found, strict=True):
+        torch.testing.assert_close(ours_, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_convolution_without_some_adjoints_skips_their_terms() -> None:
+    # Only the input's gradient is differentiated: d/dW takes no term, d/dx none either.
+    x, w = _conv_inputs("conv1d", biased=False)
+    y = conv(F.conv1d, x, w, padding=1)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (ours,) = torch.autograd.grad(gx.square().sum(), w)
+    y = F.conv1d(x, w, padding=1)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (theirs,) = torch.autograd.grad(gx.square().sum(), w)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_a_third_derivative_raises_instead_of_dropping_the_term() -> None:
     # once_differentiable's error node is pruned by autograd.grad with named inputs: the
     # third derivative came out finite and wrong. Ours raises.
@@ -99,9 +171,16 @@ def test_a_third_derivative_raises_instead_of_dropping_the_term() -> None:
     (gg,) = torch.autograd.grad(g.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no third derivative"):
         torch.autograd.grad(gg.sum(), x)
+    conv2d = nn.Conv2d(3, 2, 3).double()
+    with second_order():
+        y = conv2d(x)
+    (g,) = torch.autograd.grad((y**3).sum(), conv2d.weight, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no third derivative"):
+        torch.autograd.grad(gg.sum(), x)
 
 
-def test_the_mode_takes_training_batch_norms_only() -> None:
+def test_the_mode_takes_training_batch_norms_and_convolutions() -> None:
     bn = nn.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     with second_order():
@@ -114,6 +193,11 @@ def test_the_mode_takes_training_batch_norms_only() -> None:
     assert type(trained.grad_fn).__name__ == "_BatchNormBackward"
     assert type(evaluated.grad_fn).__name__ == "NativeBatchNormBackward0"
     assert type(plain.grad_fn).__name__ == "NativeBatchNormBackward0"
+    with second_order():
+        taken = nn.Conv2d(3, 2, 3)(x)
+        same = nn.Conv2d(3, 2, 3, padding="same")(x)
+    assert type(taken.grad_fn).__name__ == "_ConvBackward"
+    assert type(same.grad_fn).__name__ == "ConvolutionBackward0"
     # A batch of one value a channel is PyTorch's error, raised by PyTorch.
     with second_order(), pytest.raises(ValueError, match="Expected more than 1 value"):
         bn.train()(torch.randn(1, 3, 1, 1))
@@ -157,13 +241,15 @@ def test_every_route_gives_the_hypergradient_it_gives_on_pytorchs_rule(
     # implicit's Hessian-vector products run through the student's double backward too;
     # tests/test_check.py checks it against differences on a linear problem only.
     setup = Setup("resnet8")
-    taken = []
-    fused = _BatchNormDoubleBackward.forward
-    monkeypatch.setattr(
-        _BatchNormDoubleBackward, "forward", staticmethod(lambda *a: taken.append(1) or fused(*a))
-    )
+    taken: list[str] = []
+    for rule in (_BatchNormDoubleBackward, _ConvDoubleBackward):
+        fused = rule.forward
+        spy = staticmethod(
+            lambda *a, rule=rule, fused=fused: taken.append(rule.__name__) or fused(*a)
+        )
+        monkeypatch.setattr(rule, "forward", spy)
     ours = setup.hypergradient(make, steps)
-    assert taken  # the route took the fused rule
+    assert set(taken) == {"_BatchNormDoubleBackward", "_ConvDoubleBackward"}  # the fused rules
     for module in (unrolled, reversible, strategy):
         monkeypatch.setattr(module, "second_order", _on_pytorchs_rule)
     theirs = setup.hypergradient(make, steps)

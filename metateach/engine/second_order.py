@@ -1,4 +1,5 @@
-"""Batch norm with a fused double backward, for forward passes whose graph is differentiated twice.
+"""Batch norm and convolutions with fused double backwards, for forward passes whose graph is
+differentiated twice.
 
 A hypergradient through a student step differentiates the step's gradient:
 a backward pass through the backward pass. PyTorch's rule for batch norm's
@@ -34,17 +35,22 @@ activations in all. ``tests/test_second_order.py`` checks the rule against
 PyTorch's in float64 (with ``gradgradcheck``) and the hypergradients that
 use it against central differences.
 
-The closed form is differentiable no further: a third derivative through it
-raises rather than being silently wrong. Batch norm
-in evaluation mode (running statistics) is affine in its input, and passes
-through unchanged.
+Convolutions (``conv1d``/``2d``/``3d``) likewise run PyTorch's kernels
+forward and backward, and their double backward as the four convolution
+kernels it needs (:class:`_ConvDoubleBackward`), terms of absent adjoints
+skipped: PyTorch's rule took 1.3 to 2 times as long on ResNet-32's layers.
+
+The double backwards are differentiable no further: a third derivative
+through them raises rather than being silently wrong. Batch norm in
+evaluation mode (running statistics) is affine in its input, and passes
+through unchanged, as do convolutions with string padding.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +58,12 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["second_order", "batch_norm"]
+__all__ = ["second_order", "batch_norm", "conv"]
+
+_NO_THIRD = (
+    "metateach's batch norm and convolutions (metateach.engine.second_order) have no third "
+    "derivative; take the forward pass outside second_order() to use PyTorch's"
+)
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
@@ -165,10 +176,7 @@ class _BatchNormDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:  # type: ignore[override]
-        raise RuntimeError(
-            "metateach's batch norm (metateach.engine.second_order) has no third derivative; "
-            "take the forward pass outside second_order() to use PyTorch's"
-        )
+        raise RuntimeError(_NO_THIRD)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -218,12 +226,154 @@ def batch_norm(
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
+class _ConvSpec(NamedTuple):
+    """A convolution's geometry, as PyTorch's convolution operators take it."""
+
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+
+    def args(self) -> tuple[Any, ...]:
+        """The arguments after the tensors, of torch.convolution and aten.convolution_backward."""
+        zeros = [0] * len(self.stride)
+        return self.stride, self.padding, self.dilation, False, zeros, self.groups
+
+
+class _ConvBackward(torch.autograd.Function):
+    """(gy, x, weight) -> a convolution's (gx, gweight, gbias) (those ``mask`` asks for), by
+    PyTorch's kernel; its backward is a :class:`_ConvDoubleBackward`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        gy: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        mask: tuple[bool, bool, bool],
+        spec: _ConvSpec,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        ctx.save_for_backward(gy, x, weight)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        bias_sizes = [weight.shape[0]] if mask[2] else None
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, weight, bias_sizes, *spec.args(), list(mask)
+        )
+        return gx, gw, gb
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, a_x: Tensor | None, a_w: Tensor | None, a_b: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        gy, x, weight = ctx.saved_tensors
+        d_gy, d_x, d_w = _ConvDoubleBackward.apply(gy, x, weight, a_x, a_w, a_b, ctx.spec)
+        return d_gy, d_x, d_w, None, None
+
+
+class _ConvDoubleBackward(torch.autograd.Function):
+    """A convolution's backward differentiated: a convolution kernel for each term whose
+    adjoint is present, four at most.
+
+    gx = C*(gy; W), gW = C_W*(x; gy) and gb = S(gy) are linear in gy, and gx in
+    W, gW in x: with the adjoints (A_x, A_W, a_b),
+
+        d/d gy = C(A_x; W) + C(x; A_W) + a_b,  d/d x = C*(gy; A_W),  d/d W = C_W*(A_x; gy),
+
+    C the convolution, C* its input gradient and C_W* its weight gradient.
+    PyTorch's rule computes the same; this one runs each on PyTorch's
+    convolution kernels directly and skips the terms of absent adjoints. A
+    derivative of it raises.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        gy: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        a_x: Tensor | None,
+        a_w: Tensor | None,
+        a_b: Tensor | None,
+        spec: _ConvSpec,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        backward = torch.ops.aten.convolution_backward
+        d_gy = d_x = d_w = None
+        if need_gy:
+            terms = [
+                torch.convolution(a, w, None, *spec.args())
+                for a, w in ((a_x, weight), (x, a_w))
+                if a is not None and w is not None
+            ]
+            if a_b is not None:
+                terms.append(a_b.view([1, -1] + [1] * (gy.dim() - 2)).expand_as(gy))
+            d_gy = sum(terms[1:], terms[0]) if terms else None
+        if need_x and a_w is not None:
+            d_x = backward(gy, x, a_w, None, *spec.args(), [True, False, False])[0]
+        if need_w and a_x is not None:
+            d_w = backward(gy, a_x, weight, None, *spec.args(), [False, True, False])[1]
+        return d_gy, d_x, d_w
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:  # type: ignore[override]
+        raise RuntimeError(_NO_THIRD)
+
+
+class _Conv(torch.autograd.Function):
+    """A convolution by PyTorch's kernel, its backward a :class:`_ConvBackward`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, spec: _ConvSpec
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        return torch.convolution(x, weight, bias, *spec.args())
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = (need_x, need_w, need_b and ctx.has_bias)
+        gx, gw, gb = _ConvBackward.apply(gy, x, weight, mask, ctx.spec)
+        return gx, gw, gb, None
+
+
+def _expand(value: Any, dims: int) -> list[int]:
+    return [value] * dims if isinstance(value, int) else list(value)
+
+
+def conv(
+    func: Callable[..., Tensor],
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``func`` (:func:`~torch.nn.functional.conv1d`, ``conv2d`` or ``conv3d``) with the fused
+    double backward; string padding (``"same"``, ``"valid"``) and unbatched inputs go to PyTorch's own."""
+    dims = weight.dim() - 2
+    if isinstance(padding, str) or input.dim() != dims + 2:
+        return func(input, weight, bias, stride, padding, dilation, groups)
+    spec = _ConvSpec(_expand(stride, dims), _expand(padding, dims), _expand(dilation, dims), groups)
+    return _Conv.apply(input, weight, bias, spec)
+
+
+_CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
+
+
 class _SecondOrder(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         if func is F.batch_norm:
             return batch_norm(*args, **(kwargs or {}))
+        if func in _CONVOLUTIONS:
+            return conv(func, *args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 

@@ -327,17 +327,24 @@ FLOORS: dict[str, tuple[float, str]] = {
     "loss_fn_lookahead_vs_plain": (10 / 3, "as lookahead_vs_plain, the teacher acting in the loss"),
     "deep_interaction_vs_plain": (
         71 / 60,
-        "20 plain steps 60 units, then validation forward and backward 3 and a Hessian-vector "
-        "product (a backward through a backward, 4) for each of B = 2 steps: 71 units a span",
+        "18 plain steps 54 and the window's two 6 (the second keeps its graph), validation "
+        "forward and backward 3, the backward through the second step's gradient graph 6 (a "
+        "layer's double backward is six products: two for each of its forward and its two "
+        "gradients), the first step's teacher term by the tangent pass over its records 2: "
+        "71 units a span",
     ),
     "deep_interaction_reversible_vs_plain": (
-        71 / 60,
-        "as deep_interaction_vs_plain (reversing the two steps' updates is elementwise)",
+        75 / 60,
+        "20 plain steps 60, validation forward and backward 3, the last step replayed at the "
+        "reconstructed parameters with its graph 3 and the backward through it 6, the first "
+        "step's teacher term by a full forward-mode pass 3 (at reconstructed parameters: no "
+        "record to reuse): 75 units a span (reversing the updates is elementwise)",
     ),
     "dln_vs_plain": (
-        2.4,
-        "every step differentiated: the step 3 and its vector-Hessian product in the reverse "
-        "pass 4, validation forward and backward once a round of 15, 0.2: 7.2 units a step",
+        134 / 45,
+        "a round of 15 steps 45, each differentiated: the backward through the gradient graphs "
+        "of the 14 after the first 84 (6 each, as deep_interaction_vs_plain), the first's "
+        "teacher term by the tangent pass 2, validation forward and backward 3: 134 units a round",
     ),
     "co_teaching_vs_plain": (2.0, "two networks, a forward and a backward each"),
     "srit_vs_plain": (4.0, "two networks, SAM's two forwards and backwards each"),
