@@ -30,10 +30,10 @@ Q = S(A gy) - S(gy) S(A) / N - S(gy x^) S(A x^) / N,
 (the first term of d/dx carries x^'s dependence on x through m and r, the
 second the explicit r of gx). m(G) and m(G x^) follow from the five sums
 S(gy), S(A), S(gy x), S(A x), S(A gy), so each result is one multiply-add per
-input with per-channel coefficients: about fifteen passes over the
-activations in all. ``tests/test_second_order.py`` checks the rule against
-PyTorch's in float64 (with ``gradgradcheck``) and the hypergradients that
-use it against central differences.
+input with per-channel coefficients: about ten passes over the activations
+in all. ``tests/test_second_order.py`` checks the rules against PyTorch's in
+float64 (with ``gradgradcheck``); ``tests/test_check.py`` checks the
+hypergradients that use them against central differences.
 
 Convolutions (``conv1d``/``2d``/``3d``) likewise run PyTorch's kernels
 forward and backward, and their double backward as the four convolution
@@ -82,6 +82,14 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     return _channel_sum(a * b)
 
 
+class _DoubleBackward(torch.autograd.Function):
+    """A double backward in closed form: differentiating it raises (see the module docstring)."""
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:  # type: ignore[override]
+        raise RuntimeError(_NO_THIRD)
+
+
 class _BatchNormBackward(torch.autograd.Function):
     """(gy, x, weight) -> batch norm's (gx, gweight, gbias), by PyTorch's kernel; its backward is
     a :class:`_BatchNormDoubleBackward`."""
@@ -116,7 +124,7 @@ class _BatchNormBackward(torch.autograd.Function):
         return d_gy, d_x, d_w, None, None, None, None
 
 
-class _BatchNormDoubleBackward(torch.autograd.Function):
+class _BatchNormDoubleBackward(_DoubleBackward):
     """The closed form of the module docstring; a derivative of it raises.
 
     (``once_differentiable`` would not do: under ``autograd.grad`` with named
@@ -173,10 +181,6 @@ class _BatchNormDoubleBackward(torch.autograd.Function):
                 .addcmul_(_per_channel(on_hat * r, x), x)
             )
         return d_gy, d_x, d_w
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:  # type: ignore[override]
-        raise RuntimeError(_NO_THIRD)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -271,7 +275,7 @@ class _ConvBackward(torch.autograd.Function):
         return d_gy, d_x, d_w, None, None
 
 
-class _ConvDoubleBackward(torch.autograd.Function):
+class _ConvDoubleBackward(_DoubleBackward):
     """A convolution's backward differentiated: a convolution kernel for each term whose
     adjoint is present, four at most.
 
@@ -307,17 +311,13 @@ class _ConvDoubleBackward(torch.autograd.Function):
                 if a is not None and w is not None
             ]
             if a_b is not None:
-                terms.append(a_b.view([1, -1] + [1] * (gy.dim() - 2)).expand_as(gy))
+                terms.append(_per_channel(a_b, gy).expand_as(gy))
             d_gy = sum(terms[1:], terms[0]) if terms else None
         if need_x and a_w is not None:
             d_x = backward(gy, x, a_w, None, *spec.args(), [True, False, False])[0]
         if need_w and a_x is not None:
             d_w = backward(gy, a_x, weight, None, *spec.args(), [False, True, False])[1]
         return d_gy, d_x, d_w
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> tuple[None, ...]:  # type: ignore[override]
-        raise RuntimeError(_NO_THIRD)
 
 
 class _Conv(torch.autograd.Function):

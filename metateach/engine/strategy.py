@@ -347,7 +347,7 @@ class PerStepMethod(HypergradMethod):
     #: (recorded in :attr:`forward_record`).
     records_forward: ClassVar[bool] = False
     #: Whether :meth:`teacher_gradient` differentiates the forward pass twice (its batch norms
-    #: then take :mod:`metateach.engine.second_order`'s fused double backward).
+    #: and convolutions then take :mod:`metateach.engine.second_order`'s fused double backwards).
     differentiates_twice: ClassVar[bool] = False
 
     def __init__(
