@@ -87,6 +87,14 @@ def test_each_teaching_step_runs_the_method_its_key_names() -> None:
         assert type(strategy).__name__ == method, key
 
 
+def test_the_bench_leaves_no_run_folders_behind(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = BenchSettings("mlp", "{hidden: [16]}", (1, 8, 8), 10, 8)
+    trainer = trainer_for(settings, ["teacher.name=none"], random_bundle(16, 16, (1, 8, 8), 10))
+    assert not (tmp_path / "runs").exists()
+    assert trainer.run_dir.parent.name.startswith("metateach-bench-")
+
+
 def test_pairs_alternate_their_order_and_the_figure_is_the_median_ratio() -> None:
     calls: list[str] = []
     settings = BenchSettings("mlp", "{}", (1, 8, 8), 10, 8, steps=1, repeats=3, warmup=0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -211,11 +212,25 @@ def python_overhead(
     return max(trainer_outside - bare_outside, 0.0) / trainer_wall
 
 
+#: Where the bench's trainers keep their run folders: a directory of its own, removed when
+#: the process ends (the bench's runs are not experiments).
+_SCRATCH: tempfile.TemporaryDirectory[str] | None = None
+
+
+def _scratch_dir() -> str:
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = tempfile.TemporaryDirectory(prefix="metateach-bench-")
+    return _SCRATCH.name
+
+
 def trainer_for(settings: BenchSettings, overrides: Sequence[str], data: DataBundle) -> Trainer:
-    """A trainer of the bench's student (momentum SGD, lr 0.1) on ``data``, quiet, with ``overrides``."""
+    """A trainer of the bench's student (momentum SGD, lr 0.1) on ``data``, quiet, with ``overrides``;
+    its run folder lies in a temporary directory."""
     cfg = load_config(
         None,
         [
+            f"train.out_dir={_scratch_dir()}",
             f"model.name={settings.model}",
             f"model.kwargs={settings.model_kwargs}",
             "optim.name=sgd",
