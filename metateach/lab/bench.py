@@ -512,10 +512,11 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
         # by up to 6% in the speed of the same bare step (where their tensors lie in memory).
         bare = bare_loop(make, trainer)
         timing = _whole_spans(settings, span)
-        if key == "framework_overhead":  # the smallest figure, the one noise moves most
+        overhead = key == "framework_overhead"
+        if overhead:
             timing = replace(timing, repeats=OVERHEAD_PAIRS * settings.repeats)
         ratios, reference = paired_ratios(endless(trainer, step), bare, timing)
-        if key == "framework_overhead":
+        if overhead:
             results["plain_step_ms"] = Figure(1000 * reference)
         results[key] = summarize(ratios, FLOORS.get(key, (None,))[0])
     if keys is None or "python_overhead" in keys:
