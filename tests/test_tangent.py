@@ -121,8 +121,8 @@ def test_replayed_tangent_is_forward_modes(name: str, mode: str) -> None:
 
 @pytest.mark.parametrize("graph", ["none", "freed"])
 def test_batch_norm_without_its_saved_statistics(graph: str) -> None:
-    """Batch norm's statistics are taken from its autograd node when it has them; a pass
-    recorded without a graph, or whose graph is freed, recomputes them."""
+    """Batch norm's statistics are taken from its autograd node when it is recorded, and
+    outlive the graph's freeing; a pass recorded without a graph computes them again."""
     model, x = STUDENTS["zoo"]
     model = model.double().train()
     x = x.double()

@@ -58,28 +58,14 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 from torch.overrides import TorchFunctionMode
 
+from metateach.engine.channels import channel_dot, channel_sum, per_channel, scale_shift
+
 __all__ = ["second_order", "batch_norm", "conv"]
 
 _NO_THIRD = (
     "metateach's batch norm and convolutions (metateach.engine.second_order) have no third "
     "derivative; take the forward pass outside second_order() to use PyTorch's"
 )
-
-
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    return t.view([1, -1] + [1] * (x.dim() - 2))
-
-
-def _channel_sum(t: Tensor) -> Tensor:
-    return t.sum([d for d in range(t.dim()) if d != 1])
-
-
-def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
-    """S(a b), per channel, without the product as a tensor where the layout allows."""
-    if a.is_contiguous() and b.is_contiguous():
-        n, c = a.shape[:2]
-        return torch.linalg.vecdot(a.view(n, c, -1), b.view(n, c, -1)).sum(0)
-    return _channel_sum(a * b)
 
 
 class _DoubleBackward(torch.autograd.Function):
@@ -152,19 +138,17 @@ class _BatchNormDoubleBackward(_DoubleBackward):
         a_w = torch.zeros_like(r) if a_w is None else a_w
         a_b = torch.zeros_like(r) if a_b is None else a_b
         # The five sums; S(u x^) = r (S(u x) - mean S(u)).
-        s_gy, s_a = _channel_sum(gy), _channel_sum(a_x)
-        s_gy_hat = r * (_channel_dot(gy, x) - mean * s_gy)
-        s_a_hat = r * (_channel_dot(a_x, x) - mean * s_a)
+        s_gy, s_a = channel_sum(gy), channel_sum(a_x)
+        s_gy_hat = r * (channel_dot(gy, x) - mean * s_gy)
+        s_a_hat = r * (channel_dot(a_x, x) - mean * s_a)
         d_gy = d_x = d_w = None
         # x^ = r x - r mean: a term c x^ is (c r) x - (c r mean).
         if need_gy:
             on_hat = a_w - w * r * s_a_hat / n
             constant = a_b - w * r * s_a / n - on_hat * r * mean
-            d_gy = torch.addcmul(_per_channel(constant, x), _per_channel(w * r, x), a_x).addcmul_(
-                _per_channel(on_hat * r, x), x
-            )
+            d_gy = scale_shift(a_x, w * r, constant).addcmul_(per_channel(on_hat * r, x), x)
         if need_x or (need_w and weight is not None):
-            q = _channel_dot(a_x, gy) - (s_gy * s_a + s_gy_hat * s_a_hat) / n
+            q = channel_dot(a_x, gy) - (s_gy * s_a + s_gy_hat * s_a_hat) / n
             if need_w and weight is not None:
                 d_w = r * q
         if need_x:
@@ -176,9 +160,9 @@ class _BatchNormDoubleBackward(_DoubleBackward):
             on_hat = -(r * mean_g_hat + w * q * r * r / n)
             constant = -r * mean_g - on_hat * r * mean
             d_x = (
-                torch.addcmul(_per_channel(constant, x), _per_channel(r * c_gy, x), gy)
-                .addcmul_(_per_channel(r * c_a, x), a_x)
-                .addcmul_(_per_channel(on_hat * r, x), x)
+                scale_shift(gy, r * c_gy, constant)
+                .addcmul_(per_channel(r * c_a, x), a_x)
+                .addcmul_(per_channel(on_hat * r, x), x)
             )
         return d_gy, d_x, d_w
 
@@ -311,7 +295,7 @@ class _ConvDoubleBackward(_DoubleBackward):
                 if a is not None and w is not None
             ]
             if a_b is not None:
-                terms.append(_per_channel(a_b, gy).expand_as(gy))
+                terms.append(per_channel(a_b, gy).expand_as(gy))
             d_gy = sum(terms[1:], terms[0]) if terms else None
         if need_x and a_w is not None:
             d_x = backward(gy, x, a_w, None, *spec.args(), [True, False, False])[0]

@@ -13,9 +13,12 @@ inputs:
   two products where forward mode takes three (the primal is the recorded y);
 - batch norm in training mode, fused: with x^ the normalized input, r its
   inverse standard deviation and m(.) the mean over all axes but the channel,
-  y' = g r (x' - m(x') - x^ m(x^ x')) + g' x^ + b', written as two fused
-  multiply-adds with per-channel coefficients (with running statistics,
-  y' = g r x' + g' x^ + b').
+  y' = g r (x' - m(x') - x^ m(x^ x')) + g' x^ + b', written as two
+  multiply-adds over x and x' with per-channel coefficients, from two
+  per-channel sums, x^ never formed (with running statistics,
+  y' = g r x' + g' x^ + b'). The batch's mean and r are the ones the
+  recorded pass's autograd node saved, taken when it was recorded; a pass
+  recorded without a graph has them computed again.
 
 Every other operator (activations, additions, pooling, dropout with the
 pass's random state) runs in PyTorch's own forward mode on the recorded
@@ -41,6 +44,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from metateach.engine.channels import channel_dot, channel_sum, per_channel, scale_shift
 
 __all__ = ["ForwardRecord", "ReplayMismatch", "recording"]
 
@@ -96,6 +101,7 @@ class _Call(NamedTuple):
     parts: _Parts
     weight_version: int | None
     output: Tensor
+    statistics: tuple[Tensor, Tensor] | None  # a training-mode batch norm's mean and 1/std
 
 
 def _primal(t: Any) -> Any:
@@ -104,10 +110,6 @@ def _primal(t: Any) -> Any:
 
 def _tangent(t: Tensor | None) -> Tensor | None:
     return None if t is None else fwAD.unpack_dual(t).tangent
-
-
-def _channel_shape(x: Tensor) -> list[int]:
-    return [1, -1] + [1] * (x.dim() - 2)
 
 
 def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -126,59 +128,50 @@ def _affine_tangent(func: Callable[..., Tensor], call: _Call, now: _Parts) -> Te
         return _plus(found, func(recorded.input.detach(), t_w, t_b, *now.rest))
     if t_b is None:
         return found
-    shape = [-1] if func is F.linear else _channel_shape(recorded.input)
-    return _plus(found, t_b.view(shape))
+    return _plus(found, t_b if func is F.linear else per_channel(t_b, recorded.input))
 
 
 def _batch_statistics(output: Tensor) -> tuple[Tensor, Tensor] | None:
     """The batch mean and inverse standard deviation a training-mode batch norm's ``output``
-    was normalized with, as its autograd node saved them (None if it did not, or they are
-    freed)."""
+    was normalized with, as its autograd node saved them (None if it has none)."""
     node = output.grad_fn
     if type(node).__name__ != "NativeBatchNormBackward0" or not node._saved_training:
         return None
-    try:
-        return node._saved_result1, node._saved_result2
-    except RuntimeError:  # the graph's saved tensors are freed
-        return None
+    return node._saved_result1.detach(), node._saved_result2.detach()
 
 
 def _batch_norm_tangent(func: Callable[..., Tensor], call: _Call, now: _Parts) -> Tensor | None:
-    """The fused tangent of batch norm (module docstring), per-channel coefficients first."""
+    """The fused tangent of batch norm (module docstring), per-channel coefficients first.
+
+    x^ is never formed: with x^ = r x - r mean, a term c x^ is (c r) x - c r mean,
+    and S(x' x^) = r (S(x' x) - mean S(x')) for the per-channel sums S.
+    """
     x = call.parts.input.detach()
     running_mean, running_var, training, eps = (_primal(r) for r in now.rest)
     t_in, t_w, t_b = _tangent(now.input), _tangent(now.weight), _tangent(now.bias)
-    shape = _channel_shape(x)
     batch_statistics = training or running_mean is None
-    if batch_statistics:
-        saved = _batch_statistics(call.output)
-        if saved is None:
-            normalized, _, inv_std = torch.native_batch_norm(
-                x, None, None, None, None, True, 0, eps
-            )
-        else:
-            mean, inv_std = (s.detach() for s in saved)
-            normalized = (x - mean.view(shape)) * inv_std.view(shape)
+    if not batch_statistics:
+        mean, inv_std = running_mean, torch.rsqrt(running_var + eps)
+    elif call.statistics is not None:
+        mean, inv_std = call.statistics
     else:
-        inv_std = torch.rsqrt(running_var + eps)
-        normalized = (x - running_mean.view(shape)) * inv_std.view(shape)
+        var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+        inv_std = torch.rsqrt(var + eps)
     gain = inv_std if now.weight is None else inv_std * _primal(now.weight)
     # y' = gain x' + c x^ + d, c and d per channel.
     c, d = t_w, t_b
     if t_in is not None and batch_statistics:
-        axes = [0, *range(2, x.dim())]
         count = x.numel() // x.shape[1]
-        d = _plus(d, -gain * t_in.sum(axes) / count)
-        c = _plus(c, -gain * (normalized * t_in).sum(axes) / count)
-    found = None
+        sum_in = channel_sum(t_in)
+        d = _plus(d, -gain * sum_in / count)
+        c = _plus(c, -gain * inv_std * (channel_dot(t_in, x) - mean * sum_in) / count)
     if c is not None:
-        found = normalized * c.view(shape)
-    if d is not None:
-        found = d.view(shape) if found is None else found + d.view(shape)
+        on_x = c * inv_std
+        found = scale_shift(x, on_x, -on_x * mean if d is None else d - on_x * mean)
+        return found if t_in is None else found.addcmul_(t_in, per_channel(gain, x))
     if t_in is not None:
-        scaled = gain.view(shape)
-        found = t_in * scaled if found is None else torch.addcmul(found, t_in, scaled)
-    return found
+        return scale_shift(t_in, gain, d)
+    return None if d is None else per_channel(d, x)
 
 
 _Rule = tuple[Callable[..., tuple[Any, ...]], Callable[..., Tensor | None]]
@@ -210,7 +203,8 @@ class ForwardRecord(TorchFunctionMode):
         if rule is not None:
             parts = _Parts(*rule[0](*args, **kwargs))
             version = None if parts.weight is None else parts.weight._version
-            self.calls.append(_Call(func, parts, version, output))
+            statistics = _batch_statistics(output) if func is F.batch_norm else None
+            self.calls.append(_Call(func, parts, version, output, statistics))
         return output
 
     def replay(self) -> contextlib.AbstractContextManager[None]:
