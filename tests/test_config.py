@@ -318,3 +318,49 @@ def test_paper_cell_configs_hold_their_tables_settings() -> None:
     }
     assert tables == {1: 9, 2: 6, 3: 4, 4: 3, 5: 4, 6: 4, 7: 5}  # table 1: 6 cells, 3 L2T baselines
     assert len(list((CONFIGS / "meta_weight_net").glob("*.yaml"))) == 20
+
+
+def test_l2t_dln_tables_are_the_slides_settings() -> None:
+    """L2T-DLN's noisy-label table is flip-to-two noise on ResNet-32 (the deep-interaction
+    paper's Table 6 setting), its "L2R [2]" row the deep-interaction teacher; the teaching
+    lengths are the slides' (L2T-DLN 25, L2T-DLF 1); the CPU configs say they keep 15."""
+    from metateach.lab.compare import load_comparison
+
+    noisy = load_comparison(CONFIGS / "compare" / "paper" / "l2t_dln_noisy.yaml")
+    teachers = {"": "l2t_dln", "_ce": "none", "_mentornet": "mentornet_pd"}
+    teachers |= {"_meta_weight_net": "meta_weight_net", "_deep_interaction": "deep_interaction"}
+    cells = {f"{d}_flip{p}": (d, p / 100) for d in ("cifar10", "cifar100") for p in (20, 40)}
+    assert set(noisy.variants) == {cell + row for cell in cells for row in teachers}
+    assert noisy.paper["cifar10_flip40"] == 89.39 and noisy.paper["cifar100_flip20_ce"] == 50.86
+    assert noisy.paper["cifar10_flip20_deep_interaction"] == 91.05
+    for cell, (data, rate) in cells.items():
+        for row, teacher in teachers.items():
+            variant = cell + row
+            cfg = load_config(noisy.config_of(variant), noisy.variants[variant])
+            assert (cfg.data.name, cfg.noise.type, cfg.noise.rate) == (data, "flip2", rate)
+            assert (cfg.model.name, cfg.train.epochs, cfg.teacher.name) == ("resnet32", 60, teacher)
+            if teacher == "l2t_dln":
+                assert (
+                    cfg.teacher.hypergrad.inner_steps == cfg.teacher.hypergrad.backprop_steps == 25
+                )
+    assert not list((CONFIGS / "l2t_dln").glob("*uniform*"))
+    table1 = load_comparison(CONFIGS / "compare" / "paper" / "l2t_dln.yaml")
+    for variant, overrides in table1.variants.items():
+        cfg = load_config(table1.config_of(variant), overrides)
+        length = {"l2t_dln": 25, "l2t_dlf": 1}.get(cfg.teacher.name)
+        if length is not None:
+            assert (
+                cfg.teacher.hypergrad.inner_steps == cfg.teacher.hypergrad.backprop_steps == length
+            )
+    assert "cifar100_resnet32" in table1.variants
+    for cpu in ("dln_mnist", "dln_cifar10_jpeg"):
+        assert load_config(CONFIGS / "cpu" / f"{cpu}.yaml").teacher.hypergrad.inner_steps == 15
+
+
+def test_l2t_students_learn_by_mini_batch_sgd_in_the_paper_configs() -> None:
+    """The slides' student learning rule; the CPU configs keep the Adam of their reported runs."""
+    for name in ("mnist_mlp_teacher", "mnist_mlp_student", "mnist_mlp_to_lenet_student"):
+        optim = load_config(CONFIGS / "l2t" / f"{name}.yaml").optim
+        assert (optim.name, optim.momentum) == ("sgd", 0.0)
+    for name in ("l2t_mnist_teacher", "l2t_mnist_student"):
+        assert load_config(CONFIGS / "cpu" / f"{name}.yaml").optim.name == "adam"

@@ -303,7 +303,7 @@ def test_l2t_dlf_trains_a_student(make_config) -> None:
 
 def test_the_cifar100_config_without_the_data_stops_with_one_line(tmp_path) -> None:
     run = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train.py"), str(CONFIGS / "dln_cifar100.yaml"),
+        [sys.executable, str(REPO / "tools" / "train.py"), str(CONFIGS / "l2t_dln" / "cifar100_resnet32.yaml"),
          f"data.root={tmp_path}", "logging.wandb=disabled", f"train.out_dir={tmp_path / 'runs'}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )  # fmt: skip
@@ -324,7 +324,7 @@ def test_the_cifar100_config_runs_where_the_data_is(
         f"data.root={tmp_path}", "data.val_size=100", "train.epochs=1", "train.batch_size=50",
         "teacher.kwargs.init_steps=50", "teacher.hypergrad.inner_steps=3",
         "teacher.hypergrad.backprop_steps=3", "teacher.hypergrad.options.rounds=1",
-        "logging.diagnostics=false", path=CONFIGS / "dln_cifar100.yaml",
+        "logging.diagnostics=false", path=CONFIGS / "l2t_dln" / "cifar100_resnet32.yaml",
     )  # fmt: skip
     trainer = Trainer(cfg)
     assert trainer.cfg.model.name == "resnet32" and trainer.data.num_classes == 100
