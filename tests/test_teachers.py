@@ -19,6 +19,7 @@ from metateach.teacher import StudentView, TeachingContext
 from metateach.teachers import (
     DeepInteractionTeacher,
     FocalLoss,
+    LabelSmoothing,
     LearningToReweight,
     MentorNetPD,
     MetaWeightNet,
@@ -26,6 +27,7 @@ from metateach.teachers import (
     SelfPacedLearning,
 )
 from metateach.teachers.focal import focal_loss
+from metateach.teachers.label_smoothing import label_smoothing_loss
 from metateach.teachers.mentornet import (
     MentorNetDD,
     MentorNetwork,
@@ -35,7 +37,7 @@ from metateach.teachers.mentornet import (
 )
 from metateach.trainer import Trainer
 
-from .conftest import sample_record
+from .conftest import CONFIGS, sample_record
 
 
 def view_of(logits: torch.Tensor, y: torch.Tensor, progress: float = 0.0, **extra) -> StudentView:
@@ -327,6 +329,28 @@ def test_deep_interaction_levels_are_the_papers_distinct_maps(model: str, levels
 def test_deep_interaction_options_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DeepInteractionTeacher(10, create_model("resnet8", 10, (3, 32, 32)), **kwargs)
+
+
+def test_label_smoothing_against_hand_computed_values() -> None:
+    """Logits (2, 0, 0), label 0: log p = (2 - L, -L, -L) with L = log(e^2 + 2), so the loss is
+    (1 - eps) (L - 2) + eps (L - 2/3) = L - 2 + 4 eps / 3."""
+    logits, y = torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64), torch.tensor([0])
+    big_l = math.log(math.e**2 + 2)
+    for eps in (0.0, 0.1, 0.3):
+        found = label_smoothing_loss(logits, y, eps)
+        assert found.item() == pytest.approx(big_l - 2 + 4 * eps / 3, abs=1e-12)
+    batch, logits = batch_of(16)
+    lesson = LabelSmoothing(epsilon=0.2)(batch, view_of(logits, batch.y))
+    expected = F.cross_entropy(logits, batch.y, label_smoothing=0.2)  # PyTorch's, the same rule
+    assert torch.allclose(lesson_loss(lesson, logits, batch.y), expected)
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\)"):
+        LabelSmoothing(epsilon=1.0)
+
+
+def test_label_smoothing_trains_on_the_quickstart(make_config) -> None:
+    trainer = Trainer(make_config("teacher.name=label_smoothing", path=CONFIGS / "quickstart.yaml"))
+    assert type(trainer.teaching.strategy) is StudentOnly
+    assert trainer.fit()["test/acc"] > 0.85
 
 
 def test_a_teacher_that_cannot_fit_the_student_is_a_config_error(make_config) -> None:

@@ -15,6 +15,7 @@
 ``mentornet_dd``              a curriculum fitted to a record of training with    Jiang et al. 2018
                               known labels (MentorNet-DD)
 ``focal``                     the focal loss                                      Lin et al. 2017
+``label_smoothing``           cross-entropy on labels mixed with uniform          Szegedy et al. 2016
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
 ``constant``                  all weights one (the engine's probe and baseline)
@@ -32,6 +33,7 @@ from metateach.teachers.dynamic_loss import DynamicLossNetwork, DynamicLossTeach
 from metateach.teachers.dynamic_loss_function import DynamicLossFunctionTeacher
 from metateach.teachers.focal import FocalLoss
 from metateach.teachers.l2t import L2TFilter
+from metateach.teachers.label_smoothing import LabelSmoothing
 from metateach.teachers.learning_to_reweight import LearningToReweight
 from metateach.teachers.mentornet import MentorNetDD, MentorNetPD
 from metateach.teachers.meta_weight_net import MetaWeightNet
@@ -47,6 +49,7 @@ __all__ = [
     "DynamicLossTeacher",
     "FocalLoss",
     "L2TFilter",
+    "LabelSmoothing",
     "LearningToReweight",
     "MentorNetDD",
     "MentorNetPD",
