@@ -11,7 +11,9 @@ replacement loss function, in any combination:
   Meta-Weight-Net, as its authors' stable code, gives them as they are;
 * ``mask`` selects samples (a data filter, or co-teaching's small-loss set);
 * ``loss_fn`` maps (logits, targets) to per-sample losses and replaces
-  cross-entropy (a learned loss, as in L2T-DLN);
+  cross-entropy (a learned loss, as in L2T-DLN); a :class:`StatesLoss` maps
+  the student's states (features, the head's weight) instead, for losses on
+  more than the logits (large-margin softmax);
 * ``log_prob``, for a teacher that samples its lesson (L2T's data filter),
   is the log-probability of what it drew.
 
@@ -29,10 +31,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metateach.distributed import batch_sum
+from metateach.student import StudentStates
 
-__all__ = ["Lesson", "LossFn", "normalize_weights", "lesson_loss", "per_sample_losses"]
+__all__ = [
+    "Lesson",
+    "LossFn",
+    "StatesLoss",
+    "normalize_weights",
+    "lesson_loss",
+    "per_sample_losses",
+]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+
+@dataclass(frozen=True)
+class StatesLoss:
+    """A lesson's loss function of the student's whole forward pass: ``fn(states, targets)`` ->
+    per-sample losses, ``states`` a :class:`~metateach.student.StudentStates` (logits,
+    features, maps, the head's weight).
+
+    Every route differentiates it as it does a loss of the logits: the states
+    carry their graph to the parameters, and in forward mode the head's weight
+    carries its tangent. The diagnostics draw no loss curve for it (it is not
+    a function of the logits alone).
+    """
+
+    fn: Callable[[StudentStates, Tensor], Tensor]
+
+    def __call__(self, states: StudentStates, targets: Tensor) -> Tensor:
+        return self.fn(states, targets)
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor] | StatesLoss
 
 
 def normalize_weights(raw: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -83,15 +112,31 @@ class Lesson:
                 )
 
 
-def per_sample_losses(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tensor:
-    """The lesson's loss function on each sample, cross-entropy when it names none."""
-    if lesson is not None and lesson.loss_fn is not None:
-        return lesson.loss_fn(logits, targets)
+def per_sample_losses(
+    lesson: Lesson | None, outputs: Tensor | StudentStates, targets: Tensor
+) -> Tensor:
+    """The lesson's loss function on each sample, cross-entropy when it names none.
+
+    ``outputs`` are the student's logits, or its states (which a
+    :class:`StatesLoss` needs).
+    """
+    logits = outputs.logits if isinstance(outputs, StudentStates) else outputs
+    loss_fn = None if lesson is None else lesson.loss_fn
+    if isinstance(loss_fn, StatesLoss):
+        if not isinstance(outputs, StudentStates):
+            raise TypeError(
+                f"the lesson's loss ({loss_fn.fn!r}) reads the student's states, and this "
+                "route passed its logits only"
+            )
+        return loss_fn(outputs, targets)
+    if loss_fn is not None:
+        return loss_fn(logits, targets)
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def lesson_loss(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tensor:
-    """The scalar the student minimizes on a batch under ``lesson``.
+def lesson_loss(lesson: Lesson | None, outputs: Tensor | StudentStates, targets: Tensor) -> Tensor:
+    """The scalar the student minimizes on a batch under ``lesson``; ``outputs`` as in
+    :func:`per_sample_losses`.
 
     ``sum_k m_k w_k l_k / sum_k m_k`` with weights w (1 without any), mask m
     (1 without one) and per-sample losses l. Without a lesson this is the
@@ -100,7 +145,7 @@ def lesson_loss(lesson: Lesson | None, logits: Tensor, targets: Tensor) -> Tenso
     batch sharded over processes, the count is the global batch's, so each
     process's loss is its share of the whole (:mod:`metateach.distributed`).
     """
-    losses = per_sample_losses(lesson, logits, targets)
+    losses = per_sample_losses(lesson, outputs, targets)
     count = losses.new_tensor(float(losses.shape[0]))
     if lesson is not None:
         if lesson.weights is not None:

@@ -23,11 +23,16 @@ class StudentStates(NamedTuple):
 
     ``maps`` are the outputs of the student's stages, shallow to deep; for
     a CIFAR ResNet, the last convolutional maps at 32x32, 16x16 and 8x8.
+    ``head_weight`` is the head's weight when the head is a linear map (None
+    otherwise), for losses on its geometry (:class:`~metateach.lesson.StatesLoss`):
+    the parameter itself, so that it carries its graph, or in forward mode its
+    tangent.
     """
 
     logits: Tensor
     features: Tensor
     maps: tuple[Tensor, ...]
+    head_weight: Tensor | None = None
 
 
 class Student(nn.Module, metaclass=ABCMeta):
@@ -76,5 +81,6 @@ class Student(nn.Module, metaclass=ABCMeta):
         features = self.pool(maps[-1])
         logits = self.head(features)
         if return_states:
-            return StudentStates(logits, features, maps)
+            linear = isinstance(self.classifier, nn.Linear)
+            return StudentStates(logits, features, maps, self.classifier.weight if linear else None)
         return logits

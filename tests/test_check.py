@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ from torch import Tensor, nn
 from metateach import HYPERGRADS, TEACHERS, Lesson, Teacher, check_hypergradient
 from metateach.data import Batch
 from metateach.engine.strategy import Differentiates, PerStepMethod
+from metateach.lesson import StatesLoss
 from metateach.models import create_model
 from metateach.student import Student
 from metateach.teacher import ExampleGradient, Hypergradient, StudentView
+from metateach.teachers.large_margin import large_margin_loss
 
 from .conftest import sample_record
 from .hypergrad_fixtures import exercised
@@ -422,11 +425,27 @@ class StateReader(Teacher):
         return Lesson.weighted(torch.sigmoid(score + self.margin * (top2[:, 0] - top2[:, 1])))
 
 
+class HeadMargin(Teacher):
+    """Large-margin softmax (m = 2) with a learned annealing weight: a loss of the features and
+    of the head's weight itself (a :class:`StatesLoss`), not of the logits alone."""
+
+    learns = Hypergradient("lookahead")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, batch: Batch, view: StudentView) -> Lesson:
+        lam = F.softplus(self.mix)
+        return Lesson(loss_fn=StatesLoss(partial(large_margin_loss, margin=2, lam=lam)))
+
+
 STRESS: dict[str, Callable[[Student], Teacher]] = {
     "temperature": lambda s: Temperature(),
     "logit-offsets": lambda s: LogitOffsets(),
     "mask-and-weights": lambda s: MaskedWeights(),
     "states": StateReader,
+    "head-margin": lambda s: HeadMargin(),
 }
 
 #: Student and optimizer settings: name -> (model, dropout, check_hypergradient's settings).

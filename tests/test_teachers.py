@@ -13,13 +13,15 @@ from metateach.engine import StudentOnly
 from metateach.errors import ConfigError
 from metateach.hypergrad import ExampleGradients
 from metateach.hypergrad.reversible import Reversible
-from metateach.lesson import lesson_loss
+from metateach.lesson import lesson_loss, per_sample_losses
 from metateach.models import create_model
+from metateach.student import StudentStates
 from metateach.teacher import StudentView, TeachingContext
 from metateach.teachers import (
     DeepInteractionTeacher,
     FocalLoss,
     LabelSmoothing,
+    LargeMarginSoftmax,
     LearningToReweight,
     MentorNetPD,
     MetaWeightNet,
@@ -28,6 +30,7 @@ from metateach.teachers import (
 )
 from metateach.teachers.focal import focal_loss
 from metateach.teachers.label_smoothing import label_smoothing_loss
+from metateach.teachers.large_margin import large_margin_loss, margin_psi
 from metateach.teachers.mentornet import (
     MentorNetDD,
     MentorNetwork,
@@ -351,6 +354,74 @@ def test_label_smoothing_trains_on_the_quickstart(make_config) -> None:
     trainer = Trainer(make_config("teacher.name=label_smoothing", path=CONFIGS / "quickstart.yaml"))
     assert type(trainer.teaching.strategy) is StudentOnly
     assert trainer.fit()["test/acc"] > 0.85
+
+
+def _head_states(x: list[list[float]], bias: list[float] | None = None) -> StudentStates:
+    """A linear head W = I (two classes, two features) on features ``x``."""
+    weight = torch.eye(2, dtype=torch.float64)
+    features = torch.tensor(x, dtype=torch.float64)
+    logits = features @ weight.T + (0 if bias is None else torch.tensor(bias, dtype=torch.float64))
+    return StudentStates(logits, features, (), weight)
+
+
+def test_large_margin_softmax_against_hand_computed_values() -> None:
+    """m = 2, W = I, label 0. x = (1, 1): theta = 45 degrees, psi = cos 90 = 0, so the true
+    class's logit is |W_0| |x| psi = 0 and the loss log(1 + e). x = (-1, 1): theta = 135 degrees,
+    k = 1, psi = -cos 270 - 2 = -2, logit -2 sqrt 2. With lam = 1 the logit is the mean of
+    W_0 x = -1 and -2 sqrt 2. A bias is added to the margin logit."""
+    y = torch.tensor([0])
+    r2 = math.sqrt(2)
+    cases = [
+        ([[1.0, 1.0]], 0.0, None, math.log(1 + math.e)),
+        ([[-1.0, 1.0]], 0.0, None, math.log(1 + math.exp(1 + 2 * r2))),
+        ([[-1.0, 1.0]], 1.0, None, math.log(1 + math.exp(1 - (-1 - 2 * r2) / 2))),
+        ([[1.0, 1.0]], 0.0, [0.5, -0.25], math.log(1 + math.exp(0.75 - 0.5))),
+    ]
+    for x, lam, bias, expected in cases:
+        found = large_margin_loss(_head_states(x, bias), y, margin=2, lam=lam)
+        assert found.item() == pytest.approx(expected, abs=1e-12)
+    # m = 1 is cross-entropy; psi is continuous and decreasing in theta for every m.
+    states = _head_states([[0.3, -1.2], [2.0, 0.4], [-0.5, -0.7]])
+    labels = torch.tensor([0, 1, 0])
+    ce = F.cross_entropy(states.logits, labels, reduction="none")
+    torch.testing.assert_close(large_margin_loss(states, labels, margin=1, lam=0.0), ce)
+    theta = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
+    for m in (1, 2, 3, 4):
+        psi = margin_psi(torch.cos(theta), m)
+        assert (psi.diff() <= 1e-9).all() and psi.diff().abs().max() < 0.05
+        assert psi[0].item() == pytest.approx(1.0) and psi[-1].item() == pytest.approx(1 - 2 * m)
+
+
+def test_large_margin_softmax_needs_the_states_and_a_linear_head() -> None:
+    states = _head_states([[1.0, 0.5]])
+    y = torch.tensor([1])
+    lesson = LargeMarginSoftmax(margin=3, base=0.0)(
+        Batch(torch.zeros(1, 1), y, torch.arange(1)), view_of(states.logits, y)
+    )
+    assert lesson_loss(lesson, states, y).item() > F.cross_entropy(states.logits, y).item()
+    with pytest.raises(TypeError, match="reads the student's states, and this route passed its"):
+        per_sample_losses(lesson, states.logits, y)
+    with pytest.raises(ValueError, match="needs a student whose head is a linear map"):
+        large_margin_loss(states._replace(head_weight=None), y, margin=2, lam=0.0)
+    teacher = LargeMarginSoftmax()
+    assert teacher.annealing(0) == pytest.approx(1000 * (1 + 2.5e-5) ** -35)
+    assert teacher.annealing(15_580) < 0.01 < teacher.annealing(15_500)
+    with pytest.raises(ValueError, match="margin must be an integer >= 1"):
+        LargeMarginSoftmax(margin=0)
+
+
+def test_large_margin_softmax_trains_on_the_quickstart(make_config) -> None:
+    # Annealed into L-Softmax within the quickstart's 600 steps (lam 0.29 at the end); from
+    # the first step (base 0), m = 2 and m = 4 collapse this MLP to chance, as the authors warn.
+    trainer = Trainer(
+        make_config(
+            "teacher.name=large_margin_softmax",
+            "teacher.kwargs={margin: 2, base: 100.0, gamma: 0.01, power: 3.0}",
+            path=CONFIGS / "quickstart.yaml",
+        )
+    )
+    assert trainer.fit()["test/acc"] > 0.85
+    assert trainer.teaching.teacher.annealing(trainer.state.step) < 0.3
 
 
 def test_a_teacher_that_cannot_fit_the_student_is_a_config_error(make_config) -> None:

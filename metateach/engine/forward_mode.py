@@ -81,7 +81,10 @@ def mixed_gradient(
         if states is None:
             with problem.own_rng(rng):
                 states = problem.states(duals, x, real=False)
-        unpacked = [fwAD.unpack_dual(s) for s in (states.logits, states.features, *states.maps)]
+        head = () if states.head_weight is None else (states.head_weight,)
+        unpacked = [
+            fwAD.unpack_dual(s) for s in (states.logits, states.features, *head, *states.maps)
+        ]
         leaves = [u.primal.detach().requires_grad_() for u in unpacked]
         tangents = [None if u.tangent is None else u.tangent.detach() for u in unpacked]
     if mismatch is not None:
@@ -91,7 +94,8 @@ def mixed_gradient(
             RuntimeWarning,
             stacklevel=2,
         )
-    loss = loss_of(StudentStates(leaves[0], leaves[1], tuple(leaves[2:])))
+    maps = tuple(leaves[2 + len(head) :])
+    loss = loss_of(StudentStates(leaves[0], leaves[1], maps, leaves[2] if head else None))
     grads = autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     terms = [
         (g * t).sum()

@@ -75,19 +75,19 @@ class PeerTeaching(TeachingStrategy):
         for side in (student, peer):
             rngs.append(side.step_rng())
             passes.append(side.forward(side.params(), batch, context, real=True))
-        (f_logits, f_view), (g_logits, g_view) = passes
+        (f_states, f_view), (g_states, g_view) = passes
         with torch.no_grad():
             self.teacher.observe(batch.index, (f_view.losses + g_view.losses) / 2, context)
             f_selects = self.teacher.select(f_view.losses, context)
             g_selects = self.teacher.select(g_view.losses, context)
         # The exchange: f learns from g's selection, g from f's.
         lessons = Lesson(mask=g_selects), Lesson(mask=f_selects)
-        for side, logits, view, lesson, rng in (
-            (student, f_logits, f_view, lessons[0], rngs[0]),
-            (peer, g_logits, g_view, lessons[1], rngs[1]),
+        for side, states, view, lesson, rng in (
+            (student, f_states, f_view, lessons[0], rngs[0]),
+            (peer, g_states, g_view, lessons[1], rngs[1]),
         ):
             side.descend(
-                TrainPass(lesson_loss(lesson, logits, batch.y), logits, view, lesson), batch, rng
+                TrainPass(lesson_loss(lesson, states, batch.y), states, view, lesson), batch, rng
             )
         clean = batch.y == student.clean_targets[batch.index]
         self.record(

@@ -36,10 +36,11 @@ __all__ = ["BilevelProblem", "TrainPass", "RealPass"]
 
 
 class TrainPass(NamedTuple):
-    """A training forward pass: the lesson's loss, the logits (with their graph), the view, the lesson."""
+    """A training forward pass: the lesson's loss, the student's states (with their graph), the
+    view, the lesson."""
 
     loss: Tensor
-    logits: Tensor
+    states: StudentStates
     view: StudentView
     lesson: Lesson | None
 
@@ -228,7 +229,7 @@ class BilevelProblem:
         """
         view = self.view(states, batch, context)
         lesson = self.lesson(batch, view, teacher_grad)
-        return TrainPass(lesson_loss(lesson, states.logits, batch.y), states.logits, view, lesson)
+        return TrainPass(lesson_loss(lesson, states, batch.y), states, view, lesson)
 
     def lesson_loss_of(
         self, batch: Batch, context: TeachingContext
@@ -244,13 +245,13 @@ class BilevelProblem:
 
     def forward(
         self, params: Params, batch: Batch, context: TeachingContext, *, real: bool
-    ) -> tuple[Tensor, StudentView]:
-        """The student's logits at ``params`` (with their graph) and the teacher's view of the pass.
+    ) -> tuple[StudentStates, StudentView]:
+        """The student's states at ``params`` (with their graph) and the teacher's view of the pass.
 
         ``real`` as in :meth:`train_loss`.
         """
         states = self.states(params, batch.x, real=real)
-        return states.logits, self.view(states, batch, context)
+        return states, self.view(states, batch, context)
 
     def val_loss(self, params: Params, batch: Batch) -> Tensor:
         """The outer objective: mean cross-entropy on a clean validation batch at ``params``.
@@ -370,8 +371,8 @@ class BilevelProblem:
             return RealPass(batch, train, log_prob, rng, len(batch.y))
         batch, log_prob, examined = refilled(self, batch, context, teacher_grad)
         rng = self.step_rng()  # after the teacher's passes: SAM replays the real one
-        logits, view = self.forward(self.params(), batch, context, real=True)
-        train = TrainPass(lesson_loss(None, logits, batch.y), logits, view, None)
+        states, view = self.forward(self.params(), batch, context, real=True)
+        train = TrainPass(lesson_loss(None, states, batch.y), states, view, None)
         return RealPass(batch, train, log_prob, rng, examined)
 
     def step_rng(self) -> RNGState | None:
@@ -392,7 +393,7 @@ class BilevelProblem:
         self.optimizer.perturb(grads)
         with self.own_rng(rng):
             states = student_forward(self.student, params, batch.x, scratch_buffers(self.student))
-        second = lesson_loss(first.lesson, states.logits, batch.y)
+        second = lesson_loss(first.lesson, states, batch.y)
         grads = torch.autograd.grad(second, list(params.values()))
         self.optimizer.restore()
         self.step_on(grads, second)

@@ -391,7 +391,7 @@ class PerStepMethod(HypergradMethod):
             self.update_teacher(self.teacher_gradient(params, batch, train))
             self.forward_record = None
         lesson = problem.lesson(batch, train.view, teacher_grad=False)
-        problem.apply_gradients(lesson_loss(lesson, train.logits, batch.y))
+        problem.apply_gradients(lesson_loss(lesson, train.states, batch.y))
         return problem.statistics(train.view, batch, lesson)
 
 

@@ -107,6 +107,6 @@ class ExampleGradients(HypergradMethod):
             states, grad = self._examined(batch)
         view = problem.view(states, batch, context)._replace(example_grad=grad.detach())
         lesson = problem.lesson(batch, view, teacher_grad=False)
-        problem.apply_gradients(lesson_loss(lesson, states.logits, batch.y))
+        problem.apply_gradients(lesson_loss(lesson, states, batch.y))
         self.record(**{"teacher/negative_share": float((grad < 0).double().mean())})
         return problem.statistics(view, batch, lesson)

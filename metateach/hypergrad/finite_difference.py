@@ -81,7 +81,7 @@ class FiniteDifference(PerStepMethod):
                 else train.view
             )
             lesson = problem.lesson(batch, view, teacher_grad=True)
-            difference = difference + sign * lesson_loss(lesson, states.logits, batch.y)
+            difference = difference + sign * lesson_loss(lesson, states, batch.y)
         self.record(**{"teacher/val_loss": float(val_loss)})
         scale = 1 / (2 * eps)
         return [

@@ -123,7 +123,7 @@ class Replay:
         live = StudentView(states.logits, losses, states.features, tuple(states.maps), context)
         if view is None:
             view = live if self.keep_weight_grad else _detached(live)
-        loss = lesson_loss(teacher(batch, view), states.logits, batch.y)
+        loss = lesson_loss(teacher(batch, view), states, batch.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=self.params)  # the student's gradient only
         self.optimizer.step()

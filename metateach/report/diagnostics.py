@@ -36,7 +36,7 @@ from torch import Tensor
 
 from metateach.data import Batch, DataBundle
 from metateach.engine import TeachingStrategy
-from metateach.lesson import Lesson, LossFn, per_sample_losses
+from metateach.lesson import Lesson, LossFn, StatesLoss, per_sample_losses
 from metateach.teacher import TeachingContext
 
 __all__ = [
@@ -287,7 +287,8 @@ def weight_snapshot(
                         weights = weights * lesson.weights.detach()
                     if lesson.mask is not None:
                         weights = weights * lesson.mask.to(weights.dtype)
-                    if lesson.loss_fn is not None:
+                    # A loss of the states is not a function of the logits alone.
+                    if lesson.loss_fn is not None and not isinstance(lesson.loss_fn, StatesLoss):
                         weights = weights * _gradient_ratio(lesson, view.logits.detach(), batch.y)
                         if curve is None:
                             curve = loss_curve(lesson.loss_fn, data.num_classes, device)

@@ -16,6 +16,7 @@
                               known labels (MentorNet-DD)
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``label_smoothing``           cross-entropy on labels mixed with uniform          Szegedy et al. 2016
+``large_margin_softmax``      cross-entropy with an angular margin (L-Softmax)    Liu et al. 2016
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
 ``constant``                  all weights one (the engine's probe and baseline)
@@ -34,6 +35,7 @@ from metateach.teachers.dynamic_loss_function import DynamicLossFunctionTeacher
 from metateach.teachers.focal import FocalLoss
 from metateach.teachers.l2t import L2TFilter
 from metateach.teachers.label_smoothing import LabelSmoothing
+from metateach.teachers.large_margin import LargeMarginSoftmax
 from metateach.teachers.learning_to_reweight import LearningToReweight
 from metateach.teachers.mentornet import MentorNetDD, MentorNetPD
 from metateach.teachers.meta_weight_net import MetaWeightNet
@@ -50,6 +52,7 @@ __all__ = [
     "FocalLoss",
     "L2TFilter",
     "LabelSmoothing",
+    "LargeMarginSoftmax",
     "LearningToReweight",
     "MentorNetDD",
     "MentorNetPD",
