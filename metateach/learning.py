@@ -9,6 +9,8 @@
   reward for the whole run (L2T's data filter);
 * :class:`PeerLearning`: it is a second student that learns the task too,
   from the lesson the student gives it back (co-teaching, SRIT);
+* :class:`WithStudent`: its parameters learn with the student's, on the
+  same training loss (Barron's adaptive robust loss: its shape and scale);
 * :class:`FixedRule`: it has nothing to learn (focal loss, self-paced
   learning, a random filter).
 
@@ -42,6 +44,7 @@ __all__ = [
     "ExampleGradient",
     "PolicyGradient",
     "PeerLearning",
+    "WithStudent",
     "FixedRule",
     "configured_learning",
 ]
@@ -287,6 +290,23 @@ class PeerLearning(Learning):
 
     def strategy(self, problem: BilevelProblem, seed: int) -> TeachingStrategy:
         return STRATEGIES.get("peer")(problem)
+
+
+@dataclass(frozen=True)
+class WithStudent(Learning):
+    """Its parameters learn with the student's: every step, on the gradient of the same
+    training loss, by an optimizer built from the run's ``optim`` that follows the student's
+    learning-rate schedule (a loss whose own parameters are fitted jointly with the network,
+    as Barron's adaptive robust loss fits its shape and scale).
+    """
+
+    how: ClassVar[str] = "learns with the student on the training loss"
+
+    def optimizer_config(self, cfg: ExperimentConfig) -> OptimConfig:
+        return cfg.optim
+
+    def strategy(self, problem: BilevelProblem, seed: int) -> TeachingStrategy:
+        return STRATEGIES.get("with_student")(problem)
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def test_every_shipped_config_loads() -> None:
         ),
         (
             ["teacher.name=oracle"],
-            "unknown teacher 'oracle' (teacher.name); available: co_teaching, constant, ",
+            "unknown teacher 'oracle' (teacher.name); available: adaptive_robust_loss, co_teaching, ",
         ),
         (
             ["optim.name=lbfgs"],

@@ -38,6 +38,13 @@ from metateach.teachers.mentornet import (
     load_record,
     predefined_curriculum,
 )
+from metateach.teachers.robust_loss import (
+    AdaptiveRobustLoss,
+    adaptive_nll,
+    log_partition,
+    robust_rho,
+    shape_of,
+)
 from metateach.trainer import Trainer
 
 from .conftest import CONFIGS, sample_record
@@ -422,6 +429,83 @@ def test_large_margin_softmax_trains_on_the_quickstart(make_config) -> None:
     )
     assert trainer.fit()["test/acc"] > 0.85
     assert trainer.teaching.teacher.annealing(trainer.state.step) < 0.3
+
+
+def test_the_robust_loss_against_hand_computed_values() -> None:
+    """rho at alpha = 1 is Charbonnier's sqrt((x/c)^2 + 1) - 1; at alpha = 0.5,
+    3 ((x/c)^2 / 1.5 + 1)^(1/4) - 3. Z(1) = 2 e K_1(1) in closed form, and log Z elsewhere is
+    adaptive quadrature's (scipy). Logits (0, 0), label 0, alpha = c = 1: residuals -1/2 and
+    1/2, so the sample's loss is 2 (sqrt(5/4) - 1) + 2 log Z(1)."""
+    from scipy import integrate, special
+
+    one = torch.ones((), dtype=torch.float64)
+    x = torch.tensor([0.0, 1.0, -2.0, 3.0], dtype=torch.float64)
+    expected = [math.sqrt((v / 2) ** 2 + 1) - 1 for v in x.tolist()]
+    torch.testing.assert_close(robust_rho(x, one, 2 * one), torch.tensor(expected).double())
+    expected = [3 * ((v**2) / 1.5 + 1) ** 0.25 - 3 for v in x.tolist()]
+    torch.testing.assert_close(robust_rho(x, 0.5 * one, one), torch.tensor(expected).double())
+
+    def latent_of(alpha: float) -> torch.Tensor:
+        share = (alpha - 0.001) / 1.998
+        return torch.tensor(math.log(share / (1 - share)), dtype=torch.float64)
+
+    log_z1 = math.log(2 * math.e * special.k1(1.0))
+    assert log_partition(latent_of(1.0)).item() == pytest.approx(log_z1, abs=1e-6)
+    for alpha in (0.0013, 0.3, 1.7, 1.98, 1.9989):
+        assert shape_of(latent_of(alpha)).item() == pytest.approx(alpha)
+
+        def density(v: float, a: float = alpha) -> float:
+            return math.exp(-robust_rho(torch.tensor(v), torch.tensor(a), torch.tensor(1.0)).item())
+
+        half, _ = integrate.quad(density, 0, math.inf, limit=500, epsabs=1e-13, epsrel=1e-12)
+        assert log_partition(latent_of(alpha)).item() == pytest.approx(math.log(2 * half), abs=1e-6)
+    # The spline's slope is log Z's: against central differences of the table's own values.
+    latent = torch.tensor([-3.0, 0.4, 5.0], dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(log_partition(latent).sum(), latent)
+    h = 1e-4
+    numeric = (log_partition(latent.detach() + h) - log_partition(latent.detach() - h)) / (2 * h)
+    torch.testing.assert_close(slope, numeric, rtol=1e-6, atol=1e-9)
+    latent_alpha = torch.zeros(2, dtype=torch.float64)  # alpha = 1
+    latent_scale = torch.full((2,), math.log(math.expm1(1 - 1e-5)), dtype=torch.float64)  # c = 1
+    logits = torch.zeros(1, 2, dtype=torch.float64)
+    found = adaptive_nll(logits, torch.tensor([0]), latent_alpha, latent_scale)
+    assert found.item() == pytest.approx(2 * (math.sqrt(1.25) - 1) + 2 * log_z1, abs=1e-6)
+    with pytest.raises(ValueError, match=r"alpha_init must be in \(0.001, 1.999\)"):
+        AdaptiveRobustLoss(3, alpha_init=2.0)
+
+
+def test_the_robust_loss_learns_its_shape_with_the_student(make_config) -> None:
+    """Each step the shape and scale take the teacher optimizer's step on the training loss's
+    gradient, taken before the student's step; on the quickstart both move and the student learns.
+
+    At a tenth of the quickstart's learning rate: at 0.05 the scales shrink to their floor, the
+    loss's gradients grow as 1/c^alpha, and the student diverges to chance by epoch 7."""
+    trainer = Trainer(
+        make_config(
+            "teacher.name=adaptive_robust_loss", "optim.lr=0.005", path=CONFIGS / "quickstart.yaml"
+        )
+    )
+    teacher = trainer.teaching.teacher
+    assert type(trainer.teaching.strategy).__name__ == "WithStudentSteps"
+    batch = next(iter(trainer.train_loader.epoch(0)))
+    before = [p.detach().clone() for p in teacher.parameters()]
+    lesson = teacher(
+        batch,
+        trainer.teaching.strategy.problem.view(
+            trainer.model(batch.x, return_states=True), batch, trainer.context()
+        ),
+    )
+    loss = lesson_loss(lesson, trainer.model(batch.x), batch.y)
+    grads = torch.autograd.grad(loss, list(teacher.parameters()))
+    lr = trainer.teaching.strategy.problem.optimizer.param_groups[0]["lr"]
+    trainer.teaching.strategy.step(batch, trainer.context())
+    for p, b, g in zip(teacher.parameters(), before, grads, strict=True):
+        # SGD with momentum 0.9 and weight decay 5e-4, first step: p - lr (g + wd p).
+        torch.testing.assert_close(p.detach(), b - lr * (g + 5e-4 * b), rtol=1e-5, atol=1e-7)
+    result = trainer.fit()
+    alpha, scale = teacher.shape_and_scale()
+    assert result["test/acc"] > 0.9
+    assert (alpha - 1).abs().min() > 0.5 and (scale - 1).abs().min() > 0.5
 
 
 def test_a_teacher_that_cannot_fit_the_student_is_a_config_error(make_config) -> None:

@@ -160,6 +160,30 @@ class StudentOnly(TeachingStrategy):
         return self.problem.real_step(batch, context)
 
 
+@STRATEGIES.register("with_student")
+class WithStudentSteps(TeachingStrategy):
+    """Student steps under the teacher's lessons; the teacher's parameters step with the student's,
+    on the gradient of the same training loss (:class:`~metateach.learning.WithStudent`).
+
+    Both gradients are taken at the same point, before either steps. The
+    teacher's follows the loss through the lesson alone, not the network.
+    """
+
+    data_parallel = True
+
+    def step(self, batch: Batch, context: TeachingContext) -> Tensor:
+        problem = self.problem
+        assert problem.teacher is not None and problem.teacher_optimizer is not None
+        set_lr(problem.teacher_optimizer, problem.optimizer.param_groups[0]["lr"])
+        real = problem.real_pass(batch, context, teacher_grad=True)
+        params = [p for p in problem.teacher.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(real.train.loss, params, retain_graph=True, allow_unused=True)
+        problem.descend(real.train, real.batch, real.rng)
+        stepped = problem.teacher_step(sum_gradients(grads))
+        self.count("teacher/skipped_steps", 0 if stepped else 1)
+        return problem.statistics(real.train.view, real.batch, real.train.lesson, real.examined)
+
+
 class HypergradMethod(TeachingStrategy):
     """A strategy that updates the teacher by a hypergradient every ``inner_steps`` student steps.
 

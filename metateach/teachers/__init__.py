@@ -17,6 +17,8 @@
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``label_smoothing``           cross-entropy on labels mixed with uniform          Szegedy et al. 2016
 ``large_margin_softmax``      cross-entropy with an angular margin (L-Softmax)    Liu et al. 2016
+``adaptive_robust_loss``      Barron's robust loss, its shape learned with the    Barron 2019
+                              student
 ``self_paced``                easy samples first, a growing hardness threshold    Kumar et al. 2010
 ``random_filter``             keep each sample with a fixed probability (RandTeach)  Fan et al. 2018
 ``constant``                  all weights one (the engine's probe and baseline)
@@ -40,9 +42,11 @@ from metateach.teachers.learning_to_reweight import LearningToReweight
 from metateach.teachers.mentornet import MentorNetDD, MentorNetPD
 from metateach.teachers.meta_weight_net import MetaWeightNet
 from metateach.teachers.random_filter import RandomFilter
+from metateach.teachers.robust_loss import AdaptiveRobustLoss
 from metateach.teachers.self_paced import SelfPacedLearning
 
 __all__ = [
+    "AdaptiveRobustLoss",
     "CoTeaching",
     "ConstantTeacher",
     "DeepInteractionTeacher",
