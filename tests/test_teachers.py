@@ -508,6 +508,23 @@ def test_the_robust_loss_learns_its_shape_with_the_student(make_config) -> None:
     assert (alpha - 1).abs().min() > 0.5 and (scale - 1).abs().min() > 0.5
 
 
+def test_a_resumed_robust_loss_run_ends_exactly_like_an_uninterrupted_one(make_config) -> None:
+    common = ("teacher.name=adaptive_robust_loss", "optim.lr=0.005", "train.epochs=2")
+    straight = Trainer(make_config(*common, "train.run_name=straight"))
+    expected = straight.fit()
+    first = Trainer(make_config(*common, "train.run_name=cut"))
+    first.fit(max_steps=25)
+    resumed = Trainer(make_config(*common, f"train.resume={first.run_dir}"))
+    assert resumed.fit()["test/acc"] == expected["test/acc"]
+    for a, b in zip(
+        resumed.teaching.teacher.parameters(), straight.teaching.teacher.parameters(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert str(resumed.teaching.optimizer.state_dict()) == str(
+        straight.teaching.optimizer.state_dict()
+    )
+
+
 def test_a_teacher_that_cannot_fit_the_student_is_a_config_error(make_config) -> None:
     with pytest.raises(
         ConfigError,
