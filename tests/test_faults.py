@@ -275,7 +275,7 @@ BAD_INPUT: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("unknown model", lambda t: [QUICKSTART, "model.name=vgg"],
      r"unknown model 'vgg' \(model.name\); available: cifar_resnet, "),
     ("unknown teacher", lambda t: [QUICKSTART, "teacher.name=oracle"],
-     r"unknown teacher 'oracle' \(teacher.name\); available: co_teaching, "),
+     r"unknown teacher 'oracle' \(teacher.name\); available: adaptive_robust_loss, co_teaching, "),
     ("data root without the data", lambda t: [QUICKSTART, "data.name=mnist", f"data.root={t}"],
      r"MNIST not found under data root '.*': expected .*/MNIST/raw/train-images-idx3-ubyte"),
     ("corrupt checkpoint", lambda t: [QUICKSTART, f"train.resume={corrupt_checkpoint(t)}"],
