@@ -15,6 +15,7 @@ from metateach.data import Batch
 from metateach.engine import Reinforce
 from metateach.engine.refill import refilled
 from metateach.errors import ConfigError
+from metateach.lab.reinforce_noise import estimator_noise, noise_of
 from metateach.lesson import Lesson
 from metateach.logging import read_metrics
 from metateach.registry import TEACHERS
@@ -406,3 +407,35 @@ def test_a_trained_teacher_teaches_a_new_student_of_another_architecture_frozen(
     assert student.teaching.strategy.problem.refill.position > 0
     assert student.state.learned == 2 * len(student.data.train)
     assert student.state.target_step is not None
+
+
+def test_the_noise_of_an_estimate_against_hand_computed_values() -> None:
+    """Rewards 1, 2, 3, 6 (leave-one-out baselines 11/3, 10/3, 3, 2) on scores that are the unit
+    vectors e0, e0, e1, e1: g = (r - b) S by hand, its mean, standard error, and the cosine of
+    the halves' means."""
+    rewards = [1.0, 2.0, 3.0, 6.0]
+    scores = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]),
+              torch.tensor([0.0, 1.0])]  # fmt: skip
+    advantages = [r - (sum(rewards) - r) / 3 for r in rewards]  # -8/3, -4/3, 0, 4
+    g = torch.tensor(
+        [[advantages[0], 0], [advantages[1], 0], [0, advantages[2]], [0, advantages[3]]]
+    )
+    found = noise_of(rewards, scores, "actions")
+    mean = g.mean(0)
+    error = math.sqrt(float(g.var(0).sum()) / 4)
+    assert found.mean_norm == pytest.approx(float(mean.norm()))
+    assert found.standard_error == pytest.approx(error)
+    assert found.snr == pytest.approx(float(mean.norm()) / error)
+    assert found.split_cosine == pytest.approx(0.0)  # the halves point along e0 and e1
+    assert found.reward_mean == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="need at least 4 episodes"):
+        noise_of(rewards[:3], scores[:3], "actions")
+
+
+def test_the_noise_of_l2t_s_estimate_is_measured_at_a_policy_held_still(make_config) -> None:
+    cfg = make_config(*EPISODES, "train.episodes=4")
+    found = estimator_noise(cfg)
+    assert found.episodes == 4 and found.exploration == "actions"
+    assert found.standard_error > 0 and math.isfinite(found.snr)
+    with pytest.raises(ValueError, match="teacher 'focal' does not learn by REINFORCE"):
+        estimator_noise(make_config("teacher.name=focal"))

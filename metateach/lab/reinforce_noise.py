@@ -26,15 +26,14 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from metateach.config import load_config
+from metateach.config import ExperimentConfig, load_config
 from metateach.engine.policy_gradient import Reinforce
 from metateach.trainer import Trainer
 
-__all__ = ["EstimatorNoise", "estimator_noise", "main"]
+__all__ = ["EstimatorNoise", "estimator_noise", "main", "noise_of"]
 
 
 @dataclass(frozen=True)
@@ -73,15 +72,13 @@ def noise_of(
     )  # fmt: skip
 
 
-def estimator_noise(
-    config: str | Path, overrides: Sequence[str] = (), episodes: int = 20
-) -> EstimatorNoise:
-    """Run ``episodes`` students of ``config`` under one policy and measure its estimate's noise."""
-    cfg = load_config(config, [*overrides, f"train.episodes={episodes}"])
+def estimator_noise(cfg: ExperimentConfig) -> EstimatorNoise:
+    """Run the ``train.episodes`` students of ``cfg`` under one policy and measure its estimate's
+    noise."""
     trainer = Trainer(cfg)
     strategy = trainer.teaching.strategy
     if not isinstance(strategy, Reinforce):
-        raise ValueError(f"{config}: its teacher does not learn by REINFORCE")
+        raise ValueError(f"teacher '{cfg.teacher.name}' does not learn by REINFORCE")
     strategy.problem.teacher_step = lambda grads: True  # type: ignore[method-assign]
     rewards: list[float] = []
     scores: list[torch.Tensor] = []
@@ -106,7 +103,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "reinforce_noise.py") ->
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--episodes", type=int, default=20)
     args = parser.parse_args(argv)
-    found = estimator_noise(args.config, args.overrides, args.episodes)
+    found = estimator_noise(
+        load_config(args.config, [*args.overrides, f"train.episodes={args.episodes}"])
+    )
     print(
         f"{found.exploration}: {found.episodes} episodes, reward {found.reward_mean:.3f} ± "
         f"{found.reward_std:.3f}; |mean estimate| {found.mean_norm:.4g}, its standard error "
