@@ -46,6 +46,11 @@ def shape_of(latent: Tensor) -> Tensor:
     return lo + (hi - lo) * torch.sigmoid(latent)
 
 
+def scale_of(latent: Tensor) -> Tensor:
+    """c = softplus(latent) + SCALE_FLOOR, positive."""
+    return F.softplus(latent) + SCALE_FLOOR
+
+
 def robust_rho(x: Tensor, alpha: Tensor, scale: Tensor) -> Tensor:
     """rho(x, alpha, c) = |alpha - 2| / alpha (((x / c)^2 / |alpha - 2| + 1)^(alpha / 2) - 1),
     for alpha away from 0 and 2 (Eq. 1): 1 is the Charbonnier loss."""
@@ -93,7 +98,7 @@ def adaptive_nll(
     """Per sample, the sum over classes of rho(r, alpha, c) + log c + log Z(alpha), r the
     predicted probability minus the one-hot label; alpha and c per class, from their latents."""
     alpha = shape_of(latent_alpha)
-    scale = F.softplus(latent_scale) + SCALE_FLOOR
+    scale = scale_of(latent_scale)
     residual = logits.softmax(dim=1) - F.one_hot(targets, logits.shape[1]).to(logits.dtype)
     nll = robust_rho(residual, alpha, scale) + scale.log() + log_partition(latent_alpha)
     return nll.sum(dim=1)
@@ -127,7 +132,7 @@ class AdaptiveRobustLoss(Teacher):
 
     def shape_and_scale(self) -> tuple[Tensor, Tensor]:
         """alpha and c per class, as the loss uses them now."""
-        return shape_of(self.latent_alpha), F.softplus(self.latent_scale) + SCALE_FLOOR
+        return shape_of(self.latent_alpha), scale_of(self.latent_scale)
 
     def forward(self, batch: Batch, view: StudentView) -> Lesson:
         return Lesson(
