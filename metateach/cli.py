@@ -131,7 +131,7 @@ def _train(argv: Sequence[str] | None, prog: str) -> int:
     if not trainer.world.main:  # under torchrun, rank 0 reports
         return 0
     print(
-        f"test accuracy: {100 * metrics['test/acc']:.2f}% after {metrics['epoch']} epochs"
+        f"test accuracy: {100 * metrics['test/acc']:.2f}% after {metrics['trainer/epoch']} epochs"
         f"{' (stopped at the target)' if trainer.state.stopped else ''}; "
         f"{100 * trainer.state.test_acc_at_best:.2f}% at the best validation epoch ({trainer.state.best_epoch})"
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ __all__ = [
     "ExperimentConfig",
     "load_config",
     "config_to_dict",
+    "flatten",
     "WANDB_MODES",
     "LOSS_AVERAGES",
     "PolicyConfig",
@@ -274,6 +275,11 @@ class LoggingConfig:
     #: W&B run name; unset means the run folder's name.
     name: str | None = None
     group: str | None = None
+    #: W&B's job type (a comparison sets it to the variant).
+    job_type: str | None = None
+    #: What the paper reports for this run's setting (%), which a comparison that gives it
+    #: sets, so that it lies beside the run's own numbers in W&B.
+    paper: float | None = None
     tags: list[str] = field(default_factory=list)
     #: Log the running training loss every this many steps.
     every_steps: int = 50
@@ -285,6 +291,15 @@ class LoggingConfig:
     diagnostics: bool = True
     #: Training samples the diagnostics look at.
     diagnostic_samples: int = 2000
+    #: With diagnostics and W&B: the epochs whose diagnostic sample is logged as a W&B table
+    #: (index, labels, loss, margin, weight, kept), counted from 1, or from the end when
+    #: negative (-1: the last); [] logs none.
+    table_epochs: list[int] = field(default_factory=lambda: [-1])
+    #: Give the table a thumbnail of each image (image data; off for a lighter table).
+    table_images: bool = True
+    #: Send every checkpoint to W&B as a version of the run's ``model`` artifact (aliased
+    #: ``last`` or ``best``), with the config and the metrics at save time as metadata.
+    checkpoint_artifacts: bool = False
 
 
 @dataclass
@@ -332,6 +347,19 @@ def load_config(
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """Plain nested dicts, ready for YAML, JSON, W&B or a checkpoint."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested configuration as one level of dotted keys, as overrides name them
+    (``teacher.kwargs.hidden``): what W&B's run table and sweeps read, and what
+    checkpoints are compared by."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def read_yaml(path: Path, what: str = "config file") -> Any:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from metateach.config import flatten
 from metateach.errors import first_line
 
 if TYPE_CHECKING:
@@ -25,9 +26,39 @@ if TYPE_CHECKING:
     from metateach.config import ExperimentConfig, LoggingConfig
     from metateach.data import DataBundle
 
-__all__ = ["RunLogger", "read_metrics", "log_run_start"]
+__all__ = [
+    "RunLogger",
+    "read_metrics",
+    "log_run_start",
+    "log_comparison",
+    "prefixed",
+    "axis_of",
+]
 
 METRICS_FILE = "metrics.jsonl"
+
+#: The x-axis W&B draws each metric against: the first rule whose prefix the name starts
+#: with. Every record carries ``trainer/step``; epoch records carry ``trainer/epoch`` and
+#: ``trainer/samples_learned``, the episodes' records ``trainer/episode``.
+AXES = (
+    ("trainer/", None),  # the axes themselves and the run's counts
+    ("step/", "trainer/step"),  # recorded every logging.every_steps steps
+    ("eval/", "trainer/samples_learned"),  # validation against the data learned from
+    ("episode/", "trainer/episode"),
+    ("", "trainer/epoch"),  # train/, val/, test/, teacher/, lesson/, noise/, perf/, ...
+)
+#: What a metric's W&B summary keeps, where the last value would mislead.
+SUMMARIES = {"val/acc": "max", "val/loss": "min", "eval/val_acc": "max"}
+
+
+def axis_of(name: str) -> str | None:
+    """The W&B x-axis of the metric ``name`` (:data:`AXES`); None for an axis itself."""
+    return next(axis for prefix, axis in AXES if name.startswith(prefix))
+
+
+def prefixed(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` with every name under ``prefix``."""
+    return {prefix + name: value for name, value in metrics.items()}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -73,6 +104,7 @@ class RunLogger:
         self._file = open(self.metrics_path, "a")  # noqa: SIM115 - closed in close()
         self._wandb: Any = None
         self._warned = False
+        self._defined: set[str] = set()  # names W&B has been given an axis for
         #: The W&B run's folder, what ``wandb sync`` takes (None without W&B).
         self.wandb_dir: str | None = None
         if settings.wandb != "disabled":
@@ -83,11 +115,50 @@ class RunLogger:
         return None if self._wandb is None else self._wandb.id
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Record scalar ``metrics`` at ``step`` locally and in W&B."""
+        """Record scalar ``metrics`` at ``step`` locally and in W&B (each new name given its
+        axis, :func:`axis_of`, the first time it is seen)."""
+
+        def send(run: Any) -> None:
+            self._define(run, metrics)
+            run.log({"trainer/step": step, **metrics}, step=step)
+
+        self._write(metrics, step)
+        self._to_wandb(send)
+
+    def log_facts(self, facts: Mapping[str, Any], step: int) -> None:
+        """Numbers that describe the run rather than follow it (the data's sizes, the noise
+        realized): a record of the local file, and part of the W&B run's config."""
+        self._write(facts, step)
+        self._to_wandb(lambda run: run.config.update(dict(facts), allow_val_change=True))
+
+    def _write(self, metrics: Mapping[str, Any], step: int) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        self._to_wandb(lambda run: run.log(dict(metrics), step=step))
+
+    def _define(self, run: Any, names: Iterable[str]) -> None:
+        """Give W&B the axis (and summary) of each name it has not seen (:data:`AXES`)."""
+        for name in set(names) - self._defined:
+            axis = axis_of(name)
+            if axis is None:
+                run.define_metric(name, hidden=True)
+            else:
+                run.define_metric(name, step_metric=axis, summary=SUMMARIES.get(name))
+            self._defined.add(name)
+
+    def log_media(self, media: Mapping[str, Any], step: int) -> None:
+        """W&B objects (histograms, tables, plots) at ``step``, for W&B alone: the run folder
+        keeps what they show in its own files (``diagnostics/``, ``metrics.jsonl``). Each is a
+        function that builds its object from the ``wandb`` module, so that a run without W&B
+        never imports it."""
+
+        def send(run: Any) -> None:
+            import wandb
+
+            self._define(run, media)
+            run.log({k: build(wandb) for k, build in media.items()}, step=step)
+
+        self._to_wandb(send)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Attach a PNG already saved in the run folder to W&B."""
@@ -99,12 +170,29 @@ class RunLogger:
 
         self._to_wandb(send)
 
+    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        """A checkpoint as a W&B artifact (type ``model``), ``metadata`` beside it: one artifact a
+        run, a version for each save, aliased by the file's name (``last``, ``best``)."""
+
+        def send(run: Any) -> None:
+            import wandb
+
+            artifact = wandb.Artifact(
+                f"checkpoint-{run.id}", type="model", metadata=_jsonable_tree(metadata)
+            )
+            artifact.add_file(str(path))
+            run.log_artifact(artifact, aliases=[path.stem])
+
+        self._to_wandb(send)
+
     def summary(self, metrics: Mapping[str, Any]) -> None:
-        """Final numbers: ``summary.json`` in the run folder and the W&B summary."""
+        """Final numbers: ``summary.json`` in the run folder and the W&B summary (where a
+        metric's summary is its best, :data:`SUMMARIES`, W&B keeps that one)."""
         (self.run_dir / "summary.json").write_text(
             json.dumps({k: _jsonable(v) for k, v in metrics.items()}, indent=2) + "\n"
         )
-        self._to_wandb(lambda run: run.summary.update(dict(metrics)))
+        kept = {k: v for k, v in metrics.items() if k not in SUMMARIES}
+        self._to_wandb(lambda run: run.summary.update(kept))
 
     def close(self) -> None:
         self._file.close()
@@ -128,8 +216,9 @@ class RunLogger:
                 entity=settings.entity,
                 name=settings.name or run_name,
                 group=settings.group,
+                job_type=settings.job_type,
                 tags=list(settings.tags),
-                config=dict(config),
+                config=flatten(config),
                 id=wandb_id,
                 resume="allow" if wandb_id else None,
                 reinit="finish_previous",
@@ -177,11 +266,29 @@ class SilentLogger(RunLogger):
     def log_image(self, key: str, path: Path, step: int) -> None:
         pass
 
+    def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        pass
+
+    def log_facts(self, facts: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def log_media(self, media: Mapping[str, Any], step: int) -> None:
+        pass
+
     def summary(self, metrics: Mapping[str, Any]) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+def _jsonable_tree(value: Any) -> Any:
+    """``value`` with every leaf :func:`_jsonable` (metadata W&B stores as JSON)."""
+    if isinstance(value, Mapping):
+        return {k: _jsonable_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable_tree(v) for v in value]
+    return _jsonable(value)
 
 
 def _jsonable(value: Any) -> Any:
@@ -215,7 +322,7 @@ def log_run_start(
         f"{cfg.data.name}: {len(data.train)} train ({noise}), {len(data.val)} val, {len(data.test)} test | "
         f"{cfg.model.name}: {params / 1e6:.3f}M parameters on {device} | run folder {run_dir}"
     )
-    logger.log(data.summary(), 0)
+    logger.log_facts(data.summary(), 0)
     if cfg.logging.plots and cfg.noise.type != "none":
         path = plot_transition_matrix(
             data.noise.empirical,
@@ -225,3 +332,51 @@ def log_run_start(
             run_dir / "noise_transition.png",
         )
         logger.log_image("noise/transition", path, 0)
+
+
+def log_comparison(
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    paper: Mapping[str, float],
+    settings: LoggingConfig,
+    folder: Path,
+) -> None:
+    """A comparison's table in W&B: a run of its own in the comparison's group (job type
+    ``summary``) holding the table (``comparison/table``: per variant its runs and each
+    metric's mean and std, and the paper's number where the comparison gives one) and a bar
+    chart of the mean test accuracy (``comparison/test_acc``). Nothing without W&B; a W&B
+    failure warns and changes nothing else."""
+    if settings.wandb == "disabled" or not rows:
+        return
+    metrics = [k for k in rows[0] if k not in ("variant", "runs")]
+    columns = ["variant", "runs", *metrics, "paper"]
+    data = [
+        [row["variant"], row["runs"], *(row.get(k) for k in metrics), paper.get(row["variant"])]
+        for row in rows
+    ]
+    try:
+        import wandb
+
+        with wandb.init(
+            mode=settings.wandb,
+            dir=str(folder),
+            project=settings.project,
+            entity=settings.entity,
+            name=f"{name}-summary",
+            group=name,
+            job_type="summary",
+            tags=list(settings.tags),
+            config={"comparison": name, **prefixed("paper/", paper)},
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True),
+        ) as run:
+            table = wandb.Table(columns=columns, data=data)
+            run.log({
+                "comparison/table": table,
+                "comparison/test_acc": wandb.plot.bar(
+                    table, "variant", "test/acc", title=f"{name}: test accuracy (%), mean over seeds"
+                ),
+            })  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - the comparison's own files are written already
+        print(f"warning: the comparison's W&B run failed ({type(e).__name__}: {first_line(e)})",
+              file=sys.stderr)  # fmt: skip

@@ -103,10 +103,10 @@ class TrainState:
         """What this episode's student did: its steps, samples, accuracy, and when it reached the target."""
         last = self.latest()
         record = {
-            "episode": self.episode + 1,
+            "trainer/episode": self.episode + 1,
             "episode/steps": self.step,
-            "episode/learned_samples": self.learned,
-            "episode/examined_samples": self.examined,
+            "episode/samples_learned": self.learned,
+            "episode/samples_examined": self.examined,
             "episode/val_acc": last.get("val/acc", 0.0),
             "episode/test_acc": last.get("test/acc", 0.0),
         }
@@ -120,15 +120,15 @@ class TrainState:
         last = self.latest()
         return {
             "test/acc": last["test/acc"],
+            "test/acc_at_best_val": self.test_acc_at_best,
             "val/acc": last["val/acc"],
-            "best/val_acc": self.best_val_acc,
-            "best/epoch": self.best_epoch,
-            "best/test_acc": self.test_acc_at_best,
+            "val/best_acc": self.best_val_acc,
+            "trainer/best_epoch": self.best_epoch,
             "noise/realized_rate": realized_noise,
-            "steps": self.step,
-            "learned_samples": self.learned,
-            "examined_samples": self.examined,
-            "episodes": self.episode + 1,
+            "trainer/steps": self.step,
+            "trainer/samples_learned": self.learned,
+            "trainer/samples_examined": self.examined,
+            "trainer/episodes": self.episode + 1,
             # None: the run never reached its target.
             **(self.target_record() if has_target else {}),
         }
@@ -137,8 +137,8 @@ class TrainState:
         """What reaching ``train.target_val_acc`` took: the step, samples learned from and examined (None before)."""
         return {
             "target/step": self.target_step,
-            "target/samples": self.target_samples,
-            "target/examined_samples": self.target_examined,
+            "target/samples_learned": self.target_samples,
+            "target/samples_examined": self.target_examined,
         }
 
 

@@ -16,7 +16,7 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from metateach.checkpoint import LAST, checkpoint_path, load_checkpoint, remove_stale_writes
-from metateach.config import ExperimentConfig, config_to_dict
+from metateach.config import ExperimentConfig, config_to_dict, flatten
 from metateach.distributed import World, from_main
 from metateach.errors import CheckpointError, ConfigError
 
@@ -205,19 +205,9 @@ def check_same_experiment(
 
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """The settings that define the experiment and differ: key -> (saved value, value now)."""
-    before, now = _flatten(saved), _flatten(current)
+    before, now = flatten(saved), flatten(current)
     return {
         key: (before.get(key), now.get(key))
         for key in sorted(before.keys() | now.keys())
         if before.get(key) != now.get(key) and key.startswith(MUST_MATCH) and key not in MAY_DIFFER
     }
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

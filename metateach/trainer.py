@@ -25,7 +25,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -39,16 +39,17 @@ from metateach.checkpoint import (
     run_state,
     save_checkpoint,
 )
-from metateach.config import ExperimentConfig, config_to_dict
+from metateach.config import ExperimentConfig, config_to_dict, flatten
 from metateach.data import Batch, BatchLoader, DataBundle, build_data, derive_seed
 from metateach.distributed import all_sum, check_data_parallel, init_world, sharded
 from metateach.errors import MetateachError, NonFiniteStep, RunInterrupted, first_line
 from metateach.evaluation import evaluate_models, evaluate_peers
-from metateach.logging import RunLogger, SilentLogger, log_run_start
+from metateach.logging import RunLogger, SilentLogger, log_run_start, prefixed
 from metateach.models import model_for
 from metateach.optim import optimizer_from_config, schedule_from_config, set_lr
 from metateach.plugins import import_plugins
 from metateach.progress import EpochTotals, LossAverage, TrainState, episode_seed
+from metateach.report.dashboard import loss_curve_series, sample_table, weight_histograms
 from metateach.report.diagnostics import TeacherDiagnostics
 from metateach.report.plots import plot_run
 from metateach.rundir import changed_settings, open_run
@@ -148,7 +149,7 @@ class Trainer:
         if resumed is not None and (changes := changed_settings(resumed["config"], resolved)):
             said = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             self._say(f"resumed after step {self.state.global_step} with changed settings: {said}")
-            self.logger.log({"resumed_with_changes": said}, self.state.global_step)
+            self.logger.log({"trainer/resumed_with_changes": said}, self.state.global_step)
 
     # ------------------------------------------------------------------ #
     # The loop
@@ -285,7 +286,9 @@ class Trainer:
             self.save(BEST, weights_only=True)
         seen = max(totals.seen, 1)
         metrics = {
-            "epoch": state.epoch + 1,
+            "trainer/epoch": state.epoch + 1,
+            "trainer/samples_learned": state.learned,
+            "trainer/samples_examined": state.examined,
             "train/loss": totals.loss_sum / seen,
             "train/acc": totals.correct / seen,
             "train/clean_acc": totals.clean_correct / seen,
@@ -293,12 +296,10 @@ class Trainer:
             "val/acc": val_acc,
             "test/loss": test_loss,
             "test/acc": test_acc,
-            "best/val_acc": state.best_val_acc,
-            "best/test_acc": state.test_acc_at_best,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "throughput/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
-            "train/learned_samples": state.learned,
-            "train/examined_samples": state.examined,
+            "test/acc_at_best_val": state.test_acc_at_best,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "eval/val_acc": val_acc,
+            "perf/samples_per_s": totals.seen / max(totals.seconds, 1e-9),
             **self._target_metrics(),
             **evaluate_peers(
                 self.model,
@@ -310,15 +311,17 @@ class Trainer:
             **(self.diagnostics.measure(self.context()) if self.diagnostics else {}),
         }
         if self.cfg.train.episodes > 1:
-            metrics["episode"] = state.episode + 1
+            metrics["trainer/episode"] = state.episode + 1
         state.history.append(metrics)
         self.logger.log(metrics, self.state.global_step)
+        if self.diagnostics is not None and self.diagnostics.snapshot is not None:
+            self.logger.log_media(self._sample_media(state.epoch + 1), self.state.global_step)
         episode = f"episode {state.episode + 1}  " * (self.cfg.train.episodes > 1)
         self._say(
-            f"{episode}epoch {metrics['epoch']:>3}/{self.cfg.train.epochs}  "
+            f"{episode}epoch {metrics['trainer/epoch']:>3}/{self.cfg.train.epochs}  "
             f"train loss {metrics['train/loss']:.4f} acc {100 * metrics['train/acc']:.2f}%  "
             f"val acc {100 * val_acc:.2f}%  test acc {100 * test_acc:.2f}%  "
-            f"lr {metrics['lr']:.4g}  {metrics['throughput/samples_per_s']:.0f} samples/s"
+            f"lr {metrics['train/lr']:.4g}  {metrics['perf/samples_per_s']:.0f} samples/s"
         )
         state.epoch, state.batch, state.totals = state.epoch + 1, 0, EpochTotals()
         self._save_due = True
@@ -329,7 +332,7 @@ class Trainer:
         _, val_acc = self.evaluate(self.val_loader)
         self._note_evaluation(val_acc)
         self.logger.log(
-            {"eval/val_acc": val_acc, "eval/learned_samples": self.state.learned},
+            {"eval/val_acc": val_acc, "trainer/samples_learned": self.state.learned},
             self.state.global_step,
         )
 
@@ -434,6 +437,8 @@ class Trainer:
             figures |= {f"plots/{name}": path for name, path in drawn.items()}
             for name, path in figures.items():
                 self.logger.log_image(name, path, state.global_step)
+        if (curves := loss_curve_series(state.history)) is not None:
+            self.logger.log_media({"teacher/loss_curves": curves}, state.global_step)
         self.logger.close()
         return metrics
 
@@ -442,7 +447,19 @@ class Trainer:
         self._collect()
         state = run_state(self, weights_only)  # every rank: the random states are gathered
         path = self.run_dir / "checkpoints" / name
-        return save_checkpoint(path, state) if self.world.main else path
+        if not self.world.main:
+            return path
+        save_checkpoint(path, state)
+        if self.cfg.logging.checkpoint_artifacts:
+            latest = self.state.latest()
+            self.logger.log_checkpoint(path, {
+                "step": self.state.global_step,
+                "epoch": self.state.epoch,
+                **{k: latest[k] for k in ("val/acc", "test/acc") if k in latest},
+                "val/best_acc": self.state.best_val_acc,
+                "config": flatten(config_to_dict(self.cfg)),
+            })  # fmt: skip
+        return path
 
     # ------------------------------------------------------------------ #
     # Small helpers
@@ -486,7 +503,7 @@ class Trainer:
             raise NonFiniteStep("the replay could not pause before the failing step")
         state = self.state
         step = state.step + 1
-        self.logger.log({"train/nonfinite_step": step}, state.global_step + 1)
+        self.logger.log({"step/nonfinite": step}, state.global_step + 1)
         last = self.run_dir / "checkpoints" / LAST
         kept, unsaved = self._replay_to(state.global_step, step)
         if unsaved is not None:
@@ -556,12 +573,30 @@ class Trainer:
         loss = totals.loss_sum / max(totals.seen, 1)
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
-        metrics = {"train/running_loss": loss, "lr": lr, **self.teaching.strategy.pop_metrics()}
+        step_metrics = self.teaching.strategy.pop_metrics()
+        metrics = {"step/train_loss": loss, "step/lr": lr, **prefixed("step/", step_metrics)}
         self.logger.log(metrics, self.state.global_step)
 
+    def _sample_media(self, epoch: int) -> dict[str, Any]:
+        """The diagnostic sample in W&B: the weights' histograms, and at ``logging.table_epochs``
+        the per-sample table."""
+        assert self.diagnostics is not None and self.diagnostics.snapshot is not None
+        snapshot, settings = self.diagnostics.snapshot, self.cfg.logging
+        media = weight_histograms(snapshot)
+        epochs = self.cfg.train.epochs
+        if epoch in {e if e > 0 else epochs + 1 + e for e in settings.table_epochs}:
+            media["teacher/samples"] = sample_table(
+                snapshot, self.diagnostics.indices, self.data, settings.table_images
+            )
+        return media
+
     def _teacher_metrics(self) -> dict[str, float]:
-        teacher = self.teaching.teacher
-        return {} if teacher is None else {f"teacher/{k}": v for k, v in teacher.metrics().items()}
+        """The teacher's own metrics, and its learning rate when it learns by an optimizer."""
+        teacher, optimizer = self.teaching.teacher, self.teaching.optimizer
+        metrics = {} if teacher is None else prefixed("teacher/", teacher.metrics())
+        if optimizer is not None:
+            metrics["teacher/lr"] = optimizer.param_groups[0]["lr"]
+        return metrics
 
     def _say(self, line: str) -> None:
         """A line on the console, from rank 0 alone (and not from a quiet replay)."""

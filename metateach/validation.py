@@ -79,6 +79,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("logging.wandb", lambda v: v in WANDB_MODES, f"one of {', '.join(WANDB_MODES)}"),
     ("logging.every_steps", *_at_least(1)),
     ("logging.diagnostic_samples", *_at_least(1)),
+    ("logging.table_epochs", lambda v: 0 not in v, "epochs counted from 1, or from -1 at the end"),
     ("teacher.hypergrad.inner_steps", *_at_least(1, optional=True)),
     ("teacher.hypergrad.backprop_steps", *_at_least(1, optional=True)),
     (

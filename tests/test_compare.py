@@ -182,10 +182,14 @@ def test_two_methods_are_tabulated_side_by_side_per_setting(tmp_path: Path) -> N
             folder = tmp_path / f"{variant}-seed{seed}"
             folder.mkdir()
             # The last epoch's p, not an earlier epoch's nor a later step record's.
-            records = [{"epoch": 1, "p": 0.5}, {"epoch": 2, "p": acc}, {"step": 9, "p": 0.0}]
+            records = [
+                {"trainer/epoch": 1, "p": 0.5},
+                {"trainer/epoch": 2, "p": acc},
+                {"step": 9, "p": 0.0},
+            ]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             results.append({"variant": variant, "seed": seed, "folder": str(folder),
-                            "test/acc": acc, "best/test_acc": acc})  # fmt: skip
+                            "test/acc": acc, "test/acc_at_best_val": acc})  # fmt: skip
     table = write_results(comparison, tmp_path, results)
     lines = table.splitlines()
     assert lines[:4] == [
@@ -211,20 +215,20 @@ def test_every_shipped_comparison_loads() -> None:
 
 
 def test_teaching_speed_is_tabulated_over_the_runs_that_reached_the_target() -> None:
-    run = {"test/acc": 0.9, "best/test_acc": 0.9}
+    run = {"test/acc": 0.9, "test/acc_at_best_val": 0.9}
     results = [
-        {"variant": "l2t", "seed": 0, **run, "target/step": 10, "target/samples": 600,
-         "target/examined_samples": 1200},
-        {"variant": "l2t", "seed": 1, **run, "target/step": 20, "target/samples": 1000,
-         "target/examined_samples": 3000},
-        {"variant": "l2t", "seed": 2, **run, "target/step": None, "target/samples": None,
-         "target/examined_samples": None},
-        {"variant": "none", "seed": 0, **run, "target/step": None, "target/samples": None,
-         "target/examined_samples": None},
+        {"variant": "l2t", "seed": 0, **run, "target/step": 10, "target/samples_learned": 600,
+         "target/samples_examined": 1200},
+        {"variant": "l2t", "seed": 1, **run, "target/step": 20, "target/samples_learned": 1000,
+         "target/samples_examined": 3000},
+        {"variant": "l2t", "seed": 2, **run, "target/step": None, "target/samples_learned": None,
+         "target/samples_examined": None},
+        {"variant": "none", "seed": 0, **run, "target/step": None, "target/samples_learned": None,
+         "target/samples_examined": None},
     ]  # fmt: skip
     l2t, none = summarize(results)
-    assert l2t["reached"] == 2 and l2t["target/samples"] == 800
-    assert l2t["target/samples std"] == pytest.approx(282.84, abs=0.01)
+    assert l2t["reached"] == 2 and l2t["target/samples_learned"] == 800
+    assert l2t["target/samples_learned std"] == pytest.approx(282.84, abs=0.01)
     assert none["reached"] == 0
     lines = markdown_table([l2t, none]).splitlines()
     assert (
@@ -236,7 +240,7 @@ def test_teaching_speed_is_tabulated_over_the_runs_that_reached_the_target() -> 
     assert "reached" not in markdown_table(summarize([{"variant": "a", "seed": 0, **run}]))
     # A run recorded before samples examined were counted leaves that cell empty.
     (old,) = summarize(
-        [{"variant": "old", "seed": 0, **run, "target/step": 5, "target/samples": 300}]
+        [{"variant": "old", "seed": 0, **run, "target/step": 5, "target/samples_learned": 300}]
     )
     assert markdown_table([old]).splitlines()[2].endswith("| 1/1 | 5 ± 0 | 300 ± 0 | – |")
 
@@ -304,16 +308,17 @@ def test_figure2_draws_each_named_teacher_from_its_first_run(tmp_path: Path) -> 
 def test_the_course_figure_follows_each_teacher_epoch_by_epoch(tmp_path: Path) -> None:
     comparison = Comparison(config=None, seeds=[0], variants={"none": [], "taught": []})
     taught = [
-        {"step": 50, "teacher/hypergrad_norm": 1.0},
-        {"step": 100, "teacher/hypergrad_norm": 3.0},
-        {"step": 120, "epoch": 1, "test/acc": 0.9, "teacher/noisy_weight_share": 0.3,
+        {"step": 50, "step/teacher/hypergrad_norm": 1.0},
+        {"step": 100, "step/teacher/hypergrad_norm": 3.0},
+        {"step": 120, "trainer/epoch": 1, "test/acc": 0.9, "teacher/noisy_weight_share": 0.3,
          "teacher/hypergrad_norm": 2.0},
-        {"step": 150, "teacher/hypergrad_norm": 0.5},
-        {"step": 240, "epoch": 2, "test/acc": 0.8, "teacher/noisy_weight_share": 0.1},
+        {"step": 150, "step/teacher/hypergrad_norm": 0.5},
+        {"step": 240, "trainer/epoch": 2, "test/acc": 0.8, "teacher/noisy_weight_share": 0.1,
+         "teacher/hypergrad_norm": 0.5},
     ]  # fmt: skip
     untaught = [
-        {"step": 120, "epoch": 1, "test/acc": 0.7},
-        {"step": 240, "epoch": 2, "test/acc": 0.6},
+        {"step": 120, "trainer/epoch": 1, "test/acc": 0.7},
+        {"step": 240, "trainer/epoch": 2, "test/acc": 0.6},
     ]
     results = []
     for variant, records in {"none": untaught, "taught": taught}.items():
@@ -321,8 +326,8 @@ def test_the_course_figure_follows_each_teacher_epoch_by_epoch(tmp_path: Path) -
         folder.mkdir()
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         results.append({"variant": variant, "seed": 0, "folder": str(folder), "test/acc": 0.5,
-                        "best/test_acc": 0.5, "noise/realized_rate": 0.4})  # fmt: skip
-    # A step-logged metric is its epoch's mean (the epoch record's own value included).
+                        "test/acc_at_best_val": 0.5, "noise/realized_rate": 0.4})  # fmt: skip
+    # Each epoch record's value (a metric recorded every step: its epoch's mean); step records aside.
     assert course(tmp_path / "taught-seed0") == {
         "teacher/hypergrad_norm": [(1, 2.0), (2, 0.5)],
         "test/acc": [(1, 0.9), (2, 0.8)],
@@ -338,8 +343,8 @@ def test_the_course_figure_follows_each_teacher_epoch_by_epoch(tmp_path: Path) -
 
 def test_a_setting_chosen_on_validation_is_a_row_of_its_own() -> None:
     def run(variant: str, seed: int, val: float, test: float) -> dict:
-        return {"variant": variant, "seed": seed, "best/val_acc": val, "test/acc": test,
-                "best/test_acc": test}  # fmt: skip
+        return {"variant": variant, "seed": seed, "val/best_acc": val, "test/acc": test,
+                "test/acc_at_best_val": test}  # fmt: skip
 
     results = [run("g1", 0, 0.90, 0.80), run("g2", 0, 0.95, 0.70),
                run("g1", 1, 0.97, 0.85), run("g2", 1, 0.93, 0.99), run("g1", 2, 0.99, 0.5)]  # fmt: skip

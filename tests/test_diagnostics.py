@@ -48,7 +48,7 @@ def test_diagnostics_do_not_change_the_run(make_config, teacher: str) -> None:
     records = [
         json.loads(line) for line in (watched.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
-    shares = [r["teacher/noisy_weight_share"] for r in records if "epoch" in r]
+    shares = [r["teacher/noisy_weight_share"] for r in records if "trainer/epoch" in r]
     assert len(shares) == 2 and all(0 <= s <= 1 for s in shares)
     for name in ("weight_vs_loss", "tsne", "weight_histogram", "noisy_weight_share"):
         assert (watched.run_dir / "diagnostics" / f"{name}.png").stat().st_size > 5_000, name

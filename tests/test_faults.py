@@ -72,9 +72,9 @@ def assert_resumes_as_if_never_stopped(run: Path, tmp_path: Path) -> None:
         resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
-    epochs = [without_measurements(r) for r in read_metrics(run) if "epoch" in r]
+    epochs = [without_measurements(r) for r in read_metrics(run) if "trainer/epoch" in r]
     assert epochs == [
-        without_measurements(r) for r in read_metrics(straight.run_dir) if "epoch" in r
+        without_measurements(r) for r in read_metrics(straight.run_dir) if "trainer/epoch" in r
     ]
     assert json.loads((run / "summary.json").read_text())["test/acc"] == expected["test/acc"]
 
@@ -121,7 +121,7 @@ def test_wandb_in_an_unwritable_place_warns_once_and_training_goes_on(
     err = capsys.readouterr().err
     assert len(re.findall(r"warning: W&B (could not start|failed)", err)) == 1, err
     assert f"metrics go to {run / 'metrics.jsonl'} only" in err
-    assert [r["epoch"] for r in read_metrics(run) if "epoch" in r] == [1, 2, 3]
+    assert [r["trainer/epoch"] for r in read_metrics(run) if "trainer/epoch" in r] == [1, 2, 3]
 
 
 def test_a_run_skips_and_counts_non_finite_hypergradients_and_goes_on(
@@ -219,10 +219,10 @@ def test_a_diverged_step_leaves_exactly_the_state_before_it_and_resumes_with_a_l
     ]
     assert main(changed) == 0
     records = read_metrics(run)
-    assert {"step": 0, "resumed_with_changes": "optim.lr 10000000000.0 -> 0.001"} in records
-    assert not any("train/nonfinite_step" in r for r in records)  # the records past step 0 went
-    assert [r["epoch"] for r in records if "epoch" in r] == [1]
-    assert json.loads((run / "summary.json").read_text())["steps"] == -(
+    assert {"step": 0, "trainer/resumed_with_changes": "optim.lr 10000000000.0 -> 0.001"} in records
+    assert not any("step/nonfinite" in r for r in records)  # the records past step 0 went
+    assert [r["trainer/epoch"] for r in records if "trainer/epoch" in r] == [1]
+    assert json.loads((run / "summary.json").read_text())["trainer/steps"] == -(
         -200 // 64
     )  # an epoch of batches of 64
     assert load_checkpoint(run)["config"]["optim"]["lr"] == 0.001
@@ -487,8 +487,10 @@ def test_a_second_run_under_a_name_in_use_is_refused_and_the_first_is_intact(
     finally:
         assert process.wait(timeout=300) == 0
     assert "seed: 0" in (run / "config.yaml").read_text()
-    assert json.loads((run / "summary.json").read_text())["steps"] == 600
-    assert [r["epoch"] for r in read_metrics(run) if "epoch" in r] == list(range(1, 31))
+    assert json.loads((run / "summary.json").read_text())["trainer/steps"] == 600
+    assert [r["trainer/epoch"] for r in read_metrics(run) if "trainer/epoch" in r] == list(
+        range(1, 31)
+    )
     # Once the first has ended, the name is taken by a finished run, and says so.
     assert main(second) == 2
     assert "already exists; continue it with train.resume=" in capsys.readouterr().err
@@ -523,7 +525,7 @@ def test_a_loose_checkpoint_resumes_into_a_new_run_folder(tmp_path: Path) -> Non
     assert main(argv) == 0
     assert sorted(p.name for p in loose.parent.iterdir()) == ["model.pt"]  # nothing beside it
     continued = tmp_path / "runs" / "continued"
-    assert [r["epoch"] for r in read_metrics(continued) if "epoch" in r] == [2]
+    assert [r["trainer/epoch"] for r in read_metrics(continued) if "trainer/epoch" in r] == [2]
     assert main(argv) == 2  # a second loose resume under that name cannot overwrite it
 
 

@@ -218,7 +218,7 @@ def test_a_teacher_learns_over_episodes_of_fresh_students_and_resumes_exactly(
     moved = zip(start, straight.teaching.teacher.parameters(), strict=True)
     assert not all(torch.equal(a, b) for a, b in moved)  # episodes 2 and 3 stepped it
     episodes = straight.state.episodes
-    assert [r["episode"] for r in episodes] == [1, 2, 3]
+    assert [r["trainer/episode"] for r in episodes] == [1, 2, 3]
     assert straight.teaching.strategy.episodes == 3  # one REINFORCE step each
     for record in episodes:  # each student stopped at its target, rewarded for its speed
         assert record["episode/steps"] == record["episode/target_step"]
@@ -375,7 +375,7 @@ def test_refilled_filters_train_on_full_batches(make_config) -> None:
     assert plain.state.examined == seen
     assert 2 * seen < refilled.state.examined < 3 * seen
     summary = json.loads((refilled.run_dir / "summary.json").read_text())
-    assert summary["examined_samples"] == refilled.state.examined
+    assert summary["trainer/samples_examined"] == refilled.state.examined
     with pytest.raises(ConfigError, match="teacher.refill fills batches"):
         make_config("teacher.name=meta_weight_net", "optim.name=sgd", "teacher.refill=true")
 

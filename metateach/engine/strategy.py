@@ -208,6 +208,8 @@ class HypergradMethod(TeachingStrategy):
         self.position = 0  # student steps taken in the current window of K
         #: While :meth:`hypergradient` runs: where the hypergradients go instead of the teacher.
         self._captured: list[list[Tensor | None]] | None = None
+        #: The last hypergradient the teacher stepped on, flat, for the next one's cosine.
+        self._previous: Tensor | None = None
 
     @classmethod
     def refuses(cls, teacher: Teacher | None) -> str | None:
@@ -236,11 +238,13 @@ class HypergradMethod(TeachingStrategy):
             **super().state_dict(),
             "position": self.position,
             "val_position": stream.position if stream else 0,
+            "previous_hypergrad": self._previous,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.position = state["position"]
+        self._previous = state.get("previous_hypergrad")
         if self.problem.val_stream is not None:
             self.problem.val_stream.position = state["val_position"]
 
@@ -254,12 +258,21 @@ class HypergradMethod(TeachingStrategy):
         if self._captured is not None:
             self._captured.append(grads)
             return
-        norm = torch.sqrt(
-            sum((g.double().square().sum() for g in grads if g is not None), torch.zeros(()))
-        )
+        params = self.problem.teacher_params()
+        flat = torch.cat([
+            (torch.zeros_like(p) if g is None else g).detach().double().flatten().cpu()
+            for p, g in zip(params, grads, strict=True)
+        ])  # fmt: skip
         stepped = self.problem.teacher_step(grads)
         if stepped:
+            norm = flat.norm()
             self.record(**{"teacher/hypergrad_norm": float(norm)})
+            if (
+                self._previous is not None
+            ):  # how far the teacher's direction turned since its last step
+                cosine = flat @ self._previous / (norm * self._previous.norm()).clamp(min=1e-300)
+                self.record(**{"teacher/hypergrad_cosine": float(cosine)})
+            self._previous = flat
         self.count("teacher/skipped_steps", 0 if stepped else 1)
 
     def hypergradient(

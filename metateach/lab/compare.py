@@ -39,7 +39,7 @@ one row each, from their first seed's run, goes to ``figure2.png``::
 
 A setting chosen on validation, as papers choose a baseline's hyperparameter,
 is a row of its own: per seed, the variant of the group with the best
-validation accuracy (``best/val_acc``), and its numbers::
+validation accuracy (``val/best_acc``), and its numbers::
 
     select:
       focal: [focal_g05, focal_g1, focal_g2]   # the paper may give a number for "focal"
@@ -236,8 +236,14 @@ def run_comparison(
     overrides: Sequence[str] = (),
     train: Callable[..., dict[str, Any]] | None = None,
     jobs: int = 1,
+    tags: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train every (variant, seed) pair under ``out_dir``; return each run's summary with its names.
+
+    In W&B the runs of a comparison are one group, named after it (unless
+    ``logging.group`` is set), each of the variant's job type, tagged with its
+    seed and ``tags`` (a suite adds its name), with the paper's number for the
+    variant, where the comparison gives one, in its config.
 
     ``train(cfg)`` runs one experiment (the trainer's by default); finished
     runs are read back, interrupted ones resumed. With ``jobs`` > 1 that
@@ -259,6 +265,10 @@ def run_comparison(
                 [*comparison.overrides, *variant_overrides, f"train.seed={seed}", f"train.out_dir={out_dir}",
                  f"train.run_name={run_name}", "train.progress=false", *overrides],
             )  # fmt: skip
+            cfg.logging.group = cfg.logging.group or comparison.name
+            cfg.logging.job_type = cfg.logging.job_type or variant
+            cfg.logging.paper = comparison.paper.get(variant, cfg.logging.paper)
+            cfg.logging.tags = list(dict.fromkeys([*cfg.logging.tags, f"seed{seed}", *tags]))
             saved = folder / "config.yaml"
             if saved.is_file():
                 # A run of another experiment under this name must not be reused or resumed.

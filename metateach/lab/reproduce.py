@@ -151,7 +151,9 @@ def run_suite(
         comparison = load_comparison(entry.file)
         comparison.name = name
         overrides = _data_overrides(entry, data_dir)
-        results = run_comparison(comparison, out_dir / name, overrides, train=train, jobs=jobs)
+        results = run_comparison(
+            comparison, out_dir / name, overrides, train=train, jobs=jobs, tags=[suite.name]
+        )
         tables[name] = write_results(comparison, out_dir / name, results, overrides)
     return tables
 

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+import yaml
 from matplotlib.ticker import MaxNLocator
 
-from metateach.config import load_config
-from metateach.logging import read_metrics
+from metateach.config import LoggingConfig, load_config
+from metateach.logging import log_comparison, read_metrics
 from metateach.report.diagnostics import SNAPSHOT, WeightSnapshot
 from metateach.report.plots import plot_figure2, save_figure
 
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 #: What each run reports, and the table's column for it.
-METRICS = {"test/acc": "test accuracy (%)", "best/test_acc": "test accuracy at best val (%)"}
+METRICS = {"test/acc": "test accuracy (%)", "test/acc_at_best_val": "test accuracy at best val (%)"}
 #: What ``results_course.png`` draws epoch by epoch, where the runs logged it, as
 #: metric -> (axis label, factor to draw it in, y scale): the student's test
 #: accuracy, the teacher's share of weight on mislabeled samples (its diagnostic
@@ -50,8 +51,8 @@ COURSE = {
 #: Teaching speed, for runs with ``train.target_val_acc``: what reaching it took.
 SPEED = {
     "target/step": "steps to the target",
-    "target/samples": "samples to the target",
-    "target/examined_samples": "samples examined to the target",
+    "target/samples_learned": "samples to the target",
+    "target/samples_examined": "samples examined to the target",
 }
 
 
@@ -92,6 +93,9 @@ def write_results(
         )
     (folder / "results.md").write_text(document + "\n")
     plot_comparison(rows, comparison.name, folder / "results.png")
+    if results and (saved := Path(results[0]["folder"]) / "config.yaml").is_file():
+        logging = LoggingConfig(**yaml.safe_load(saved.read_text())["logging"])
+        log_comparison(comparison.name, rows, comparison.paper, logging, folder)
     courses: dict[str, list[dict[str, list[tuple[int, float]]]]] = {}
     for result in results:
         courses.setdefault(result["variant"], []).append(course(result["folder"]))
@@ -121,31 +125,21 @@ def write_results(
 
 def accuracy_curve(folder: str | Path) -> list[tuple[float, float]]:
     """(training samples learned from, validation accuracy) at each evaluation of a run."""
-    points = []
-    for record in read_metrics(folder):
-        if "eval/val_acc" in record:
-            points.append((record["eval/learned_samples"], record["eval/val_acc"]))
-        elif "val/acc" in record and "train/learned_samples" in record:
-            points.append((record["train/learned_samples"], record["val/acc"]))
-    return points
+    return [
+        (record["trainer/samples_learned"], record["eval/val_acc"])
+        for record in read_metrics(folder)
+        if "eval/val_acc" in record
+    ]
 
 
 def course(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Each :data:`COURSE` metric a run logged, as (epoch, value) at the end of every epoch.
-
-    A metric logged every few steps (the hypergradient's norm) is averaged
-    over the records of its epoch; one logged per epoch is that epoch's value.
-    """
+    """Each :data:`COURSE` metric a run logged, as (epoch, value) at the end of every epoch
+    (a metric recorded every step, the hypergradient's norm, as its epoch's mean)."""
     series: dict[str, list[tuple[int, float]]] = {}
-    pending: dict[str, list[float]] = {}
     for record in read_metrics(folder):
-        for key in COURSE:
-            if key in record:
-                pending.setdefault(key, []).append(record[key])
-        if "epoch" in record:
-            for key, values in pending.items():
-                series.setdefault(key, []).append((int(record["epoch"]), statistics.fmean(values)))
-            pending = {}
+        if "trainer/epoch" in record:
+            for key in (k for k in COURSE if k in record):
+                series.setdefault(key, []).append((int(record["trainer/epoch"]), record[key]))
     return series
 
 
@@ -153,7 +147,7 @@ def _last_epoch(folder: str | Path, keys: Sequence[str]) -> dict[str, float]:
     """The values of ``keys`` in the last epoch record of a run that logged them."""
     values: dict[str, float] = {}
     for record in read_metrics(folder):
-        if "epoch" in record:
+        if "trainer/epoch" in record:
             values.update({k: record[k] for k in keys if k in record})
     return values
 
@@ -169,7 +163,7 @@ def selected(
         for seed in dict.fromkeys(r["seed"] for r in results):
             runs = [r for r in results if r["seed"] == seed and r["variant"] in group]
             if len(runs) == len(group):
-                best = max(runs, key=lambda r: r["best/val_acc"])
+                best = max(runs, key=lambda r: r["val/best_acc"])
                 chosen.append({**best, "variant": name, "chosen": best["variant"]})
     return chosen
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from metateach.data import Batch, DataBundle
 from metateach.engine import TeachingStrategy
 from metateach.lesson import Lesson, LossFn, StatesLoss, per_sample_losses
-from metateach.teacher import TeachingContext
+from metateach.teacher import PeerTeacher, TeachingContext
 
 __all__ = [
     "WeightSnapshot",
@@ -51,6 +51,7 @@ __all__ = [
     "SAMPLES",
     "CURVE_KEYS",
     "loss_curve",
+    "margins",
 ]
 
 #: The file, in a run's ``diagnostics/`` folder, of the teacher's last weight snapshot.
@@ -73,6 +74,9 @@ class WeightSnapshot:
     noisy: np.ndarray  # True where the given label is wrong
     features: np.ndarray  # the student's second-to-last layer
     loss_curve: np.ndarray | None = None  # a replaced loss at P_TRUE (see loss_curve)
+    margins: np.ndarray | None = None  # the given label's logit minus the largest other one
+    kept: np.ndarray | None = None  # False where the lesson's mask drops it (None: no mask)
+    peer_kept: np.ndarray | None = None  # co-teaching: what the student selects for its peer
 
     def save(self, path: Path) -> Path:
         """The arrays as an ``.npz`` (what :func:`metateach.report.plots.plot_figure2` reads back)."""
@@ -101,6 +105,31 @@ class WeightSnapshot:
             "teacher/mean_weight_clean": float(clean.mean()) if len(clean) else 0.0,
             "teacher/mean_weight_noisy": float(noisy.mean()) if len(noisy) else 0.0,
             **curve,
+            **self.keep_by_loss_decile(),
+            **self.selection_agreement(),
+        }
+
+    def selection_agreement(self) -> dict[str, float]:
+        """Co-teaching: the share of the sample on which the two networks' selections agree (both
+        keep it or both drop it), and the share both keep; nothing for other teachers."""
+        if self.kept is None or self.peer_kept is None:
+            return {}
+        return {
+            "peer/selection_agreement": float((self.kept == self.peer_kept).mean()),
+            "peer/selected_by_both": float((self.kept & self.peer_kept).mean()),
+        }
+
+    def keep_by_loss_decile(self) -> dict[str, float]:
+        """For a teacher that masks (L2T's filter), the share of the sample it keeps in each
+        tenth of the sample ordered by loss, lowest first (``lesson/keep_rate_loss_decile_01``
+        ... ``_10``); nothing for one that does not."""
+        if self.kept is None:
+            return {}
+        order = np.argsort(self.losses, kind="stable")
+        return {
+            f"lesson/keep_rate_loss_decile_{i + 1:02d}": float(self.kept[part].mean())
+            for i, part in enumerate(np.array_split(order, 10))
+            if len(part)
         }
 
 
@@ -225,12 +254,12 @@ class TeacherDiagnostics:
     ) -> dict[str, Path]:
         """The figures, from the latest snapshot (taken now if there is none) and the per-epoch shares."""
         shares = [
-            (int(r["epoch"]), r["teacher/noisy_weight_share"])
+            (int(r["trainer/epoch"]), r["teacher/noisy_weight_share"])
             for r in history
             if "teacher/noisy_weight_share" in r
         ]
         curves = [
-            (int(r["epoch"]), np.array([r[k] for k in CURVE_KEYS]))
+            (int(r["trainer/epoch"]), np.array([r[k] for k in CURVE_KEYS]))
             for r in history
             if CURVE_KEYS[0] in r
         ]
@@ -266,8 +295,10 @@ def weight_snapshot(
     teacher = problem.teacher
     assert teacher is not None
     device = problem.device
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("weights", "losses", "features")}
-    curve = None
+    parts: dict[str, list[Tensor]] = {
+        k: [] for k in ("weights", "losses", "features", "margins", "kept", "peer_kept")
+    }
+    curve, masked = None, False
     # A teacher's buffers (MentorNet-PD's running threshold) are put back after; its
     # parameters it does not change, and they may sit in a live graph (L2T-DLN's).
     buffers = {name: b.clone() for name, b in teacher.named_buffers()}
@@ -282,6 +313,9 @@ def weight_snapshot(
             view, lesson = strategy.preview(batch, context)
             with torch.no_grad():
                 weights = torch.ones_like(view.losses)
+                kept = torch.ones_like(view.losses, dtype=torch.bool)
+                if lesson is not None and lesson.mask is not None:
+                    kept, masked = lesson.mask.bool(), True
                 if lesson is not None:
                     if lesson.weights is not None:
                         weights = weights * lesson.weights.detach()
@@ -295,6 +329,10 @@ def weight_snapshot(
             parts["weights"].append(weights.float().cpu())
             parts["losses"].append(view.losses.detach().float().cpu())
             parts["features"].append(view.features.detach().float().flatten(1).cpu())
+            parts["margins"].append(margins(view.logits.detach(), batch.y).float().cpu())
+            parts["kept"].append(kept.cpu())
+            if isinstance(teacher, PeerTeacher):  # the other direction of the exchange
+                parts["peer_kept"].append(teacher.select(view.losses.detach(), context).cpu())
     with torch.no_grad():
         for name, value in teacher.named_buffers():
             value.copy_(buffers[name])
@@ -307,7 +345,17 @@ def weight_snapshot(
         noisy=data.train.is_noisy[indices].numpy(),
         features=torch.cat(parts["features"]).numpy(),
         loss_curve=curve,
+        margins=torch.cat(parts["margins"]).numpy(),
+        kept=torch.cat(parts["kept"]).numpy() if masked else None,
+        peer_kept=torch.cat(parts["peer_kept"]).numpy() if parts["peer_kept"] else None,
     )
+
+
+def margins(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each sample's logit of ``targets`` minus its largest other logit (negative: misclassified)."""
+    given = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf"))
+    return given - others.max(dim=1).values
 
 
 @torch.enable_grad()

@@ -89,7 +89,7 @@ def plot_training_curves(
     peer's and the ensemble's test accuracy, and a third panel the label
     precision of both networks' selections and the keep ratio.
     """
-    epochs = [r["epoch"] for r in history]
+    epochs = [r["trainer/epoch"] for r in history]
     peer = "peer/label_precision_student" in history[0]
     fig, axes = plt.subplots(1, 3 if peer else 2, figsize=(16 if peer else 11, 4),
                              constrained_layout=True)  # fmt: skip
@@ -145,7 +145,7 @@ def plot_accuracy_vs_samples(
 
 def plot_episodes(records: Sequence[Mapping[str, float]], title: str, path: str | Path) -> Path:
     """A teacher trained over episodes: its reward, and how soon each student reached the target."""
-    episodes = [r["episode"] for r in records]
+    episodes = [r["trainer/episode"] for r in records]
     fig, (reward_ax, steps_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for key, style, label in (
         ("teacher/reward", ".-", "reward"),
@@ -155,7 +155,9 @@ def plot_episodes(records: Sequence[Mapping[str, float]], title: str, path: str 
             reward_ax.plot(episodes, [r[key] for r in records], style, label=label)
     steps_ax.plot(episodes, [r["episode/steps"] for r in records], ".-", label="steps trained")
     reached = [
-        (r["episode"], r["episode/target_step"]) for r in records if "episode/target_step" in r
+        (r["trainer/episode"], r["episode/target_step"])
+        for r in records
+        if "episode/target_step" in r
     ]
     if reached:
         steps_ax.plot(*zip(*reached, strict=True), "o", label="steps to the target")
