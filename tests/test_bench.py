@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from metateach.lab import bench
 from metateach.lab.bench import (
     FLOORS,
     SUBJECTS,
@@ -27,7 +29,15 @@ TINY = ["--model", "mlp", "--model-kwargs", "{hidden: [16]}", "--image-shape", "
         "--batch-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1"]  # fmt: skip
 
 
-def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) -> None:
+#: The quickstart cut short, for ``logging_overhead`` in tests.
+SHORT_QUICKSTART = ["train.epochs=1", "data.train_subset=200", "logging.diagnostic_samples=100"]
+
+
+def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whole quickstart runs are timed by a test of their own (marked slow).
+    monkeypatch.setattr(bench, "logging_overhead", lambda: [1.02, 1.01, 1.04])
     assert main([*TINY, "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
@@ -50,6 +60,7 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
         "reversible_memory_b20_vs_b2",
         "unrolled_memory_b20_vs_b1",
         "unrolled_memory_b20_vs_b2",
+        "wandb_logging_overhead",
     }
     assert all(f["value"] > 0 for k, f in figures.items() if k != "python_overhead")
     assert 0 <= figures["python_overhead"]["value"] < 1
@@ -58,6 +69,7 @@ def test_the_bench_prints_a_table_and_ends_with_a_json_line_of_ratios(capsys) ->
         timed = key.endswith("_vs_plain") or key in (
             "framework_overhead",
             "ours_vs_higher_lookahead",
+            "wandb_logging_overhead",
         )
         assert (figure["iqr"] is not None) == timed, key
         if figure["iqr"] is not None:
@@ -186,3 +198,16 @@ def test_profile_prints_where_a_teaching_step_spends_its_time(capsys) -> None:
     assert main([*TINY, "--profile", "lookahead_vs_plain"]) == 0
     out = capsys.readouterr().out
     assert "Self CPU" in out and "aten::" in out
+
+
+@pytest.mark.slow
+def test_the_logging_overhead_times_quickstart_runs_with_wandb_and_without(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setattr(bench, "_scratch_dir", lambda: str(tmp_path))
+    ratios = bench.logging_overhead(pairs=1, overrides=SHORT_QUICKSTART)
+    assert len(ratios) == 1 and ratios[0] > 0
+    # Two runs of each (one to warm up): those with W&B wrote an offline run, the others none.
+    runs = sorted(tmp_path.glob("quickstart-*"))
+    with_wandb = [r for r in runs if (r / "wandb").is_dir()]
+    assert len(runs) == 4 and len(with_wandb) == 2

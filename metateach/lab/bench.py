@@ -17,7 +17,9 @@ teacher step at two truncations B. Beside each figure stands its *floor*
 steps (a forward pass 1 unit, a backward 2, a plain step 3).
 ``python_overhead`` is the machine-independent check of the trainer: the
 share of a plain step's time that the trainer adds outside PyTorch's
-operators, by the profiler.
+operators, by the profiler. ``wandb_logging_overhead`` times whole
+quickstart runs with W&B offline against the same runs without it
+(:data:`LOGGING_PAIRS` pairs).
 
 The student and the data are random tensors of the asked shape (timing
 does not need real images); the subjects run through the library's own
@@ -37,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -377,6 +380,10 @@ FLOORS: dict[str, tuple[float, str]] = {
 #: sits within a few percent of 1, and in runs of 8 pairs bursts of noise on a shared
 #: two-core machine moved its median by 0.1.
 OVERHEAD_PAIRS = 4
+#: ``wandb_logging_overhead``: pairs of whole quickstart runs, W&B offline against disabled.
+LOGGING_PAIRS = 3
+#: The quickstart, whose runs ``wandb_logging_overhead`` times (in the repository beside the package).
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 #: Subjects whose student is not the bench's momentum SGD: the optimizer's overrides, and the
 #: ``torch.optim`` optimizer of the bare reference loop they are timed against.
@@ -467,6 +474,35 @@ def higher_lookahead_step(trainer: Trainer, batch: Batch, optimizer: torch.optim
     optimizer.step()
 
 
+def logging_overhead(pairs: int = LOGGING_PAIRS, overrides: Sequence[str] = ()) -> list[float]:
+    """Ratios of the wall time of whole quickstart runs (as ``tools/train.py`` runs it, its
+    teacher, diagnostics, figures and the W&B histograms and table included) with W&B offline
+    to the same run with ``logging.wandb=disabled``, alternating AB, BA, ... after one run of
+    each to warm up: what logging costs a run, W&B's start and finish included. ``overrides``
+    change the quickstart (the tests shorten it)."""
+    from metateach import train
+
+    if not QUICKSTART.is_file():
+        raise FileNotFoundError(
+            f"{QUICKSTART}: wandb_logging_overhead runs the repository's quickstart"
+        )
+
+    def run(mode: str) -> float:
+        cfg = load_config(QUICKSTART, [*overrides, f"logging.wandb={mode}",
+                                       f"train.out_dir={_scratch_dir()}", "train.progress=false"])  # fmt: skip
+        start = time.perf_counter()
+        train(cfg)
+        return time.perf_counter() - start
+
+    run("offline"), run("disabled")
+    ratios = []
+    for i in range(pairs):
+        order = ("disabled", "offline") if i % 2 else ("offline", "disabled")
+        seconds = {mode: run(mode) for mode in order}
+        ratios.append(seconds["offline"] / seconds["disabled"])
+    return ratios
+
+
 def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, Figure]:
     """Measure ``plain_step_ms``, ``framework_overhead``, ``python_overhead`` and the figures of
     :data:`SUBJECTS`, ``ours_vs_higher_lookahead`` and :data:`MEMORY` (all, or those in ``keys``)."""
@@ -537,6 +573,8 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
             settings,
         )
         results["ours_vs_higher_lookahead"] = summarize(ratios)
+    if keys is None or "wandb_logging_overhead" in keys:
+        results["wandb_logging_overhead"] = summarize(logging_overhead())
     memory: dict[tuple[str, int], float] = {}  # (method, B) -> MB, each measured once
     for key, (method, smaller) in MEMORY.items():
         if keys is None or key in keys:
@@ -586,6 +624,7 @@ DESCRIPTIONS = {
     "l2t_vs_plain": "L2T's filter with refilled batches / plain",
     "ours_vs_higher_lookahead": "our Meta-Weight-Net iteration / the same written with higher",
     "python_overhead": "share of metateach's plain step spent in Python it adds (profiler)",
+    "wandb_logging_overhead": "a whole quickstart run with W&B offline / with W&B disabled",
     "reversible_memory_b20_vs_b1": "reversible: peak memory of a teacher step, B = 20 / B = 1",
     "reversible_memory_b20_vs_b2": "reversible: the same, B = 20 / B = 2",
     "unrolled_memory_b20_vs_b1": "unrolled: peak memory of a teacher step, B = 20 / B = 1",
