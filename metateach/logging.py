@@ -162,13 +162,7 @@ class RunLogger:
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Attach a PNG already saved in the run folder to W&B."""
-
-        def send(run: Any) -> None:
-            import wandb
-
-            run.log({key: wandb.Image(str(path))}, step=step)
-
-        self._to_wandb(send)
+        self.log_media({key: lambda wandb: wandb.Image(str(path))}, step)
 
     def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:
         """A checkpoint as a W&B artifact (type ``model``), ``metadata`` beside it: one artifact a
@@ -261,9 +255,6 @@ class SilentLogger(RunLogger):
         return self._wandb_id
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_image(self, key: str, path: Path, step: int) -> None:
         pass
 
     def log_checkpoint(self, path: Path, metadata: Mapping[str, Any]) -> None:

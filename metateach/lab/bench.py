@@ -17,9 +17,9 @@ teacher step at two truncations B. Beside each figure stands its *floor*
 steps (a forward pass 1 unit, a backward 2, a plain step 3).
 ``python_overhead`` is the machine-independent check of the trainer: the
 share of a plain step's time that the trainer adds outside PyTorch's
-operators, by the profiler. ``wandb_logging_overhead`` times whole
-quickstart runs with W&B offline against the same runs without it
-(:data:`LOGGING_PAIRS` pairs).
+operators, by the profiler. ``wandb_logging_overhead`` times quickstart
+runs with W&B offline against the same runs without it
+(:data:`LOGGING_PAIRS` pairs; :data:`LOGGED_RUNS`).
 
 The student and the data are random tensors of the asked shape (timing
 does not need real images); the subjects run through the library's own
@@ -31,6 +31,8 @@ CUDA events' and the memory the allocator's peak.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import statistics
 import sys
@@ -380,8 +382,14 @@ FLOORS: dict[str, tuple[float, str]] = {
 #: sits within a few percent of 1, and in runs of 8 pairs bursts of noise on a shared
 #: two-core machine moved its median by 0.1.
 OVERHEAD_PAIRS = 4
-#: ``wandb_logging_overhead``: pairs of whole quickstart runs, W&B offline against disabled.
+#: ``wandb_logging_overhead``: pairs of quickstart runs, W&B offline against disabled.
 LOGGING_PAIRS = 3
+#: The quickstart runs whose logging is timed: the plain run, and the run as it ships (its
+#: teacher's histograms and the diagnostic sample's table with its thumbnails).
+LOGGED_RUNS = {
+    "wandb_logging_overhead": ["teacher.name=none"],
+    "wandb_logging_overhead_taught": [],
+}
 #: The quickstart, whose runs ``wandb_logging_overhead`` times (in the repository beside the package).
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -475,13 +483,12 @@ def higher_lookahead_step(trainer: Trainer, batch: Batch, optimizer: torch.optim
 
 
 def logging_overhead(pairs: int = LOGGING_PAIRS, overrides: Sequence[str] = ()) -> list[float]:
-    """Ratios of the wall time of whole quickstart runs (as ``tools/train.py`` runs it, its
-    teacher, diagnostics, figures and the W&B histograms and table included) with W&B offline
-    to the same run with ``logging.wandb=disabled``, alternating AB, BA, ... after one run of
-    each to warm up: what logging costs a run, W&B's start and finish included. ``overrides``
-    change the quickstart (the tests shorten it)."""
-    from metateach import train
-
+    """Ratios of the wall time of quickstart runs with W&B offline to the same runs with
+    ``logging.wandb=disabled``, alternating AB, BA, ... after one run of each to warm up, each
+    run built and trained as ``tools/train.py`` does (its figures, and with a teacher its
+    diagnostics, histograms and table). Runs in this process share W&B's service, which the
+    warm-up starts: the figure is what logging adds to a run, not W&B's start (about a second,
+    once per process). ``overrides`` change the quickstart (the plain run: ``teacher.name=none``)."""
     if not QUICKSTART.is_file():
         raise FileNotFoundError(
             f"{QUICKSTART}: wandb_logging_overhead runs the repository's quickstart"
@@ -490,9 +497,10 @@ def logging_overhead(pairs: int = LOGGING_PAIRS, overrides: Sequence[str] = ()) 
     def run(mode: str) -> float:
         cfg = load_config(QUICKSTART, [*overrides, f"logging.wandb={mode}",
                                        f"train.out_dir={_scratch_dir()}", "train.progress=false"])  # fmt: skip
-        start = time.perf_counter()
-        train(cfg)
-        return time.perf_counter() - start
+        with contextlib.redirect_stdout(io.StringIO()):  # the runs' epoch lines
+            start = time.perf_counter()
+            Trainer(cfg).fit()
+            return time.perf_counter() - start
 
     run("offline"), run("disabled")
     ratios = []
@@ -573,8 +581,9 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
             settings,
         )
         results["ours_vs_higher_lookahead"] = summarize(ratios)
-    if keys is None or "wandb_logging_overhead" in keys:
-        results["wandb_logging_overhead"] = summarize(logging_overhead())
+    for key, overrides in LOGGED_RUNS.items():
+        if keys is None or key in keys:
+            results[key] = summarize(logging_overhead(overrides=overrides))
     memory: dict[tuple[str, int], float] = {}  # (method, B) -> MB, each measured once
     for key, (method, smaller) in MEMORY.items():
         if keys is None or key in keys:
@@ -624,7 +633,8 @@ DESCRIPTIONS = {
     "l2t_vs_plain": "L2T's filter with refilled batches / plain",
     "ours_vs_higher_lookahead": "our Meta-Weight-Net iteration / the same written with higher",
     "python_overhead": "share of metateach's plain step spent in Python it adds (profiler)",
-    "wandb_logging_overhead": "a whole quickstart run with W&B offline / with W&B disabled",
+    "wandb_logging_overhead": "the quickstart without a teacher, W&B offline / W&B disabled",
+    "wandb_logging_overhead_taught": "the quickstart as it ships (teacher, table), the same",
     "reversible_memory_b20_vs_b1": "reversible: peak memory of a teacher step, B = 20 / B = 1",
     "reversible_memory_b20_vs_b2": "reversible: the same, B = 20 / B = 2",
     "unrolled_memory_b20_vs_b1": "unrolled: peak memory of a teacher step, B = 20 / B = 1",
