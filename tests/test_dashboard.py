@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from metateach.config import config_to_dict, flatten, load_config
 from metateach.lab.compare_cli import main
@@ -84,7 +85,11 @@ def test_the_offline_wandb_run_holds_the_axes_summaries_histograms_and_sample_ta
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert len(rows) == 300
     snapshot = trainer.diagnostics.snapshot
-    assert [r["weight"] for r in rows] == pytest.approx(snapshot.weights.tolist())
+    indices = trainer.diagnostics.indices.tolist()
+    weight_of = dict(zip(indices, snapshot.weights.tolist(), strict=True))
+    assert sorted(r["index"] for r in rows) == indices
+    assert [r["weight"] for r in rows] == pytest.approx([weight_of[r["index"]] for r in rows])
+    assert [r["weight"] for r in rows] == sorted(r["weight"] for r in rows)  # the least first
     classes = trainer.data.info.classes
     for r in rows:
         given, true = (
@@ -94,6 +99,9 @@ def test_the_offline_wandb_run_holds_the_axes_summaries_histograms_and_sample_ta
         assert (r["given_label"], r["true_label"]) == (classes[given], classes[true])
         assert r["mislabeled"] == (given != true)
         assert r["image"]["_type"] == "image-file" and files[r["image"]["path"]].is_file()
+    for r in rows[:5] + rows[-5:]:  # each row's thumbnail is its own sample's image
+        pixels = np.asarray(Image.open(files[r["image"]["path"]]))
+        assert (pixels == trainer.data.train.images[r["index"], 0].numpy()).all()
     assert {r["mislabeled"] for r in rows} == {True, False}
 
 

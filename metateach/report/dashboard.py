@@ -57,7 +57,8 @@ def sample_table(
 ) -> Builder:
     """The diagnostic sample as a table (:data:`TABLE_COLUMNS`; for co-teaching, what the
     student selects for its peer and whether the two selections agree; a thumbnail per sample
-    with ``images`` on image data): sort it by weight, filter it by ``mislabeled``."""
+    with ``images`` on image data), its rows by weight, the least first: the samples the
+    teacher silences lead; filter them by ``mislabeled``."""
     classes = list(data.info.classes)
     true = data.train.clean_targets[indices].tolist()
     given = snapshot.targets.tolist()
@@ -77,12 +78,14 @@ def sample_table(
             [*row, bool(p), bool(p) == row[7]]
             for row, p in zip(rows, snapshot.peer_kept, strict=True)
         ]
+    order = np.argsort(snapshot.weights, kind="stable")  # the least weight first
+    rows = [rows[i] for i in order]
     pixels = data.train.images[indices] if images and data.train.images.dim() == 4 else None
 
     def build(wandb: Any) -> Any:
         if pixels is None:
             return wandb.Table(columns=columns, data=rows)
-        thumbnails = pixels.permute(0, 2, 3, 1).numpy()  # N, H, W, C uint8
+        thumbnails = pixels[torch.from_numpy(order)].permute(0, 2, 3, 1).numpy()  # N, H, W, C
         if thumbnails.shape[-1] == 1:
             thumbnails = thumbnails[..., 0]
         return wandb.Table(
