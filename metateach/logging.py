@@ -31,6 +31,8 @@ __all__ = [
     "read_metrics",
     "log_run_start",
     "log_comparison",
+    "read_summary",
+    "current_names",
     "prefixed",
     "axis_of",
 ]
@@ -51,6 +53,43 @@ AXES = (
 SUMMARIES = {"val/acc": "max", "val/loss": "min", "eval/val_acc": "max"}
 
 
+#: Names of metrics before their namespaces (metateach before issue 26) -> their names now:
+#: records, summaries and checkpoints of older runs are read under today's names.
+RENAMED = {
+    "epoch": "trainer/epoch",
+    "episode": "trainer/episode",
+    "lr": "train/lr",
+    "throughput/samples_per_s": "perf/samples_per_s",
+    "train/learned_samples": "trainer/samples_learned",
+    "train/examined_samples": "trainer/samples_examined",
+    "eval/learned_samples": "trainer/samples_learned",
+    "train/running_loss": "step/train_loss",
+    "train/nonfinite_step": "step/nonfinite",
+    "resumed_with_changes": "trainer/resumed_with_changes",
+    "best/test_acc": "test/acc_at_best_val",
+    "best/val_acc": "val/best_acc",
+    "best/epoch": "trainer/best_epoch",
+    "steps": "trainer/steps",
+    "learned_samples": "trainer/samples_learned",
+    "examined_samples": "trainer/samples_examined",
+    "episodes": "trainer/episodes",
+    "episode/learned_samples": "episode/samples_learned",
+    "episode/examined_samples": "episode/samples_examined",
+    "target/samples": "target/samples_learned",
+    "target/examined_samples": "target/samples_examined",
+}
+
+
+def current_names(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` (a metrics record, a summary) with any name of :data:`RENAMED` renamed."""
+    return {RENAMED.get(name, name): value for name, value in record.items()}
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's ``summary.json``, under today's names."""
+    return current_names(json.loads((Path(run_dir) / "summary.json").read_text()))
+
+
 def axis_of(name: str) -> str | None:
     """The W&B x-axis of the metric ``name`` (:data:`AXES`); None for an axis itself."""
     return next(axis for prefix, axis in AXES if name.startswith(prefix))
@@ -62,14 +101,15 @@ def prefixed(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``, in order (a torn last line is skipped)."""
+    """The records of a run's ``metrics.jsonl``, in order, under today's names (a torn last line
+    is skipped)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(current_names(json.loads(line)))
         except json.JSONDecodeError:
             continue
     return records

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from metateach.data import derive_seed
+from metateach.logging import current_names
 from metateach.types import StepStats
 
 __all__ = ["EpochTotals", "TrainState", "LossAverage", "episode_seed"]
@@ -58,7 +59,14 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainState:
-        return cls(**{**saved, "totals": EpochTotals(**saved["totals"])})
+        """The state a checkpoint saved (:func:`dataclasses.asdict`); an older checkpoint's
+        records under today's metric names."""
+        return cls(**{
+            **saved,
+            "totals": EpochTotals(**saved["totals"]),
+            "history": [current_names(r) for r in saved["history"]],
+            "episodes": [current_names(r) for r in saved["episodes"]],
+        })  # fmt: skip
 
     def add(self, stats: StepStats, seconds: float) -> EpochTotals:
         """Add steps' statistics, taken over ``seconds``, to the epoch's totals and the run's counts."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from metateach.lab.results import (
     summarize,
     write_results,
 )
+from metateach.logging import read_summary
+from metateach.progress import TrainState
 from metateach.report.diagnostics import SNAPSHOT, WeightSnapshot
 
 from .conftest import CONFIGS, QUICK, layered, write_yaml
@@ -356,3 +359,32 @@ def test_a_setting_chosen_on_validation_is_a_row_of_its_own() -> None:
     ]
     row = summarize(chosen)[0]
     assert row["variant"] == "focal" and row["test/acc"] == pytest.approx(77.5)
+
+
+def test_runs_written_under_the_old_metric_names_are_read_under_todays(tmp_path: Path) -> None:
+    folder = tmp_path / "old-seed0"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({
+        "test/acc": 0.9, "val/acc": 0.8, "best/val_acc": 0.85, "best/epoch": 1, "best/test_acc": 0.88,
+        "steps": 40, "learned_samples": 800, "examined_samples": 900, "episodes": 1,
+    }))  # fmt: skip
+    records = [
+        {"step": 20, "epoch": 1, "test/acc": 0.88, "val/acc": 0.85, "lr": 0.1,
+         "train/learned_samples": 400, "teacher/hypergrad_norm": 2.0},
+        {"step": 30, "eval/val_acc": 0.8, "eval/learned_samples": 600},
+        {"step": 40, "epoch": 2, "test/acc": 0.9, "val/acc": 0.8, "train/learned_samples": 800},
+    ]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = read_summary(folder)
+    assert summary["test/acc_at_best_val"] == 0.88 and summary["val/best_acc"] == 0.85
+    assert summary["trainer/samples_learned"] == 800 and "best/test_acc" not in summary
+    assert course(folder) == {
+        "test/acc": [(1, 0.88), (2, 0.9)],
+        "teacher/hypergrad_norm": [(1, 2.0)],
+    }
+    assert accuracy_curve(folder) == [(600, 0.8)]
+    rows = summarize([{"variant": "old", "seed": 0, **summary}])
+    assert rows[0]["test/acc_at_best_val"] == pytest.approx(88.0)
+    # A checkpoint's records of an older run come back under today's names too.
+    state = TrainState.from_dict({**asdict(TrainState()), "history": records[:1], "episodes": []})
+    assert state.history[0]["trainer/epoch"] == 1 and state.history[0]["train/lr"] == 0.1

@@ -52,7 +52,6 @@ summaries into mean and standard deviation per variant.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
@@ -64,6 +63,7 @@ import yaml
 
 from metateach.config import check_overrides, config_to_dict, load_config, read_yaml
 from metateach.errors import ConfigError, check_folder_name, check_keys
+from metateach.logging import read_summary
 from metateach.rundir import check_same_experiment, unfinished
 
 __all__ = [
@@ -292,6 +292,6 @@ def run_comparison(
             train(cfg)
     return [
         {"variant": variant, "seed": seed, "folder": str(folder),
-         **json.loads((folder / "summary.json").read_text())}
+         **read_summary(folder)}
         for variant, seed, folder in runs
     ]  # fmt: skip
