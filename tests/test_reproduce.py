@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,36 @@ def test_list_names_every_run_of_a_suite_and_runs_nothing(capsys) -> None:
     assert "cifar10_flip20_mentornet" in listing and "paper 86.36" in listing
     assert "cifar10_resnet32_focal_g05" in listing and "to_cifar100" in listing
     assert "train first: configs/deep_interaction/appendixB_teacher.yaml" in listing
+
+
+def test_records_carry_a_suite_to_a_machine_that_has_none_of_its_runs(tmp_path: Path) -> None:
+    suite = load_suite(tiny_suite(tmp_path))
+    calls = []
+
+    def counting(cfg):
+        calls.append(cfg.train.run_name)
+        return train(cfg)
+
+    records = tmp_path / "results"
+    tables = run_suite(suite, tmp_path / "runs", train=counting, records=records)
+    assert calls == ["first", "none-seed0", "l2rw-seed0"]
+    kept = sorted(str(p.relative_to(records)) for p in records.rglob("*") if p.is_file())
+    assert kept == [
+        "tiny/l2rw-seed0/config.yaml", "tiny/l2rw-seed0/metrics.jsonl", "tiny/l2rw-seed0/summary.json",
+        "tiny/none-seed0/config.yaml", "tiny/none-seed0/metrics.jsonl", "tiny/none-seed0/summary.json",
+        "train/first/config.yaml", "train/first/diagnostics/samples.npz", "train/first/metrics.jsonl",
+        "train/first/summary.json",
+    ]  # fmt: skip
+    # Another machine: no run folders, only the records; nothing trains, the tables are the same.
+    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(tmp_path / "prep")
+    again = run_suite(suite, tmp_path / "runs", train=counting, records=records)
+    assert len(calls) == 3 and again == tables
+    assert (tmp_path / "prep" / "first" / "diagnostics" / "samples.npz").is_file()
+    # A run missing from the records trains, and joins them.
+    shutil.rmtree(records / "tiny" / "l2rw-seed0")
+    shutil.rmtree(tmp_path / "runs")
+    run_suite(suite, tmp_path / "runs", train=counting, records=records)
+    assert (
+        calls[3:] == ["l2rw-seed0"] and (records / "tiny" / "l2rw-seed0" / "summary.json").is_file()
+    )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from metateach.config import check_overrides, load_config, read_yaml
 from metateach.errors import ConfigError, check_keys
 from metateach.lab.compare import load_comparison, run_comparison
 from metateach.lab.results import write_results
+from metateach.report.diagnostics import SAMPLES
 from metateach.rundir import unfinished
 
 __all__ = [
@@ -120,6 +122,35 @@ def _data_overrides(entry: SuiteEntry, data_dir: Path | None) -> list[str]:
     return [*root, *entry.overrides]
 
 
+#: What the records of a suite keep of each finished run: enough for its tables, and for a
+#: comparison to count the run finished.
+RUN_RECORD = ("config.yaml", "summary.json", "metrics.jsonl")
+#: Of a run the suite trains first, also the sample record the comparisons read.
+TRAIN_RECORD = (*RUN_RECORD, f"diagnostics/{SAMPLES}")
+
+
+def restore_records(records: Path, folder: Path, files: Sequence[str] = RUN_RECORD) -> bool:
+    """Put a finished run's records (``records``) in its run folder (``folder``) if that is
+    empty, so that it counts as finished; whether it did."""
+    if folder.exists() or not (records / "summary.json").is_file():
+        return False
+    for name in files:
+        if (records / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(records / name, folder / name)
+    return True
+
+
+def save_records(folder: Path, records: Path, files: Sequence[str] = RUN_RECORD) -> None:
+    """Copy a finished run's ``files`` from its run folder to ``records`` (nothing if unfinished)."""
+    if not (folder / "summary.json").is_file():
+        return
+    for name in files:
+        if (folder / name).is_file():
+            (records / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, records / name)
+
+
 def run_suite(
     suite: Suite,
     out_dir: Path,
@@ -127,11 +158,18 @@ def run_suite(
     jobs: int = 1,
     train: Callable[..., dict[str, Any]] | None = None,
     only: Sequence[str] | None = None,
+    records: Path | None = None,
 ) -> dict[str, str]:
     """Run the suite's experiments, then its comparisons (all, or those named in ``only``).
 
     Returns comparison name -> Markdown table; each comparison's folder also
     gets its ``results.md``, ``results.json`` and plots.
+
+    With ``records``, a folder of finished runs' records (:data:`RUN_RECORD`;
+    ``<records>/<comparison>/<run>/``, and ``<records>/train/<run>/`` for the
+    experiments trained first): runs found there are not trained again, and
+    every run that finishes adds its own. Committed with a repository, the
+    records carry a suite too long for one machine's session across several.
     """
     if only and (unknown := sorted(set(only) - set(suite.comparisons))):
         raise ConfigError(
@@ -143,7 +181,7 @@ def run_suite(
 
         train = train_experiment
     for entry in suite.train:
-        _train_once(entry, data_dir, train)
+        _train_once(entry, data_dir, train, None if records is None else records / "train")
     tables = {}
     for name, entry in suite.comparisons.items():
         if only and name not in only:
@@ -151,22 +189,39 @@ def run_suite(
         comparison = load_comparison(entry.file)
         comparison.name = name
         overrides = _data_overrides(entry, data_dir)
-        results = run_comparison(
-            comparison, out_dir / name, overrides, train=train, jobs=jobs, tags=[suite.name]
-        )
+        if records is not None and (records / name).is_dir():
+            for run in sorted(p for p in (records / name).iterdir() if p.is_dir()):
+                restore_records(run, out_dir / name / run.name)
+        try:
+            results = run_comparison(
+                comparison, out_dir / name, overrides, train=train, jobs=jobs, tags=[suite.name]
+            )
+        finally:  # a suite cut short keeps the records of the runs it finished
+            if records is not None and (out_dir / name).is_dir():
+                for run in sorted(p for p in (out_dir / name).iterdir() if p.is_dir()):
+                    save_records(run, records / name / run.name)
         tables[name] = write_results(comparison, out_dir / name, results, overrides)
     return tables
 
 
-def _train_once(entry: SuiteEntry, data_dir: Path | None, train: Callable[..., Any]) -> None:
-    """Train ``entry``'s experiment in its own run folder, unless done; resume it if it was cut."""
+def _train_once(
+    entry: SuiteEntry, data_dir: Path | None, train: Callable[..., Any], records: Path | None
+) -> None:
+    """Train ``entry``'s experiment in its own run folder, unless done (or in ``records``);
+    resume it if it was cut."""
     cfg = load_config(entry.file, [*_data_overrides(entry, data_dir), "train.progress=false"])
     if not cfg.train.run_name:
         raise ConfigError(
             f"{entry.file}: a suite's train entry needs train.run_name, so that it is found again"
         )
-    if unfinished(cfg, Path(cfg.train.out_dir) / cfg.train.run_name):
+    folder = Path(cfg.train.out_dir) / cfg.train.run_name
+    kept = None if records is None else records / cfg.train.run_name
+    if kept is not None:
+        restore_records(kept, folder, TRAIN_RECORD)
+    if unfinished(cfg, folder):
         train(cfg)
+    if kept is not None:
+        save_records(folder, kept, TRAIN_RECORD)
 
 
 def suite_listing(
@@ -237,7 +292,8 @@ def fill_blocks(text: str, tables: Mapping[str, str]) -> tuple[str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "reproduce.py") -> int:
-    """``metateach reproduce SUITE [--data DIR] [--out runs] [--jobs N] [--docs [PATH ...]]``."""
+    """``metateach reproduce SUITE [--data DIR] [--out runs] [--jobs N] [--records DIR]
+    [--docs [PATH ...]]``."""
     import argparse
     import shlex
     import sys
@@ -256,6 +312,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "reproduce.py") -> int:
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs to train at once (default: 1)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these comparisons")
+    parser.add_argument(
+        "--records",
+        type=Path,
+        metavar="DIR",
+        help="a folder of finished runs' records (config, summary, metrics): runs found there "
+        "are not trained again, and each run that finishes adds its own (default: "
+        "results/<suite> when that folder exists)",
+    )
     parser.add_argument(
         "--docs",
         "--readme",
@@ -281,7 +345,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "reproduce.py") -> int:
             if args.list:
                 print(suite_listing(suite, args.data, args.only))
                 return 0
-            tables = run_suite(suite, args.out, args.data, args.jobs, only=args.only)
+            records = args.records
+            if records is None and (Path("results") / suite.name).is_dir():
+                records = Path("results") / suite.name
+            tables = run_suite(
+                suite, args.out, args.data, args.jobs, only=args.only, records=records
+            )
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
