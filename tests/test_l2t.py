@@ -15,7 +15,7 @@ from metateach.data import Batch
 from metateach.engine import Reinforce
 from metateach.engine.refill import refilled
 from metateach.errors import ConfigError
-from metateach.lab.reinforce_noise import estimator_noise, noise_of
+from metateach.lab.reinforce_noise import estimates, estimator_noise, noise_of, reward_along
 from metateach.lesson import Lesson
 from metateach.logging import read_metrics
 from metateach.registry import TEACHERS
@@ -439,3 +439,42 @@ def test_the_noise_of_l2t_s_estimate_is_measured_at_a_policy_held_still(make_con
     assert found.standard_error > 0 and math.isfinite(found.snr)
     with pytest.raises(ValueError, match="teacher 'focal' does not learn by REINFORCE"):
         estimator_noise(make_config("teacher.name=focal"))
+
+
+def test_the_line_search_runs_students_at_the_policy_moved_along_the_estimate(
+    make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(*EPISODES, "train.episodes=2")
+    moved: dict[float, list[torch.Tensor]] = {}
+    fit = Trainer.fit
+
+    def spy(self, *args, **kwargs):  # the policy each run starts from
+        moved[len(moved)] = [
+            p.detach().clone() for p in self.teaching.strategy.problem.teacher_params()
+        ]
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    start = [p.detach().clone() for p in Trainer(make_config(*EPISODES, "train.run_name=start"))
+             .teaching.strategy.problem.teacher_params()]  # fmt: skip
+    size = sum(p.numel() for p in start)
+    direction = torch.zeros(size, dtype=torch.float64)
+    direction[0], direction[-1] = 3.0, 4.0  # unit: 0.6 and 0.8
+    found = reward_along(cfg, direction, [0.0, 5.0])
+    assert list(found) == [0.0, 5.0] and all(math.isfinite(m) for m, _ in found.values())
+    for run, distance in enumerate((0.0, 5.0)):
+        offset = torch.cat([(p - s).flatten() for p, s in zip(moved[run], start, strict=True)])
+        expected = torch.zeros(size)
+        expected[0], expected[-1] = 0.6 * distance, 0.8 * distance
+        assert torch.allclose(offset, expected, atol=1e-6), distance
+
+
+def test_each_episodes_estimate_by_hand() -> None:
+    rewards = [1.0, 2.0, 3.0, 6.0]
+    scores = [torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]),
+              torch.tensor([2.0, 0.0])]  # fmt: skip
+    advantages = [-8 / 3, -4 / 3, 0.0, 4.0]  # r minus the others' mean
+    expected = torch.tensor(
+        [[a * x for x in s.tolist()] for a, s in zip(advantages, scores, strict=True)]
+    )
+    assert torch.allclose(estimates(rewards, scores).float(), expected)

@@ -15,13 +15,18 @@ the other episodes (a baseline that leaves the estimate unbiased):
 * ``split_cosine``: the cosine between the averages of the two halves of the
   episodes. Near 0 the halves disagree on the direction to step.
 
-``python tools/reinforce_noise.py CONFIG [key=value ...] --episodes 20`` prints
-both, with the rewards' spread.
+:func:`reward_along` then asks whether the mean estimate leads anywhere: the
+mean reward of fresh students under the policy moved given distances along it.
+
+``python tools/reinforce_noise.py CONFIG [key=value ...] --episodes 20
+[--line-search 0.5 1 2]`` prints both statistics, with the rewards' spread,
+and the rewards along the estimate.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -33,7 +38,15 @@ from metateach.config import ExperimentConfig, load_config
 from metateach.engine.policy_gradient import Reinforce
 from metateach.trainer import Trainer
 
-__all__ = ["EstimatorNoise", "estimator_noise", "main", "noise_of"]
+__all__ = [
+    "EstimatorNoise",
+    "estimator_noise",
+    "frozen_episodes",
+    "main",
+    "estimates",
+    "noise_of",
+    "reward_along",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,14 @@ class EstimatorNoise:
     split_cosine: float
 
 
+def estimates(rewards: Sequence[float], scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each episode's estimate (r_i - b_i) S_i, b_i the other episodes' mean reward, a row each:
+    their mean is the direction REINFORCE steps the policy in (uphill in reward)."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    baseline = (r.sum() - r) / (len(r) - 1)  # each episode's: the others' mean reward
+    return (r - baseline)[:, None] * torch.stack([x.double() for x in scores])
+
+
 def noise_of(
     rewards: Sequence[float], scores: Sequence[torch.Tensor], exploration: str
 ) -> EstimatorNoise:
@@ -58,9 +79,7 @@ def noise_of(
     if n < 4:
         raise ValueError(f"need at least 4 episodes to measure the noise, got {n}")
     r = torch.tensor(rewards, dtype=torch.float64)
-    s = torch.stack([x.double() for x in scores])
-    baseline = (r.sum() - r) / (n - 1)  # each episode's: the others' mean reward
-    g = (r - baseline)[:, None] * s
+    g = estimates(rewards, scores)
     mean = g.mean(0)
     error = math.sqrt(float(g.var(0).sum()) / n)
     half = n // 2
@@ -72,13 +91,21 @@ def noise_of(
     )  # fmt: skip
 
 
-def estimator_noise(cfg: ExperimentConfig) -> EstimatorNoise:
-    """Run the ``train.episodes`` students of ``cfg`` under one policy and measure its estimate's
-    noise."""
+def frozen_episodes(
+    cfg: ExperimentConfig, offset: torch.Tensor | None = None
+) -> tuple[list[float], list[torch.Tensor], str]:
+    """Run the ``train.episodes`` students of ``cfg`` under its teacher's starting policy (moved
+    by the flat ``offset``, if given), held still; each episode's reward and flattened score, and
+    the kind of exploration."""
     trainer = Trainer(cfg)
     strategy = trainer.teaching.strategy
     if not isinstance(strategy, Reinforce):
         raise ValueError(f"teacher '{cfg.teacher.name}' does not learn by REINFORCE")
+    if offset is not None:
+        with torch.no_grad():
+            params = strategy.problem.teacher_params()
+            for p, step in zip(params, offset.split([p.numel() for p in params]), strict=True):
+                p.add_(step.view_as(p).to(p))
     strategy.problem.teacher_step = lambda grads: True  # type: ignore[method-assign]
     rewards: list[float] = []
     scores: list[torch.Tensor] = []
@@ -92,7 +119,30 @@ def estimator_noise(cfg: ExperimentConfig) -> EstimatorNoise:
 
     strategy.end_of_run = kept  # type: ignore[method-assign]
     trainer.fit()
-    return noise_of(rewards, scores, strategy.settings.exploration)
+    return rewards, scores, strategy.settings.exploration
+
+
+def estimator_noise(cfg: ExperimentConfig) -> EstimatorNoise:
+    """Run the ``train.episodes`` students of ``cfg`` under one policy and measure its estimate's
+    noise."""
+    return noise_of(*frozen_episodes(cfg))
+
+
+def reward_along(
+    cfg: ExperimentConfig, direction: torch.Tensor, distances: Sequence[float]
+) -> dict[float, tuple[float, float]]:
+    """The mean reward (and its standard error) of ``train.episodes`` students under the
+    starting policy moved ``distance`` along ``direction`` (normalized), for each distance:
+    does the estimated direction lead anywhere better?"""
+    unit = direction / direction.norm().clamp(min=1e-300)
+    found = {}
+    for distance in distances:
+        moved = copy.deepcopy(cfg)  # a run folder of its own
+        moved.train.run_name = f"{cfg.train.run_name or 'reinforce-noise'}-along-{distance:g}"
+        rewards, _, _ = frozen_episodes(moved, distance * unit)
+        r = torch.tensor(rewards, dtype=torch.float64)
+        found[distance] = (float(r.mean()), float(r.std()) / math.sqrt(len(r)))
+    return found
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "reinforce_noise.py") -> int:
@@ -102,10 +152,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "reinforce_noise.py") ->
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--episodes", type=int, default=20)
-    args = parser.parse_args(argv)
-    found = estimator_noise(
-        load_config(args.config, [*args.overrides, f"train.episodes={args.episodes}"])
+    parser.add_argument(
+        "--line-search",
+        type=float,
+        nargs="+",
+        metavar="DISTANCE",
+        help="then run --episodes students at the policy moved each distance along the mean "
+        "estimate, and print their mean reward",
     )
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, [*args.overrides, f"train.episodes={args.episodes}"])
+    rewards, scores, exploration = frozen_episodes(cfg)
+    found = noise_of(rewards, scores, exploration)
     print(
         f"{found.exploration}: {found.episodes} episodes, reward {found.reward_mean:.3f} ± "
         f"{found.reward_std:.3f}; |mean estimate| {found.mean_norm:.4g}, its standard error "
@@ -113,4 +171,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "reinforce_noise.py") ->
         f"{found.split_cosine:+.2f}"
     )
     print(json.dumps(asdict(found)))
+    if args.line_search:
+        along = reward_along(cfg, estimates(rewards, scores).mean(0), args.line_search)
+        for distance, (mean, error) in along.items():
+            print(f"  {distance:g} along the mean estimate: reward {mean:.3f} ± {error:.3f}")
+        print(json.dumps({"line_search": {str(k): v for k, v in along.items()}}))
     return 0
