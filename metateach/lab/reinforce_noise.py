@@ -9,9 +9,12 @@ zero, so the policy never moves), keeps each episode's reward r_i and score
 S_i, and measures the estimate g_i = (r_i - b_i) S_i, b_i the mean reward of
 the other episodes (a baseline that leaves the estimate unbiased):
 
-* ``snr``: |mean g| over the standard error of that mean, sqrt(sum over the
-  parameters of var(g) / N). Below about 1 the N episodes' average is mostly
-  noise: its direction is the noise's;
+* ``snr``: the norm of the true mean of g over the standard error of the
+  N episodes' mean, se = sqrt(sum over the parameters of var(g) / N). Noise
+  alone lifts |mean g| (E |mean g|^2 = |true mean|^2 + se^2), so the true
+  norm is estimated as sqrt(max(|mean g|^2 - se^2, 0)): 0 when the N
+  episodes show no signal at all, and below about 1 when their average's
+  direction is mostly the noise's;
 * ``split_cosine``: the cosine between the averages of the two halves of the
   episodes. Near 0 the halves disagree on the direction to step.
 
@@ -59,7 +62,7 @@ class EstimatorNoise:
     reward_std: float
     mean_norm: float  # |mean g|
     standard_error: float  # sqrt(sum var(g) / N)
-    snr: float
+    snr: float  # sqrt(max(mean_norm^2 - standard_error^2, 0)) / standard_error
     split_cosine: float
 
 
@@ -85,9 +88,10 @@ def noise_of(
     half = n // 2
     a, b = g[:half].mean(0), g[half:].mean(0)
     cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    signal = math.sqrt(max(float(mean.norm()) ** 2 - error**2, 0.0))
     return EstimatorNoise(
         exploration, n, float(r.mean()), float(r.std()), float(mean.norm()), error,
-        float(mean.norm()) / max(error, 1e-300), cosine,
+        signal / max(error, 1e-300), cosine,
     )  # fmt: skip
 
 
@@ -130,16 +134,23 @@ def estimator_noise(cfg: ExperimentConfig) -> EstimatorNoise:
 
 def reward_along(
     cfg: ExperimentConfig, direction: torch.Tensor, distances: Sequence[float]
-) -> dict[float, tuple[float, float]]:
+) -> dict[float, tuple[float, float] | None]:
     """The mean reward (and its standard error) of ``train.episodes`` students under the
     starting policy moved ``distance`` along ``direction`` (normalized), for each distance:
-    does the estimated direction lead anywhere better?"""
+    does the estimated direction lead anywhere better? None where the moved policy keeps
+    no sample at all."""
     unit = direction / direction.norm().clamp(min=1e-300)
-    found = {}
+    found: dict[float, tuple[float, float] | None] = {}
     for distance in distances:
         moved = copy.deepcopy(cfg)  # a run folder of its own
         moved.train.run_name = f"{cfg.train.run_name or 'reinforce-noise'}-along-{distance:g}"
-        rewards, _, _ = frozen_episodes(moved, distance * unit)
+        try:
+            rewards, _, _ = frozen_episodes(moved, distance * unit)
+        except RuntimeError as e:  # a filter that keeps no sample at all teaches nothing
+            if "kept no sample" not in str(e):
+                raise
+            found[distance] = None
+            continue
         r = torch.tensor(rewards, dtype=torch.float64)
         found[distance] = (float(r.mean()), float(r.std()) / math.sqrt(len(r)))
     return found
@@ -173,7 +184,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "reinforce_noise.py") ->
     print(json.dumps(asdict(found)))
     if args.line_search:
         along = reward_along(cfg, estimates(rewards, scores).mean(0), args.line_search)
-        for distance, (mean, error) in along.items():
-            print(f"  {distance:g} along the mean estimate: reward {mean:.3f} ± {error:.3f}")
+        for distance, reward in along.items():
+            said = (
+                "the policy keeps no sample"
+                if reward is None
+                else (f"reward {reward[0]:.3f} ± {reward[1]:.3f}")
+            )
+            print(f"  {distance:g} along the mean estimate: {said}")
         print(json.dumps({"line_search": {str(k): v for k, v in along.items()}}))
     return 0
