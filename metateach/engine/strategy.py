@@ -267,9 +267,8 @@ class HypergradMethod(TeachingStrategy):
         if stepped:
             norm = flat.norm()
             self.record(**{"teacher/hypergrad_norm": float(norm)})
-            if (
-                self._previous is not None
-            ):  # how far the teacher's direction turned since its last step
+            # How far the teacher's direction turned since its last step.
+            if self._previous is not None:
                 cosine = flat @ self._previous / (norm * self._previous.norm()).clamp(min=1e-300)
                 self.record(**{"teacher/hypergrad_cosine": float(cosine)})
             self._previous = flat

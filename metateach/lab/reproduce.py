@@ -132,23 +132,24 @@ TRAIN_RECORD = (*RUN_RECORD, f"diagnostics/{SAMPLES}")
 def restore_records(records: Path, folder: Path, files: Sequence[str] = RUN_RECORD) -> bool:
     """Put a finished run's records (``records``) in its run folder (``folder``) if that is
     empty, so that it counts as finished; whether it did."""
-    if folder.exists() or not (records / "summary.json").is_file():
-        return False
-    for name in files:
-        if (records / name).is_file():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(records / name, folder / name)
-    return True
+    return not folder.exists() and _copy_finished(records, folder, files)
 
 
 def save_records(folder: Path, records: Path, files: Sequence[str] = RUN_RECORD) -> None:
     """Copy a finished run's ``files`` from its run folder to ``records`` (nothing if unfinished)."""
-    if not (folder / "summary.json").is_file():
-        return
+    _copy_finished(folder, records, files)
+
+
+def _copy_finished(source: Path, target: Path, files: Sequence[str]) -> bool:
+    """Copy those of ``files`` that ``source`` has to ``target``, if ``source`` holds a finished
+    run (its ``summary.json``); whether it did."""
+    if not (source / "summary.json").is_file():
+        return False
     for name in files:
-        if (folder / name).is_file():
-            (records / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(folder / name, records / name)
+        if (source / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, target / name)
+    return True
 
 
 def run_suite(

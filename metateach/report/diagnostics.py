@@ -314,13 +314,12 @@ def weight_snapshot(
             with torch.no_grad():
                 weights = torch.ones_like(view.losses)
                 kept = torch.ones_like(view.losses, dtype=torch.bool)
-                if lesson is not None and lesson.mask is not None:
-                    kept, masked = lesson.mask.bool(), True
                 if lesson is not None:
                     if lesson.weights is not None:
                         weights = weights * lesson.weights.detach()
                     if lesson.mask is not None:
                         weights = weights * lesson.mask.to(weights.dtype)
+                        kept, masked = lesson.mask.bool(), True
                     # A loss of the states is not a function of the logits alone.
                     if lesson.loss_fn is not None and not isinstance(lesson.loss_fn, StatesLoss):
                         weights = weights * _gradient_ratio(lesson, view.logits.detach(), batch.y)
