@@ -26,7 +26,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def records(path: Path) -> Iterator[Any]:
-    """The records of a ``.wandb`` file, in order."""
+    """The records of a ``.wandb`` file, in order, up to the last one written in full."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
@@ -42,6 +42,8 @@ def records(path: Path) -> Iterator[Any]:
             position += left
             continue
         payload = data[position + HEADER : position + HEADER + length]
+        if len(payload) < length:  # W&B's service is still writing this record
+            return
         position += HEADER + length
         pieces = [payload] if kind in (FULL, FIRST) else [*pieces, payload]
         if kind in (FULL, LAST):
