@@ -15,7 +15,11 @@ replacement loss function, in any combination:
   the student's states (features, the head's weight) instead, for losses on
   more than the logits (large-margin softmax);
 * ``log_prob``, for a teacher that samples its lesson (L2T's data filter),
-  is the log-probability of what it drew.
+  is the log-probability of what it drew;
+* ``step``, :class:`StepSettings` for the coming optimizer step: a
+  learning-rate scale, weight decay by parameter, momentum (L2T's third
+  kind of teaching, beside data and loss). Every route applies them to the
+  real step and to its virtual and unrolled steps, differentiably.
 
 :func:`lesson_loss` turns a lesson (or none) into the scalar the student
 minimizes. No other code forms the student's training loss.
@@ -23,7 +27,7 @@ minimizes. No other code forms the student's training loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +40,7 @@ from metateach.student import StudentStates
 __all__ = [
     "Lesson",
     "LossFn",
+    "StepSettings",
     "StatesLoss",
     "normalize_weights",
     "lesson_loss",
@@ -62,6 +67,56 @@ class StatesLoss:
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor] | StatesLoss
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """A lesson's settings for the student optimizer's coming step; each optional, each a
+    0-dim tensor that may carry its graph to the teacher.
+
+    * ``lr_scale`` multiplies the learning rate the schedule gives (> 0);
+    * ``weight_decay`` replaces the optimizer's weight decay, by trainable parameter
+      name (``student.named_parameters()``); a parameter not named keeps the
+      optimizer's. Coupled (added to the gradient) or decoupled (AdamW) as the
+      optimizer's own is;
+    * ``momentum`` replaces momentum SGD's (``optim.name=sgd`` only).
+    """
+
+    lr_scale: Tensor | None = None
+    weight_decay: Mapping[str, Tensor] | None = None
+    momentum: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        named = {"lr_scale": self.lr_scale, "momentum": self.momentum}
+        named.update({f"weight_decay[{k}]": v for k, v in (self.weight_decay or {}).items()})
+        for name, value in named.items():
+            if value is not None and (not isinstance(value, Tensor) or value.dim() != 0):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"a lesson's step setting {name} must be a 0-dim tensor, got {shape}"
+                )
+
+    def detached(self) -> StepSettings:
+        """The same settings without their graph."""
+        return StepSettings(
+            None if self.lr_scale is None else self.lr_scale.detach(),
+            None
+            if self.weight_decay is None
+            else {k: v.detach() for k, v in self.weight_decay.items()},
+            None if self.momentum is None else self.momentum.detach(),
+        )
+
+    def dot(self, adjoint: StepSettings) -> Tensor:
+        """sum of value * adjoint over the settings both hold: the settings' share of a
+        directional derivative, with the values' graph to the teacher (``adjoint`` detached)."""
+        terms = []
+        for mine, other in ((self.lr_scale, adjoint.lr_scale), (self.momentum, adjoint.momentum)):
+            if mine is not None and other is not None:
+                terms.append(mine * other.detach())
+        for k, v in (self.weight_decay or {}).items():
+            if adjoint.weight_decay is not None and k in adjoint.weight_decay:
+                terms.append(v * adjoint.weight_decay[k].detach())
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def normalize_weights(raw: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -93,6 +148,8 @@ class Lesson:
     #: A sampling teacher's log-probability of the lesson it drew (a scalar with
     #: its graph to the teacher): what policy-gradient learning differentiates.
     log_prob: Tensor | None = None
+    #: Settings for the optimizer's coming step, when the teacher teaches the step itself.
+    step: StepSettings | None = None
 
     @classmethod
     def weighted(

@@ -68,6 +68,9 @@ class Teacher(nn.Module, metaclass=ABCMeta):
     #: State-dict names whose shape follows the number of classes: a teacher loaded from a
     #: checkpoint on a data set with another class count keeps these freshly initialized.
     per_class: ClassVar[tuple[str, ...]] = ()
+    #: Whether its lessons set the optimizer's step (:class:`~metateach.lesson.StepSettings`):
+    #: a method that cannot differentiate a step's settings refuses such a teacher.
+    teaches_step: ClassVar[bool] = False
 
     @abstractmethod
     def forward(self, batch: Batch, view: StudentView) -> Lesson:

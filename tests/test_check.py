@@ -71,6 +71,7 @@ SMALL: dict[str, dict[str, Any]] = {
         "fit": {"steps": 1},
     },
     "meta_weight_net": {"hidden": 5},
+    "weight_decay": {"initial": 0.05},  # a decay whose share of the step the differences resolve
     "deep_interaction": {"features": ["I0", "M0", "M1"], "embedding_dim": 4},
     "l2t_dlf": {"hidden": 4},
     "l2t_dln": {"hidden": 4, "depth": 2, "init_steps": 30, "lstm_hidden": 3},

@@ -57,6 +57,11 @@ def test_the_example_teacher_trains_through_a_plugin(
             "docs/writing-a-teacher.md",
             "{'scale': (), 'class_bias': (10,)}",
         ),
+        (
+            "step_teacher.py",
+            "docs/writing-a-teacher.md",
+            "reversible against central differences (window): passed",
+        ),
     ],
 )
 def test_the_hypergradient_examples_run_as_shown(

@@ -196,7 +196,7 @@ def test_mixed_gradient_falls_back_with_a_warning() -> None:
     batch = setup.batches[0]
     params = problem.params()
     direction = {k: torch.randn_like(p) for k, p in params.items()}
-    loss_of = problem.lesson_loss_of(batch, context())
+    loss_of = problem.taught_of(batch, context())
     targets = problem.teacher_params()
     rng = problem.rng_state()
     expected = mixed_gradient(problem, batch.x, loss_of, params, direction, targets, rng)

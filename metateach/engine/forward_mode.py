@@ -20,7 +20,8 @@ from metateach.student import StudentStates
 from metateach.types import Params, RNGState
 
 if TYPE_CHECKING:
-    from metateach.engine.problem import BilevelProblem
+    from metateach.engine.problem import BilevelProblem, TrainPass
+    from metateach.lesson import StepSettings
 
 __all__ = ["mixed_gradient"]
 
@@ -28,17 +29,22 @@ __all__ = ["mixed_gradient"]
 def mixed_gradient(
     problem: BilevelProblem,
     x: Tensor,
-    loss_of: Callable[[StudentStates], Tensor],
+    taught_of: Callable[[StudentStates], TrainPass | Tensor],
     params: Params,
     direction: Mapping[str, Tensor],
     targets: Sequence[Tensor],
     rng: RNGState | None,
     record: ForwardRecord | None = None,
+    step_adjoint: StepSettings | None = None,
 ) -> tuple[Tensor | None, ...]:
-    """d/d ``targets`` of <grad_theta L(theta), ``direction``> at theta = ``params``.
+    """d/d ``targets`` of <grad_theta L(theta), ``direction``> (+ <s, ``step_adjoint``>) at
+    theta = ``params``.
 
-    L(theta) = ``loss_of(s(theta))``, s the student's states (logits,
-    features, maps) on the inputs ``x``. The mixed second derivative of a
+    L(theta) = ``taught_of(s(theta))``, s the student's states (logits,
+    features, maps) on the inputs ``x``: a training pass's loss, or a loss
+    alone; s the pass's lesson's step settings
+    (:class:`~metateach.lesson.StepSettings`), when it has them and a
+    ``step_adjoint`` (what the step's hypergradient weighs them by) is given. The mixed second derivative of a
     training loss applied to a vector, in two parts, without a second-order
     backward through the student:
 
@@ -95,7 +101,8 @@ def mixed_gradient(
             stacklevel=2,
         )
     maps = tuple(leaves[2 + len(head) :])
-    loss = loss_of(StudentStates(leaves[0], leaves[1], maps, leaves[2] if head else None))
+    taught = taught_of(StudentStates(leaves[0], leaves[1], maps, leaves[2] if head else None))
+    loss, lesson = (taught, None) if isinstance(taught, Tensor) else (taught.loss, taught.lesson)
     grads = autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     terms = [
         (g * t).sum()
@@ -103,6 +110,8 @@ def mixed_gradient(
         if g is not None and t is not None
     ]
     slope = sum(terms)
+    if step_adjoint is not None and lesson is not None and lesson.step is not None:
+        slope = slope + lesson.step.dot(step_adjoint)
     if not isinstance(slope, Tensor) or not slope.requires_grad:  # no target acts here
         return (None,) * len(targets)
     return autograd.grad(slope, list(targets), allow_unused=True)

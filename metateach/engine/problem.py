@@ -25,8 +25,16 @@ from metateach.distributed import sum_gradients
 from metateach.engine.refill import refilled
 from metateach.errors import NonFiniteStep
 from metateach.functional import scratch_buffers, student_forward
-from metateach.lesson import Lesson, lesson_loss
-from metateach.optim.rules import State, UpdateRule, rule_of, set_state, state_of
+from metateach.lesson import Lesson, StepSettings, lesson_loss
+from metateach.optim.rules import (
+    NextStep,
+    RuleOptimizer,
+    State,
+    UpdateRule,
+    rule_of,
+    set_state,
+    state_of,
+)
 from metateach.optim.sam import SAM
 from metateach.student import Student, StudentStates
 from metateach.teacher import StudentView, Teacher, TeachingContext
@@ -137,28 +145,95 @@ class BilevelProblem:
         """The student optimizer's state (momentum, moments, ...) for :meth:`params`, detached."""
         return state_of(self.optimizer, self.rule, list(self.params().values()))
 
-    def inner_step(
-        self, params: Params, state: State, grads: Sequence[Tensor]
-    ) -> tuple[Params, State]:
-        """One functional step of the student's optimizer at its current learning rate.
+    def step_settings(
+        self, params: Params, settings: StepSettings | None
+    ) -> tuple[float | Tensor, list[Tensor | None] | None, Tensor | None]:
+        """A lesson's step settings as the update rule takes them for ``params``: the learning
+        rate (the schedule's, scaled), weight decay a parameter (None: the optimizer's), momentum.
 
-        ``grads`` follow the order of ``params``; differentiable throughout.
+        Raises:
+            ValueError: the settings name weight decay for a parameter ``params`` do not hold.
         """
-        new, state = self.rule.update(list(params.values()), state, grads, self.lr)
+        if settings is None:
+            return self.lr, None, None
+        lr = self.lr if settings.lr_scale is None else self.lr * settings.lr_scale
+        decay = None
+        if settings.weight_decay is not None:
+            unknown = sorted(set(settings.weight_decay) - set(params))
+            if unknown:
+                raise ValueError(
+                    f"the lesson's weight_decay names {unknown}, which are not trainable "
+                    f"parameters of the student; they are {sorted(params)}"
+                )
+            decay = [settings.weight_decay.get(k) for k in params]
+        return lr, decay, settings.momentum
+
+    def inner_step(
+        self,
+        params: Params,
+        state: State,
+        grads: Sequence[Tensor],
+        settings: StepSettings | None = None,
+    ) -> tuple[Params, State]:
+        """One functional step of the student's optimizer at its current learning rate, under a
+        lesson's step ``settings`` if given.
+
+        ``grads`` follow the order of ``params``; differentiable throughout (in the
+        settings too, when they carry the teacher's graph).
+        """
+        lr, decay, momentum = self.step_settings(params, settings)
+        new, state = self.rule.update(list(params.values()), state, grads, lr, decay, momentum)
         return dict(zip(params, new, strict=True)), state
 
+    def step_adjoint(
+        self, params: Params, grads: Sequence[Tensor], settings: StepSettings, u: Params
+    ) -> StepSettings:
+        """(d theta' / d settings)^T u, theta' the optimizer's step from ``params`` on ``grads``
+        under ``settings``: what the settings add to a one-step hypergradient
+        (:meth:`~metateach.lesson.StepSettings.dot` of the lesson's settings with it).
+
+        One vector-Jacobian product of the update in the settings alone, element-wise.
+        """
+        leaves = settings.detached()
+        values = [v for v in (leaves.lr_scale, leaves.momentum) if v is not None]
+        values += list((leaves.weight_decay or {}).values())
+        for v in values:
+            v.requires_grad_()
+        with torch.enable_grad():
+            new, _ = self.inner_step(
+                {k: p.detach() for k, p in params.items()},
+                self.inner_state(),
+                [g.detach() for g in grads],
+                leaves,
+            )
+            found = iter(
+                autograd.grad(list(new.values()), values, [u[k] for k in new], allow_unused=True)
+            )
+
+        def adjoint(v: Tensor | None) -> Tensor | None:
+            if v is None:
+                return None
+            g = next(found)
+            return torch.zeros_like(v) if g is None else g
+
+        lr_scale, momentum = adjoint(leaves.lr_scale), adjoint(leaves.momentum)
+        decay = {k: adjoint(v) for k, v in (leaves.weight_decay or {}).items()}
+        return StepSettings(lr_scale, decay or None, momentum)  # type: ignore[arg-type]
+
     def virtual_step(
-        self, params: Params, grads: Sequence[Tensor]
+        self, params: Params, grads: Sequence[Tensor], settings: StepSettings | None = None
     ) -> tuple[Params, Callable[[Params], Params]]:
-        """theta', one step of the student's optimizer from ``params`` on ``grads``, and the
-        pullback u -> (d theta' / d g)^T u of the step in the gradient.
+        """theta', one step of the student's optimizer from ``params`` on ``grads`` (under a
+        lesson's step ``settings``, as constants), and the pullback u -> (d theta' / d g)^T u
+        of the step in the gradient.
 
         theta' is detached. The pullback is element-wise and cheap: -lr u for
         momentum SGD, one vector-Jacobian product of Adam's, RMSprop's, ... update
         for the others (:meth:`~metateach.optim.rules.UpdateRule.virtual_step`).
         """
+        lr, decay, momentum = self.step_settings(params, settings)
         new, pullback = self.rule.virtual_step(
-            list(params.values()), self.inner_state(), grads, self.lr
+            list(params.values()), self.inner_state(), grads, lr, decay, momentum
         )
         return (
             dict(zip(params, new, strict=True)),
@@ -231,12 +306,12 @@ class BilevelProblem:
         lesson = self.lesson(batch, view, teacher_grad)
         return TrainPass(lesson_loss(lesson, states, batch.y), states, view, lesson)
 
-    def lesson_loss_of(
+    def taught_of(
         self, batch: Batch, context: TeachingContext
-    ) -> Callable[[StudentStates], Tensor]:
-        """The teacher's lesson loss on ``batch`` as a function of the student's states (for
-        :func:`~metateach.engine.forward_mode.mixed_gradient`), with its graph to the teacher's parameters."""
-        return lambda states: self.taught(states, batch, context).loss
+    ) -> Callable[[StudentStates], TrainPass]:
+        """The teacher's lesson and its loss on ``batch`` as a function of the student's states (for
+        :func:`~metateach.engine.forward_mode.mixed_gradient`), with their graph to the teacher's parameters."""
+        return lambda states: self.taught(states, batch, context)
 
     def states(self, params: Params, x: Tensor, *, real: bool) -> StudentStates:
         """The student's forward pass at ``params``; ``real`` as in :meth:`train_loss`."""
@@ -384,8 +459,9 @@ class BilevelProblem:
 
         ``rng`` is :meth:`step_rng` taken before ``first`` ran.
         """
+        settings = None if first.lesson is None else first.lesson.step
         if not isinstance(self.optimizer, SAM):
-            self.apply_gradients(first.loss)
+            self.apply_gradients(first.loss, settings=settings)
             return
         assert rng is not None, "a SAM step replays the first pass: take step_rng() before it"
         params = self.params()
@@ -396,16 +472,25 @@ class BilevelProblem:
         second = lesson_loss(first.lesson, states, batch.y)
         grads = torch.autograd.grad(second, list(params.values()))
         self.optimizer.restore()
-        self.step_on(grads, second)
+        self.step_on(grads, second, settings)
 
-    def apply_gradients(self, loss: Tensor, retain_graph: bool = False) -> None:
-        """Step the real optimizer on the student's gradient of ``loss`` (never touching the teacher's)."""
+    def apply_gradients(
+        self, loss: Tensor, retain_graph: bool = False, settings: StepSettings | None = None
+    ) -> None:
+        """Step the real optimizer on the student's gradient of ``loss`` (never touching the
+        teacher's), under a lesson's step ``settings`` if given."""
         params = self.params()
         grads = torch.autograd.grad(loss, list(params.values()), retain_graph=retain_graph)
-        self.step_on(grads, loss)
+        self.step_on(grads, loss, settings)
 
-    def step_on(self, grads: Sequence[Tensor], loss: Tensor | None = None) -> None:
-        """Step the real optimizer on ``grads``, in the order of :meth:`params`.
+    def step_on(
+        self,
+        grads: Sequence[Tensor],
+        loss: Tensor | None = None,
+        settings: StepSettings | None = None,
+    ) -> None:
+        """Step the real optimizer on ``grads``, in the order of :meth:`params`, under a
+        lesson's step ``settings`` if given (their values: the real step is not differentiated).
 
         With the batch sharded over processes, ``grads`` (and ``loss``) are this
         process's share; their sums over the processes are the step's.
@@ -418,10 +503,32 @@ class BilevelProblem:
         *grads, total = sum_gradients([*grads, None if loss is None else loss.detach()])
         if not _all_finite([*grads, total]):
             raise NonFiniteStep("the student's loss or gradient is not finite")
-        for p, g in zip(self.params().values(), grads, strict=True):
+        params = self.params()
+        for p, g in zip(params.values(), grads, strict=True):
             p.grad = g
+        if settings is not None:
+            self._base_optimizer().next_step = self._next_step(params, settings)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _base_optimizer(self) -> RuleOptimizer:
+        base = getattr(self.optimizer, "base", self.optimizer)  # SAM steps with its base
+        if not isinstance(base, RuleOptimizer):
+            raise TypeError(
+                "a lesson's step settings need the student's optimizer built by "
+                f"metateach.optim.build_optimizer, not a {type(base).__name__}"
+            )
+        return base
+
+    def _next_step(self, params: Params, settings: StepSettings) -> NextStep:
+        """``settings`` as numbers for the real optimizer's next step."""
+        settings = settings.detached()
+        _, decay, momentum = self.step_settings(params, settings)
+        by_param = {
+            p: float(d) for p, d in zip(params.values(), decay or [], strict=False) if d is not None
+        }
+        scale = 1.0 if settings.lr_scale is None else float(settings.lr_scale)
+        return NextStep(scale, by_param, None if momentum is None else float(momentum))
 
     def teacher_step(self, grads: Sequence[Tensor | None]) -> bool:
         """Step the teacher's optimizer on ``grads``; a non-finite gradient skips the step (returns False)."""

@@ -427,7 +427,8 @@ class PerStepMethod(HypergradMethod):
             self.update_teacher(self.teacher_gradient(params, batch, train))
             self.forward_record = None
         lesson = problem.lesson(batch, train.view, teacher_grad=False)
-        problem.apply_gradients(lesson_loss(lesson, train.states, batch.y))
+        settings = None if lesson is None else lesson.step
+        problem.apply_gradients(lesson_loss(lesson, train.states, batch.y), settings=settings)
         return problem.statistics(train.view, batch, lesson)
 
 

@@ -39,7 +39,9 @@ class FiniteDifference(PerStepMethod):
 
         (grad_omega L_train(theta + eps w) - grad_omega L_train(theta - eps w)) / (2 eps),
 
-    with eps = ``epsilon`` / ||w||. Error O(eps^2); no Hessian-vector products.
+    with eps = ``epsilon`` / ||w||. Error O(eps^2); no Hessian-vector products. A
+    lesson's step settings s add d/d omega <s, c> exactly (first derivatives only:
+    c = (d theta' / d s)^T grad L_val(theta'), see :mod:`~metateach.hypergrad.lookahead`).
 
     Args:
         epsilon: the step along w, relative to ||w|| (DARTS uses 0.01).
@@ -64,7 +66,8 @@ class FiniteDifference(PerStepMethod):
     ) -> Sequence[Tensor | None]:
         problem = self.problem
         grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
-        direction, val_loss = virtual_direction(problem, params, grads)
+        settings = None if train.lesson is None else train.lesson.step
+        direction, adjoint, val_loss = virtual_direction(problem, params, grads, settings=settings)
         eps = self.epsilon / float(torch.sqrt(dot(direction, direction)).clamp(min=1e-12))
 
         difference = 0.0
@@ -83,8 +86,12 @@ class FiniteDifference(PerStepMethod):
             lesson = problem.lesson(batch, view, teacher_grad=True)
             difference = difference + sign * lesson_loss(lesson, states, batch.y)
         self.record(**{"teacher/val_loss": float(val_loss)})
-        scale = 1 / (2 * eps)
-        return [
-            None if g is None else scale * g
-            for g in autograd.grad(difference, problem.teacher_params(), allow_unused=True)
-        ]
+        # The step settings' share is first-order: exact, no difference needed.
+        total = difference / (2 * eps)
+        if settings is not None and adjoint is not None:
+            total = total + settings.dot(adjoint)
+        if not total.requires_grad:  # nothing of the teacher's acts in this batch
+            return [None] * len(problem.teacher_params())
+        return list(
+            autograd.grad(total, problem.teacher_params(), allow_unused=True, retain_graph=True)
+        )

@@ -21,6 +21,7 @@ from metateach.engine.strategy import Differentiates, PerStepMethod
 from metateach.functional import dot
 from metateach.optim.rules import UpdateRule, decayed_gradients
 from metateach.registry import HYPERGRADS
+from metateach.teacher import Teacher
 from metateach.types import Params
 
 __all__ = ["Implicit"]
@@ -68,6 +69,16 @@ class Implicit(PerStepMethod):
     data_parallel = True
     differentiates = Differentiates.OPTIMUM
     differentiates_twice = True  # Hessian-vector products through the forward pass
+
+    @classmethod
+    def refuses(cls, teacher: Teacher | None) -> str | None:
+        if teacher is not None and teacher.teaches_step:
+            return (
+                f"{type(teacher).__name__} sets the optimizer's steps, and implicit differentiates "
+                "the optimum the steps reach, not the steps: use unrolled, reversible, lookahead "
+                "or finite_difference"
+            )
+        return super().refuses(teacher)
 
     @classmethod
     def refuses_rule(cls, rule: UpdateRule) -> str | None:

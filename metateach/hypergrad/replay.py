@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metateach.data import Batch
-from metateach.lesson import Lesson, lesson_loss
+from metateach.lesson import Lesson, StepSettings, lesson_loss
 from metateach.optim.rules import UpdateRule, reference_copy
 from metateach.optim.schedules import set_lr
 from metateach.student import Student
@@ -89,8 +89,15 @@ class Replay:
         keep_weight_grad: bool,
     ) -> None:
         self.student = copy.deepcopy(student)
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = reference_copy(schedule.rule, self.params, schedule.rates[0], optimizer)
+        named = [(k, p) for k, p in self.student.named_parameters() if p.requires_grad]
+        self.names = [k for k, _ in named]
+        self.params = [p for _, p in named]
+        # A parameter group each, so that a lesson's weight decay can differ by parameter.
+        self.optimizer = reference_copy(
+            schedule.rule, [{"params": [p]} for p in self.params], schedule.rates[0], optimizer
+        )
+        #: The settings each group was built with, which a lesson's step settings replace for one step.
+        self._built = [dict(g) for g in self.optimizer.param_groups]
         self.schedule = schedule
         self.val = val
         self.keep_weight_grad = keep_weight_grad
@@ -123,11 +130,31 @@ class Replay:
         live = StudentView(states.logits, losses, states.features, tuple(states.maps), context)
         if view is None:
             view = live if self.keep_weight_grad else _detached(live)
-        loss = lesson_loss(teacher(batch, view), states, batch.y)
+        lesson = teacher(batch, view)
+        loss = lesson_loss(lesson, states, batch.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=self.params)  # the student's gradient only
+        self._set_step(lesson.step)
         self.optimizer.step()
         return _detached(view)
+
+    def _set_step(self, settings: StepSettings | None) -> None:
+        """The groups' settings for this step: the optimizer's, with a lesson's ``settings`` applied."""
+        settings = None if settings is None else settings.detached()
+        for name, group, built in zip(
+            self.names, self.optimizer.param_groups, self._built, strict=True
+        ):
+            group["weight_decay"] = built["weight_decay"]
+            if "momentum" in built:
+                group["momentum"] = built["momentum"]
+            if settings is None:
+                continue
+            if settings.lr_scale is not None:
+                group["lr"] = group["lr"] * float(settings.lr_scale)
+            if settings.weight_decay is not None and name in settings.weight_decay:
+                group["weight_decay"] = float(settings.weight_decay[name])
+            if settings.momentum is not None:
+                group["momentum"] = float(settings.momentum)
 
     def steps(
         self,

@@ -21,6 +21,7 @@ from metateach.engine.problem import BilevelProblem
 from metateach.engine.second_order import second_order
 from metateach.engine.strategy import HypergradMethod
 from metateach.functional import dot
+from metateach.lesson import Lesson, StepSettings
 from metateach.optim.rules import (
     MomentumSGD,
     UpdateRule,
@@ -36,12 +37,15 @@ __all__ = ["Reversible"]
 
 
 class _Recorded(NamedTuple):
-    """What it takes to recompute a step's gradient: the batch, the context, the rate, the random state."""
+    """What it takes to recompute a step's gradient and undo it: the batch, the context, the
+    random state, and the rate and momentum it took (a lesson's step settings applied)."""
 
     batch: Batch
     context: TeachingContext
-    lr: float
     rng: RNGState
+    base_lr: float  # the schedule's
+    lr: float  # the step's: the schedule's times the lesson's scale
+    momentum: float
 
 
 #: Why ``reversible`` refuses an optimizer (``optim.name``).
@@ -69,6 +73,12 @@ class Reversible(HypergradMethod):
     gradient accumulates through Hessian-vector products of d_t (one graph at
     a time). The window's first step needs only its teacher term, taken in
     forward mode (:func:`~metateach.engine.forward_mode.mixed_gradient`).
+    A lesson's step settings (:class:`~metateach.lesson.StepSettings`) make the
+    rate lr_t, the decay lambda_t and the momentum mu_t of each step its own, as in
+    Maclaurin et al.'s learned schedules: each step is undone with the values it
+    took (recorded), and the settings' adjoints are
+    -base_lr <d theta_{t+1}, v_{t+1}> for the rate's scale,
+    <d v_{t+1}, theta_t> for the decay and <d v_{t+1}, v_t> for the momentum.
     ``teacher/reconstruction_error`` logs how far the recovered theta_{K-B}
     lies from the true one, relative to its norm. Needs mu > 0.
 
@@ -85,6 +95,7 @@ class Reversible(HypergradMethod):
         super().__init__(problem, inner_steps, backprop_steps)
         self._recorded: list[_Recorded] = []
         self._start_params: Params | None = None
+        self._start_momentum: list[Tensor | None] | None = None
 
     @classmethod
     def refuses_rule(cls, rule: UpdateRule) -> str | None:
@@ -98,23 +109,51 @@ class Reversible(HypergradMethod):
     def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         # The last window is cut short, so that the final checkpoint holds the final state.
         self._recorded.clear()
-        self._start_params = None
+        self._start_params = self._start_momentum = None
         self.position = 0
 
     def step(self, batch: Batch, context: TeachingContext) -> Tensor:
         problem = self.problem
-        if self.position >= self.inner_steps - self.backprop_steps:
+        recorded = self.position >= self.inner_steps - self.backprop_steps
+        if recorded:
+            rng = problem.rng_state()
             if not self._recorded:
-                # theta_{K-B}, kept only to report the reconstruction error.
+                # theta_{K-B}, kept to report the reconstruction error, and v_{K-B}, for the
+                # first step's momentum setting (if its lesson sets one).
                 self._start_params = {k: p.detach().clone() for k, p in problem.params().items()}
-            self._recorded.append(_Recorded(batch, context, problem.lr, problem.rng_state()))
-        stats = problem.real_step(batch, context)
+                self._start_momentum = [
+                    None if v is None else v.detach().clone() for v in problem.inner_state()
+                ]
+        real = problem.real_pass(batch, context, teacher_grad=False)
+        problem.descend(real.train, real.batch, real.rng)
+        stats = problem.statistics(real.train.view, real.batch, real.train.lesson, real.examined)
+        if recorded:
+            self._recorded.append(self._record(batch, context, rng, real.train.lesson))
         self.position += 1
         if self.position == self.inner_steps:
             with self.measured():
                 self._update_teacher()
             self.position = 0
         return stats
+
+    def _record(
+        self, batch: Batch, context: TeachingContext, rng: RNGState, lesson: Lesson | None
+    ) -> _Recorded:
+        """A step just taken, with the rate and momentum its lesson's step settings gave it."""
+        problem = self.problem
+        sgd = problem.rule
+        assert isinstance(sgd, MomentumSGD)
+        settings = None if lesson is None or lesson.step is None else lesson.step.detached()
+        scale = 1.0 if settings is None or settings.lr_scale is None else float(settings.lr_scale)
+        momentum = sgd.momentum
+        if settings is not None and settings.momentum is not None:
+            momentum = float(settings.momentum)
+            if not momentum > 0:
+                raise ValueError(
+                    f"reversible undoes momentum SGD's steps by dividing by the momentum, and "
+                    f"the lesson set it to {momentum}: it needs momentum > 0"
+                )
+        return _Recorded(batch, context, rng, problem.lr, problem.lr * scale, momentum)
 
     def _update_teacher(self) -> None:
         problem = self.problem
@@ -123,6 +162,8 @@ class Reversible(HypergradMethod):
         teacher_params = problem.teacher_params()
         params = {k: p.detach().clone() for k, p in problem.params().items()}
         momentum = dict(zip(params, problem.inner_state(), strict=True))
+        # The terms not of a batch (weight decay, the step settings' own) are rank 0's.
+        constant = holds_constant_terms()
 
         theta = {k: p.requires_grad_() for k, p in params.items()}
         d_theta, val_loss = problem.val_gradient(theta)
@@ -133,13 +174,31 @@ class Reversible(HypergradMethod):
 
         for t in reversed(range(len(self._recorded))):
             record = self._recorded[t]
+            # theta_{t+1} = theta_t - base_lr s_t v_{t+1}: the adjoint of the step's scale s_t.
+            scale_adjoint = -record.base_lr * dot(d_theta, momentum)
             params = reverse_momentum_sgd(params, momentum, record.lr)
             if t == 0:
-                # The window's first step: only its teacher term is left, <d_0, d_v>'s
-                # derivative in omega, which forward mode gives without a second-order graph.
-                loss_of = problem.lesson_loss_of(record.batch, record.context)
+                # The window's first step: only its teacher terms are left, <d_0, d_v>'s
+                # derivative in omega, which forward mode gives without a second-order graph,
+                # and its step settings'.
+                start = dict(zip(params, self._start_momentum, strict=True))
+                adjoint = StepSettings(
+                    scale_adjoint,
+                    {k: (d_v[k] * params[k]).sum() for k in params},  # v_1 = ... + lambda theta_0
+                    sum(
+                        ((d_v[k] * v).sum() for k, v in start.items() if v is not None),
+                        torch.zeros(()),
+                    ),
+                )
                 mixed = mixed_gradient(
-                    problem, record.batch.x, loss_of, params, d_v, teacher_params, record.rng
+                    problem,
+                    record.batch.x,
+                    problem.taught_of(record.batch, record.context),
+                    params,
+                    d_v,
+                    teacher_params,
+                    record.rng,
+                    step_adjoint=adjoint if constant else None,
                 )
                 d_omega = [a if g is None else a + g for a, g in zip(d_omega, mixed, strict=True)]
                 break
@@ -147,23 +206,36 @@ class Reversible(HypergradMethod):
             with problem.own_rng(record.rng), second_order():
                 replay = problem.train_loss(theta, record.batch, record.context, real=False)
             grads = autograd.grad(replay.loss, list(theta.values()), create_graph=True)
-            decay = sgd.weight_decay if holds_constant_terms() else 0.0
-            decayed = decayed_gradients(dict(zip(theta, grads, strict=True)), theta, decay)
-            # One backward through the gradient graph: (d/d omega, d/d theta) of <d_t, d_v>.
-            vjp = autograd.grad(
-                dot(decayed, d_v), [*teacher_params, *theta.values()], allow_unused=True
+            settings = None if replay.lesson is None else replay.lesson.step
+            _, decay, _ = problem.step_settings(theta, settings)
+            per = [sgd.weight_decay if d is None else d for d in decay or [None] * len(theta)]
+            decayed = decayed_gradients(
+                dict(zip(theta, grads, strict=True)),
+                theta,
+                {k: d if constant else 0.0 for k, d in zip(theta, per, strict=True)},
             )
+            direction = sum_gradients([v.detach() for v in decayed.values()])
+            previous = recover_momentum(
+                momentum, dict(zip(decayed, direction, strict=True)), record.momentum
+            )
+            # One backward through the gradient graph: (d/d omega, d/d theta) of <d_t, d_v>,
+            # and the step settings' share: the scale's, and the momentum's (v_{t+1} = mu v_t + d_t).
+            objective = dot(decayed, d_v)
+            if settings is not None and constant:
+                momentum_adjoint = dot(previous, d_v)
+                objective = objective + settings.dot(
+                    StepSettings(scale_adjoint, None, momentum_adjoint)
+                )
+            vjp = autograd.grad(objective, [*teacher_params, *theta.values()], allow_unused=True)
             for i, g in enumerate(vjp[: len(teacher_params)]):
                 if g is not None:
                     d_omega[i] += g
             for k, g in zip(theta, sum_gradients(vjp[len(teacher_params) :]), strict=True):
-                d_theta[k] = d_theta[k] + g
-            direction = sum_gradients([v.detach() for v in decayed.values()])
-            momentum = recover_momentum(
-                momentum, dict(zip(decayed, direction, strict=True)), sgd.momentum
-            )
+                if g is not None:
+                    d_theta[k] = d_theta[k] + g
+            momentum = previous
             previous_lr = self._recorded[t - 1].lr
-            d_v = {k: sgd.momentum * d_v[k] - previous_lr * d_theta[k] for k in d_v}
+            d_v = {k: record.momentum * d_v[k] - previous_lr * d_theta[k] for k in d_v}
 
         assert self._start_params is not None
         error = torch.sqrt(
@@ -182,5 +254,5 @@ class Reversible(HypergradMethod):
             }
         )
         self._recorded.clear()
-        self._start_params = None
+        self._start_params = self._start_momentum = None
         self.update_teacher(d_omega)

@@ -23,6 +23,7 @@ from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.second_order import second_order
 from metateach.engine.strategy import HypergradMethod
 from metateach.engine.tangent import ForwardRecord, recording
+from metateach.lesson import StepSettings
 from metateach.optim.rules import State
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
@@ -65,6 +66,10 @@ class Unrolled(HypergradMethod):
     which reuses that step's forward pass (:mod:`metateach.engine.tangent`: the
     window holds its records, about one forward pass's activations, until its end).
     With B = 1 no step keeps a second-order graph.
+
+    A lesson's step settings (:class:`~metateach.lesson.StepSettings`) enter each
+    differentiated step's update with their graph, the first step's too: the
+    window's backward reaches the teacher through them as through the gradients.
     """
 
     data_parallel = True
@@ -100,7 +105,9 @@ class Unrolled(HypergradMethod):
                     train = problem.train_loss(self._params, batch, context, real=True)
                 grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
                 grads = sum_gradients(grads, differentiable=True)
-                self._params, self._state = problem.inner_step(self._params, self._state, grads)
+                self._params, self._state = problem.inner_step(
+                    self._params, self._state, grads, _step_settings(train)
+                )
             problem.write_back(self._params, self._state)
             stats = problem.statistics(train.view, batch, train.lesson)
         self.position += 1
@@ -117,14 +124,16 @@ class Unrolled(HypergradMethod):
         with recording() as record:
             states = problem.states(start, batch.x, real=True)
         train = problem.taught(states, batch, context)
-        found = sum_gradients(autograd.grad(train.loss, list(start.values())))
+        # A lesson's step settings may share the teacher's graph with its loss: kept for the window.
+        keep = _step_settings(train) is not None
+        found = sum_gradients(autograd.grad(train.loss, list(start.values()), retain_graph=keep))
         gradient = dict(zip(start, found, strict=True))
         for g in gradient.values():
             g.requires_grad_()
         start = {k: p.detach() for k, p in start.items()}
         self._first = _FirstStep(start, batch, context, rng, gradient, record)
         self._params, self._state = problem.inner_step(
-            start, problem.inner_state(), list(gradient.values())
+            start, problem.inner_state(), list(gradient.values()), _step_settings(train)
         )
         return train
 
@@ -150,11 +159,10 @@ class Unrolled(HypergradMethod):
             k: torch.zeros_like(g) if a is None else a
             for (k, g), a in zip(first.gradient.items(), adjoint, strict=True)
         }
-        loss_of = problem.lesson_loss_of(first.batch, first.context)
         mixed = mixed_gradient(
             problem,
             first.batch.x,
-            loss_of,
+            problem.taught_of(first.batch, first.context),
             first.params,
             direction,
             targets,
@@ -164,6 +172,11 @@ class Unrolled(HypergradMethod):
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
         self._params = self._state = self._first = None
         return tuple(_add(a, b) for a, b in zip(later, mixed, strict=True))
+
+
+def _step_settings(train: TrainPass) -> StepSettings | None:
+    """The pass's lesson's step settings, with their graph: the step they set is differentiated."""
+    return None if train.lesson is None else train.lesson.step
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -69,6 +69,8 @@ def _adam(
         {"mu": "exp_avg", "nu": "exp_avg_sq"},
         lambda p, lr: reference(p, lr, b, eps, weight_decay),
         stationary_decay,
+        weight_decay,
+        decoupled=name == "adamw",
     )
 
 
@@ -111,6 +113,7 @@ def rmsprop(
         {"nu": "square_avg", "mu": "grad_avg", "trace": "momentum_buffer"},
         lambda p, lr: torch.optim.RMSprop(p, lr, alpha, eps, weight_decay, momentum, centered),
         stationary_decay=weight_decay,
+        weight_decay=weight_decay,
     )
 
 
@@ -131,6 +134,7 @@ def adagrad(
             p, lr, lr_decay, weight_decay, initial_accumulator_value, eps
         ),
         stationary_decay=weight_decay,
+        weight_decay=weight_decay,
     )
 
 
@@ -143,6 +147,7 @@ def adadelta(weight_decay: float, eps: float, rho: float = 0.9, **_: object) -> 
         {"mu": "square_avg", "nu": "acc_delta"},
         lambda p, lr: torch.optim.Adadelta(p, lr, rho, eps, weight_decay),
         stationary_decay=weight_decay,
+        weight_decay=weight_decay,
     )
 
 

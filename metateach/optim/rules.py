@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torchopt
@@ -37,6 +37,7 @@ __all__ = [
     "MomentumSGD",
     "TorchoptRule",
     "RuleOptimizer",
+    "NextStep",
     "rule_of",
     "state_of",
     "reference_copy",
@@ -53,21 +54,37 @@ Slots = list[dict[str, Tensor]]
 
 
 def decayed_gradients(
-    grads: Mapping[str, Tensor], params: Mapping[str, Tensor], weight_decay: float
+    grads: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
+    weight_decay: float | Tensor | Mapping[str, float | Tensor],
 ) -> Params:
-    """g + weight_decay * theta, PyTorch's coupled weight decay (``grad.add(param, alpha=wd)``)."""
-    if weight_decay == 0:
-        return dict(grads)
-    return {k: grads[k].add(params[k], alpha=weight_decay) for k in grads}
+    """g + weight_decay * theta, PyTorch's coupled weight decay (``grad.add(param, alpha=wd)``).
+
+    ``weight_decay`` is one value, or one per parameter name; a tensor value
+    (a teacher's, with its graph) is differentiated through.
+    """
+    per = weight_decay if isinstance(weight_decay, Mapping) else dict.fromkeys(grads, weight_decay)
+    return {k: _decayed(g, params[k], per[k]) for k, g in grads.items()}
+
+
+def _decayed(g: Tensor, p: Tensor, weight_decay: float | Tensor) -> Tensor:
+    if isinstance(weight_decay, Tensor):
+        return g + weight_decay * p
+    return g if weight_decay == 0 else g.add(p, alpha=weight_decay)
+
+
+def _scaled_step(p: Tensor, direction: Tensor, lr: float | Tensor) -> Tensor:
+    """p - lr * direction; a float rate in PyTorch's own arithmetic (``add(alpha=-lr)``)."""
+    return p - lr * direction if isinstance(lr, Tensor) else p.add(direction, alpha=-lr)
 
 
 def momentum_sgd_step(
     params: Mapping[str, Tensor],
     momentum: Mapping[str, Tensor | None],
     grads: Mapping[str, Tensor],
-    lr: float,
-    momentum_coef: float,
-    weight_decay: float,
+    lr: float | Tensor,
+    momentum_coef: float | Tensor,
+    weight_decay: float | Tensor | Mapping[str, float | Tensor],
     nesterov: bool = False,
 ) -> tuple[Params, Params]:
     """One step of momentum SGD in PyTorch's convention; returns (new params, new momentum).
@@ -76,23 +93,35 @@ def momentum_sgd_step(
     (with ``nesterov``, theta' = theta - lr (d + mu v')).
 
     This is Eq. 2 of the deep-interaction paper. A ``None`` momentum entry
-    means the first step. Differentiable in everything when the inputs carry
-    graphs.
+    means the first step. ``lr``, ``momentum_coef`` and the weight decay (one,
+    or one per parameter name) may be tensors with a teacher's graph (a lesson's
+    :class:`~metateach.lesson.StepSettings`). Differentiable in everything when
+    the inputs carry graphs.
     """
     new_params: Params = {}
     new_momentum: Params = {}
     for name, d in decayed_gradients(grads, params, weight_decay).items():
         v = momentum.get(name)
-        if momentum_coef == 0:
+        if _is_zero(momentum_coef):
             v_new = d
         elif v is None:
             v_new = d.clone()
         else:
             v_new = v.mul(momentum_coef).add(d)
         new_momentum[name] = v_new
-        direction = d.add(v_new, alpha=momentum_coef) if nesterov else v_new
-        new_params[name] = params[name].add(direction, alpha=-lr)
+        direction = v_new
+        if nesterov:
+            direction = (
+                d + momentum_coef * v_new
+                if isinstance(momentum_coef, Tensor)
+                else d.add(v_new, alpha=momentum_coef)
+            )
+        new_params[name] = _scaled_step(params[name], direction, lr)
     return new_params, new_momentum
+
+
+def _is_zero(value: float | Tensor) -> bool:
+    return not isinstance(value, Tensor) and value == 0
 
 
 def reverse_momentum_sgd(
@@ -121,21 +150,41 @@ class UpdateRule(ABC):
 
     @abstractmethod
     def update(
-        self, params: Sequence[Tensor], state: State, grads: Sequence[Tensor], lr: float
+        self,
+        params: Sequence[Tensor],
+        state: State,
+        grads: Sequence[Tensor],
+        lr: float | Tensor,
+        decay: Sequence[float | Tensor | None] | None = None,
+        momentum: float | Tensor | None = None,
     ) -> tuple[list[Tensor], State]:
-        """One step at learning rate ``lr``; differentiable when the inputs carry graphs."""
+        """One step at learning rate ``lr``; differentiable when the inputs carry graphs.
+
+        ``decay`` (one entry a parameter, None: the rule's own weight decay) and
+        ``momentum`` replace the rule's settings for this step: a lesson's
+        :class:`~metateach.lesson.StepSettings`, and like ``lr`` they may be
+        tensors with a teacher's graph. A rule refuses a setting it does not have.
+        """
 
     def virtual_step(
-        self, params: Sequence[Tensor], state: State, grads: Sequence[Tensor], lr: float
+        self,
+        params: Sequence[Tensor],
+        state: State,
+        grads: Sequence[Tensor],
+        lr: float | Tensor,
+        decay: Sequence[float | Tensor | None] | None = None,
+        momentum: float | Tensor | None = None,
     ) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Tensor]]]:
         """theta' = the step (detached) and its pullback u -> (d theta' / d g)^T u in the gradient.
 
         One vector-Jacobian product of the update, element-wise; a rule whose
-        step is linear in g gives its closed form instead.
+        step is linear in g gives its closed form instead. The settings are
+        taken as constants (detached).
         """
+        lr, decay, momentum = _detached(lr), _detached(decay), _detached(momentum)
         leaves = [g.detach().requires_grad_() for g in grads]
         with torch.enable_grad():
-            new, _ = self.update([p.detach() for p in params], state, leaves, lr)
+            new, _ = self.update([p.detach() for p in params], state, leaves, lr, decay, momentum)
 
         def pullback(u: Sequence[Tensor]) -> list[Tensor]:
             found = torch.autograd.grad(new, leaves, list(u), allow_unused=True)
@@ -184,27 +233,43 @@ class MomentumSGD(UpdateRule):
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
 
     def update(
-        self, params: Sequence[Tensor], state: State, grads: Sequence[Tensor], lr: float
+        self,
+        params: Sequence[Tensor],
+        state: State,
+        grads: Sequence[Tensor],
+        lr: float | Tensor,
+        decay: Sequence[float | Tensor | None] | None = None,
+        momentum: float | Tensor | None = None,
     ) -> tuple[list[Tensor], State]:
-        new, momentum = momentum_sgd_step(
+        mu = self.momentum if momentum is None else momentum
+        per = [self.weight_decay if d is None else d for d in decay or [None] * len(params)]
+        new, buffers = momentum_sgd_step(
             dict(enumerate(params)),
             dict(enumerate(state)),
             dict(enumerate(grads)),
             lr,
-            self.momentum,
-            self.weight_decay,
+            mu,
+            dict(enumerate(per)),
             self.nesterov,
         )
-        kept = list(momentum.values()) if self.momentum != 0 else [None] * len(new)
+        kept = [None] * len(new) if _is_zero(mu) else list(buffers.values())
         return list(new.values()), kept
 
     def virtual_step(
-        self, params: Sequence[Tensor], state: State, grads: Sequence[Tensor], lr: float
+        self,
+        params: Sequence[Tensor],
+        state: State,
+        grads: Sequence[Tensor],
+        lr: float | Tensor,
+        decay: Sequence[float | Tensor | None] | None = None,
+        momentum: float | Tensor | None = None,
     ) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], list[Tensor]]]:
         """d theta' / d g = -lr I, or -lr (1 + mu) I with Nesterov's momentum: no graph needed."""
+        lr, momentum = _detached(lr), _detached(momentum)
         with torch.no_grad():
-            new, _ = self.update(params, state, grads, lr)
-        scale = -lr * (1 + self.momentum) if self.nesterov else -lr
+            new, _ = self.update(params, state, grads, lr, _detached(decay), momentum)
+        mu = self.momentum if momentum is None else momentum
+        scale = -lr * (1 + mu) if self.nesterov else -lr
         return new, lambda u: [scale * t for t in u]
 
     def to_slots(self, state: State) -> Slots:
@@ -249,6 +314,14 @@ class TorchoptRule(UpdateRule):
         slots: TorchOpt's state field -> the ``torch.optim`` state key it is.
         reference: builds the ``torch.optim`` optimizer it equals, from (params, lr).
         stationary_decay: see :attr:`UpdateRule.stationary_decay`.
+        weight_decay: the decay the transformation applies.
+        decoupled: whether it is decoupled (AdamW's: theta <- theta - lr lambda theta beside the
+            step) rather than added to the gradient.
+
+    A step's own weight decay (a lesson's) is injected around the transformation:
+    coupled, the gradient it is given carries (lambda' - lambda) theta more;
+    decoupled, the step moves by -lr (lambda' - lambda) theta more. Momentum is not
+    injected (refused).
     """
 
     def __init__(
@@ -258,8 +331,11 @@ class TorchoptRule(UpdateRule):
         slots: Mapping[str, str],
         reference: Callable[[Iterable[Tensor], float], torch.optim.Optimizer],
         stationary_decay: float | None,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
     ) -> None:
         self.name = name
+        self.weight_decay, self.decoupled = weight_decay, decoupled
         self.transformation = transformation
         # TorchOpt's momentum (its ``trace``, in RMSprop) takes its first call for the first
         # step whatever the state it is given, a flag in its closure rather than in its state:
@@ -276,13 +352,39 @@ class TorchoptRule(UpdateRule):
         self._stationary_decay = stationary_decay
 
     def update(
-        self, params: Sequence[Tensor], state: State, grads: Sequence[Tensor], lr: float
+        self,
+        params: Sequence[Tensor],
+        state: State,
+        grads: Sequence[Tensor],
+        lr: float | Tensor,
+        decay: Sequence[float | Tensor | None] | None = None,
+        momentum: float | Tensor | None = None,
     ) -> tuple[list[Tensor], State]:
+        if momentum is not None:
+            raise ValueError(
+                f"a lesson's momentum is momentum SGD's (optim.name=sgd); optim.name={self.name} "
+                "takes a learning-rate scale and weight decay"
+            )
         inner, steps = state
+        extra = [
+            None if d is None else d - self.weight_decay for d in decay or [None] * len(params)
+        ]
+        if not self.decoupled:
+            grads = [
+                g if e is None else g + e * p for g, e, p in zip(grads, extra, params, strict=True)
+            ]
         updates, inner = self.transformation.update(
             tuple(grads), inner, params=tuple(params), inplace=False
         )
-        new = [p.add(u, alpha=lr) for p, u in zip(params, updates, strict=True)]
+        if self.decoupled:
+            updates = [
+                u if e is None else u - e * p
+                for u, e, p in zip(updates, extra, params, strict=True)
+            ]
+        new = [
+            p + lr * u if isinstance(lr, Tensor) else p.add(u, alpha=lr)
+            for p, u in zip(params, updates, strict=True)
+        ]
         return new, (inner, [s + 1 for s in steps])
 
     def to_slots(self, state: State) -> Slots:
@@ -332,6 +434,24 @@ class TorchoptRule(UpdateRule):
         return self._stationary_decay
 
 
+class NextStep(NamedTuple):
+    """Settings for one real step, as numbers: the learning rate's scale, weight decay by
+    parameter (a parameter not in it keeps the rule's), momentum (None: the rule's)."""
+
+    lr_scale: float
+    decay: dict[Tensor, float]
+    momentum: float | None
+
+
+def _detached(value: Any) -> Any:
+    """``value`` without its graph: a tensor, or a list of them (None and numbers as they are)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, list | tuple):
+        return [_detached(v) for v in value]
+    return value
+
+
 class RuleOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose steps are an :class:`UpdateRule`'s.
 
@@ -343,6 +463,9 @@ class RuleOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Tensor], rule: UpdateRule, lr: float) -> None:
         super().__init__(params, {"lr": lr})
         self.rule = rule
+        #: Settings for the next step alone (a lesson's :class:`~metateach.lesson.StepSettings`,
+        #: resolved by :meth:`~metateach.engine.problem.BilevelProblem.step_on`); cleared by it.
+        self.next_step: NextStep | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -354,17 +477,31 @@ class RuleOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            lr, decay, momentum = group["lr"], None, None
+            if self.next_step is not None:
+                lr = lr * self.next_step.lr_scale
+                decay = [self.next_step.decay.get(p) for p in params]
+                momentum = self.next_step.momentum
             new, state = self.rule.update(
-                params, state_of(self, self.rule, params), [p.grad for p in params], group["lr"]
+                params,
+                state_of(self, self.rule, params),
+                [p.grad for p in params],
+                lr,
+                decay,
+                momentum,
             )
             for p, q, slot in zip(params, new, self.rule.to_slots(state), strict=True):
                 p.copy_(q)
                 self.state[p] = slot  # fresh tensors: the rule changes none of its inputs
+        self.next_step = None
         return loss
 
 
 def reference_copy(
-    rule: UpdateRule, params: Iterable[Tensor], lr: float, source: torch.optim.Optimizer
+    rule: UpdateRule,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    source: torch.optim.Optimizer,
 ) -> torch.optim.Optimizer:
     """``rule``'s ``torch.optim`` optimizer over ``params`` at ``lr``, holding a copy of
     ``source``'s state (the layouts are the same; the parameter groups keep their own settings)."""

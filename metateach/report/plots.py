@@ -30,6 +30,7 @@ __all__ = [
     "plot_noisy_weight_share",
     "plot_mentor_curriculum",
     "plot_loss_curves",
+    "plot_step_settings",
 ]
 
 
@@ -43,7 +44,53 @@ def plot_run(state: TrainState, target: float | None, title: str, folder: Path) 
     }
     if len(state.episodes) > 1:
         figures["episodes"] = plot_episodes(state.episodes, title, folder / "episodes.png")
+    if state.history and any(k.startswith(STEP_SETTING_KEYS) for k in state.history[-1]):
+        figures["step_settings"] = plot_step_settings(
+            state.history, title, folder / "step_settings.png"
+        )
     return figures
+
+
+#: The epoch records a teacher of the optimizer's step reports (``lr_schedule``, ``weight_decay``).
+STEP_SETTING_KEYS = ("teacher/lr_scale/knot_", "teacher/weight_decay/")
+
+
+def plot_step_settings(
+    history: Sequence[Mapping[str, float]], title: str, path: str | Path
+) -> Path:
+    """What a teacher of the optimizer's step learned: the learning-rate scale over the run as
+    it stood at the end of each epoch (the last drawn darkest), and each group's weight decay
+    against the epoch."""
+    last = history[-1]
+    knots = sorted(k for k in last if k.startswith(STEP_SETTING_KEYS[0]))
+    decays = sorted(k for k in last if k.startswith(STEP_SETTING_KEYS[1]))
+    panels = [p for p in (knots, decays) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False,
+                             constrained_layout=True)  # fmt: skip
+    axes = list(axes[0])
+    if knots:
+        ax = axes.pop(0)
+        where = np.linspace(0, 1, len(knots))
+        rows = [r for r in history if knots[0] in r]
+        for i, r in enumerate(rows):
+            shade = 0.25 + 0.75 * (i + 1) / len(rows)
+            label = f"after epoch {int(r['trainer/epoch'])}" if i in (0, len(rows) - 1) else None
+            ax.plot(
+                where, [r[k] for k in knots], "-o", color=plt.cm.Blues(shade), ms=3, label=label
+            )
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="the configured schedule")
+        ax.set(xlabel="progress of the run (step / total steps)", ylabel="learning-rate scale",
+               title="learned learning-rate curve", yscale="log")  # fmt: skip
+        ax.legend()
+    if decays:
+        ax = axes.pop(0)
+        epochs = [r["trainer/epoch"] for r in history if decays[0] in r]
+        for k in decays:
+            ax.plot(epochs, [r[k] for r in history if k in r], "-", label=k.split("/", 2)[2])
+        ax.set(xlabel="epoch", ylabel="weight decay", title="learned weight decay", yscale="log")
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return save_figure(fig, path)
 
 
 def plot_transition_matrix(

@@ -14,6 +14,10 @@
                               running percentile (MentorNet-PD)
 ``mentornet_dd``              a curriculum fitted to a record of training with    Jiang et al. 2018
                               known labels (MentorNet-DD)
+``lr_schedule``               the optimizer's learning rate over the run, a       Maclaurin et al. 2015
+                              learned piecewise-linear curve
+``weight_decay``              the optimizer's weight decay, learned per group     Maclaurin et al. 2015
+                              of the student's parameters
 ``focal``                     the focal loss                                      Lin et al. 2017
 ``label_smoothing``           cross-entropy on labels mixed with uniform          Szegedy et al. 2016
 ``large_margin_softmax``      cross-entropy with an angular margin (L-Softmax)    Liu et al. 2016
@@ -44,6 +48,7 @@ from metateach.teachers.meta_weight_net import MetaWeightNet
 from metateach.teachers.random_filter import RandomFilter
 from metateach.teachers.robust_loss import AdaptiveRobustLoss
 from metateach.teachers.self_paced import SelfPacedLearning
+from metateach.teachers.step_settings import LearnedWeightDecay, LearningRateSchedule
 
 __all__ = [
     "AdaptiveRobustLoss",
@@ -57,6 +62,8 @@ __all__ = [
     "L2TFilter",
     "LabelSmoothing",
     "LargeMarginSoftmax",
+    "LearnedWeightDecay",
+    "LearningRateSchedule",
     "LearningToReweight",
     "MentorNetDD",
     "MentorNetPD",
