@@ -168,6 +168,7 @@ def test_a_learned_loss_is_drawn_as_a_line_series_of_its_epochs(make_config) -> 
         assert list(ys) == pytest.approx([record[k] for k in keys])
 
 
+@pytest.mark.slow  # a whole comparison / two networks: run by .ci/run
 def test_a_comparisons_runs_are_one_group_and_its_table_a_run_of_its_own(tmp_path: Path) -> None:
     spec = write_yaml(tmp_path / "tiny.yaml", {
         "config": str(CONFIGS / "quickstart.yaml"), "seeds": [0],
@@ -246,6 +247,7 @@ def test_checkpoints_go_to_wandb_as_model_artifacts_only_when_asked(make_config)
     assert not [a for a in run.artifacts if a.type == "model"]
 
 
+@pytest.mark.slow  # a whole comparison / two networks: run by .ci/run
 def test_co_teaching_shows_both_selections_and_their_agreement(make_config) -> None:
     trainer = Trainer(make_config("teacher.name=co_teaching", "noise.type=symmetric",
                                   "noise.rate=0.3", "logging.wandb=offline",
