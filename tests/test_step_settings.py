@@ -97,6 +97,8 @@ def _problem(teacher: Teacher | None, optimizer: str = "sgd") -> BilevelProblem:
 
 
 class Fixed(Teacher):
+    teaches_step = True
+
     def __init__(self, step: StepSettings) -> None:
         super().__init__()
         self.step = step
@@ -144,6 +146,15 @@ def test_step_settings_are_checked_with_the_name_or_shape_at_fault() -> None:
         StepSettings(weight_decay={"w": 0.1})  # type: ignore[dict-item]
     problem = _problem(Fixed(StepSettings(weight_decay={"nope": torch.tensor(0.1)})))
     with pytest.raises(ValueError, match=r"names \['nope'\], which are not trainable parameters"):
+        problem.real_step(make_batch(8, 1), context())
+
+
+def test_a_teacher_that_sets_the_step_must_declare_it() -> None:
+    class Undeclared(Fixed):
+        teaches_step = False
+
+    problem = _problem(Undeclared(StepSettings(lr_scale=torch.tensor(0.5, dtype=torch.float64))))
+    with pytest.raises(TypeError, match="Undeclared sets the optimizer's step: its class must"):
         problem.real_step(make_batch(8, 1), context())
 
 

@@ -271,7 +271,14 @@ class BilevelProblem:
         if self.teacher is None:
             return None
         with torch.set_grad_enabled(teacher_grad or self.keep_weight_grad):
-            return self.teacher(batch, view)
+            lesson = self.teacher(batch, view)
+        if lesson is not None and lesson.step is not None and not self.teacher.teaches_step:
+            # The methods that cannot differentiate a step's settings refuse by this declaration.
+            raise TypeError(
+                f"the lesson of {type(self.teacher).__name__} sets the optimizer's step: its class "
+                "must declare teaches_step = True"
+            )
+        return lesson
 
     def train_loss(
         self,

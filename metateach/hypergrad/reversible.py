@@ -118,12 +118,13 @@ class Reversible(HypergradMethod):
         if recorded:
             rng = problem.rng_state()
             if not self._recorded:
-                # theta_{K-B}, kept to report the reconstruction error, and v_{K-B}, for the
-                # first step's momentum setting (if its lesson sets one).
+                # theta_{K-B}, kept to report the reconstruction error, and v_{K-B} for a
+                # teacher of the step: the first step's momentum setting's adjoint reads it.
                 self._start_params = {k: p.detach().clone() for k, p in problem.params().items()}
-                self._start_momentum = [
-                    None if v is None else v.detach().clone() for v in problem.inner_state()
-                ]
+                if problem.teacher is not None and problem.teacher.teaches_step:
+                    self._start_momentum = [
+                        None if v is None else v.detach().clone() for v in problem.inner_state()
+                    ]
         real = problem.real_pass(batch, context, teacher_grad=False)
         problem.descend(real.train, real.batch, real.rng)
         stats = problem.statistics(real.train.view, real.batch, real.train.lesson, real.examined)
@@ -181,7 +182,7 @@ class Reversible(HypergradMethod):
                 # The window's first step: only its teacher terms are left, <d_0, d_v>'s
                 # derivative in omega, which forward mode gives without a second-order graph,
                 # and its step settings'.
-                start = dict(zip(params, self._start_momentum, strict=True))
+                start = dict(zip(params, self._start_momentum or [None] * len(params), strict=True))
                 adjoint = StepSettings(
                     scale_adjoint,
                     {k: (d_v[k] * params[k]).sum() for k in params},  # v_1 = ... + lambda theta_0
