@@ -193,6 +193,7 @@ def test_learned_weight_decay_groups_the_students_parameters() -> None:
         TEACHERS.build("weight_decay", {"groups": "module"}, "teacher.kwargs", student=student)
 
 
+@pytest.mark.slow  # a whole training run: run by .ci/run
 def test_a_run_of_the_learned_schedule_trains_it_and_draws_its_curve(make_config) -> None:
     from metateach.trainer import Trainer
 
