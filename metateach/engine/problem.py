@@ -52,6 +52,11 @@ class TrainPass(NamedTuple):
     view: StudentView
     lesson: Lesson | None
 
+    @property
+    def step_settings(self) -> StepSettings | None:
+        """The lesson's settings for the optimizer's step (with their graph), if it sets any."""
+        return None if self.lesson is None else self.lesson.step
+
 
 class RealPass(NamedTuple):
     """A real step's pass: the batch the student learns from, the pass, and what the step needs."""
@@ -466,7 +471,7 @@ class BilevelProblem:
 
         ``rng`` is :meth:`step_rng` taken before ``first`` ran.
         """
-        settings = None if first.lesson is None else first.lesson.step
+        settings = first.step_settings
         if not isinstance(self.optimizer, SAM):
             self.apply_gradients(first.loss, settings=settings)
             return

@@ -66,7 +66,7 @@ class FiniteDifference(PerStepMethod):
     ) -> Sequence[Tensor | None]:
         problem = self.problem
         grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
-        settings = None if train.lesson is None else train.lesson.step
+        settings = train.step_settings
         direction, adjoint, val_loss = virtual_direction(problem, params, grads, settings=settings)
         eps = self.epsilon / float(torch.sqrt(dot(direction, direction)).clamp(min=1e-12))
 

@@ -130,7 +130,7 @@ class Lookahead(PerStepMethod):
             problem.teacher_params(),
             self.forward_rng,
             record=self.forward_record,
-            settings=None if train.lesson is None else train.lesson.step,
+            settings=train.step_settings,
         )
         self.record(**{"teacher/val_loss": float(val_loss)})
         return found

@@ -207,7 +207,7 @@ class Reversible(HypergradMethod):
             with problem.own_rng(record.rng), second_order():
                 replay = problem.train_loss(theta, record.batch, record.context, real=False)
             grads = autograd.grad(replay.loss, list(theta.values()), create_graph=True)
-            settings = None if replay.lesson is None else replay.lesson.step
+            settings = replay.step_settings
             _, decay, _ = problem.step_settings(theta, settings)
             per = [sgd.weight_decay if d is None else d for d in decay or [None] * len(theta)]
             decayed = decayed_gradients(

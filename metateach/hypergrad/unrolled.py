@@ -23,7 +23,6 @@ from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.second_order import second_order
 from metateach.engine.strategy import HypergradMethod
 from metateach.engine.tangent import ForwardRecord, recording
-from metateach.lesson import StepSettings
 from metateach.optim.rules import State
 from metateach.registry import HYPERGRADS
 from metateach.teacher import TeachingContext
@@ -106,7 +105,7 @@ class Unrolled(HypergradMethod):
                 grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
                 grads = sum_gradients(grads, differentiable=True)
                 self._params, self._state = problem.inner_step(
-                    self._params, self._state, grads, _step_settings(train)
+                    self._params, self._state, grads, train.step_settings
                 )
             problem.write_back(self._params, self._state)
             stats = problem.statistics(train.view, batch, train.lesson)
@@ -125,7 +124,7 @@ class Unrolled(HypergradMethod):
             states = problem.states(start, batch.x, real=True)
         train = problem.taught(states, batch, context)
         # A lesson's step settings may share the teacher's graph with its loss: kept for the window.
-        keep = _step_settings(train) is not None
+        keep = train.step_settings is not None
         found = sum_gradients(autograd.grad(train.loss, list(start.values()), retain_graph=keep))
         gradient = dict(zip(start, found, strict=True))
         for g in gradient.values():
@@ -133,7 +132,7 @@ class Unrolled(HypergradMethod):
         start = {k: p.detach() for k, p in start.items()}
         self._first = _FirstStep(start, batch, context, rng, gradient, record)
         self._params, self._state = problem.inner_step(
-            start, problem.inner_state(), list(gradient.values()), _step_settings(train)
+            start, problem.inner_state(), list(gradient.values()), train.step_settings
         )
         return train
 
@@ -172,11 +171,6 @@ class Unrolled(HypergradMethod):
         self.record(**self._meter.stop(), **{"teacher/val_loss": float(val_loss.detach())})
         self._params = self._state = self._first = None
         return tuple(_add(a, b) for a, b in zip(later, mixed, strict=True))
-
-
-def _step_settings(train: TrainPass) -> StepSettings | None:
-    """The pass's lesson's step settings, with their graph: the step they set is differentiated."""
-    return None if train.lesson is None else train.lesson.step
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
