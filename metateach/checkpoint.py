@@ -152,6 +152,7 @@ def run_state(trainer: Trainer, weights_only: bool = False) -> dict[str, Any]:
         "optimizer": None if teaching.optimizer is None else teaching.optimizer.state_dict(),
         "strategy": teaching.strategy.state_dict(),
         "loss_average": float(trainer.loss_average.value),
+        "grad_norm": teaching.strategy.problem.grad_norm,
     }
     checkpoint["rng"] = rng_state(trainer.world)
     checkpoint["wandb_id"] = trainer.logger.wandb_id
@@ -180,6 +181,10 @@ def restore_run(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
             _load_optimizer(teaching.optimizer, checkpoint["teaching"]["optimizer"])
         teaching.strategy.load_state_dict(checkpoint["teaching"]["strategy"])
         trainer.loss_average.value.fill_(checkpoint["teaching"]["loss_average"])
+        grad_norm = checkpoint["teaching"].get("grad_norm")  # absent from older checkpoints
+        teaching.strategy.problem.grad_norm = (
+            None if grad_norm is None else grad_norm.to(trainer.device)
+        )
         if trainer.diagnostics is not None and "diagnostics" in checkpoint:
             trainer.diagnostics.load_state_dict(checkpoint["diagnostics"])
     except (RuntimeError, ValueError, KeyError) as e:

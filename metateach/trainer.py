@@ -268,6 +268,7 @@ class Trainer:
             avg_train_loss=self.loss_average.value,
             best_val_acc=max(state.best_val_acc, 0.0),
             episode=state.episode,
+            grad_norm=self.teaching.strategy.problem.grad_norm,
         )
 
     def _end_epoch(self) -> None:
@@ -382,6 +383,7 @@ class Trainer:
         )
         self.train_loader = self._episode_loader()
         self.loss_average.value.zero_()
+        self.teaching.strategy.problem.grad_norm = None
         self._save_due = True
         self._save_if_due()
 

@@ -36,6 +36,10 @@ class TeachingContext(NamedTuple):
     avg_train_loss: Tensor
     best_val_acc: float  # best validation accuracy so far (0 before the first evaluation)
     episode: int = 0  # which student of the run (train.episodes), from 0
+    #: The norm of the gradient the student's last real step took (over all its trainable
+    #: parameters, summed over processes, before weight decay), a 0-dim tensor; None
+    #: before the episode's first step.
+    grad_norm: Tensor | None = None
 
     @property
     def progress(self) -> float:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from metateach import TEACHERS, Lesson, Teacher, check_hypergradient
 from metateach.data import Batch
@@ -17,7 +17,7 @@ from metateach.optim import build_optimizer
 from metateach.teacher import Hypergradient, StudentView
 from metateach.teachers.step_settings import knot_curve, parameter_groups
 
-from .hypergrad_fixtures import context, make_batch
+from .hypergrad_fixtures import context, exercised, make_batch
 from .test_check import data, student_of
 
 
@@ -193,6 +193,69 @@ def test_learned_weight_decay_groups_the_students_parameters() -> None:
         TEACHERS.build("weight_decay", {"groups": "module"}, "teacher.kwargs", student=student)
 
 
+def test_the_controller_reads_the_students_state_and_keeps_its_rate_within_bounds() -> None:
+    teacher = TEACHERS.build("lr_controller", {"max_scale": 4.0}, "teacher.kwargs")
+    losses = torch.tensor([0.5, 1.5])
+    zero = torch.zeros(1)
+
+    def view(grad_norm: Tensor | None) -> StudentView:
+        return StudentView(zero, losses, zero, (), context(10)._replace(grad_norm=grad_norm))
+
+    first = teacher.state(view(None))
+    assert first.tolist() == pytest.approx([0.1, math.log(2.0), 0.5, math.log(2.0), 0.0])
+    assert teacher.state(view(torch.tensor(3.0)))[4] == pytest.approx(math.log(4.0))
+    lesson = teacher(make_batch(2, 0), view(None))
+    assert lesson.weights is None and float(lesson.step.lr_scale.detach()) == 1.0  # as configured
+    exercised(teacher)
+    near, far = (float(teacher(make_batch(2, 0), view(torch.tensor(g))).step.lr_scale.detach())
+                 for g in (0.1, 5.0))  # fmt: skip
+    assert near != far  # the gradient norm moves the rate
+    with torch.no_grad():
+        teacher.net[2].bias.fill_(100.0)
+    assert float(teacher.scale(first).detach()) == pytest.approx(4.0)  # bounded by max_scale
+    with pytest.raises(ValueError, match="teacher.kwargs.max_scale must be > 1"):
+        TEACHERS.build("lr_controller", {"max_scale": 0.5}, "teacher.kwargs")
+
+
+def test_a_real_step_leaves_its_gradient_norm_for_the_next_context() -> None:
+    problem = _problem(Fixed(StepSettings(lr_scale=torch.tensor(0.5, dtype=torch.float64))))
+    noted: list[dict[str, float]] = []
+    problem.record = lambda **values: noted.append(values)
+    batch = make_batch(8, 1)
+    assert problem.grad_norm is None
+    params = problem.params()
+    loss = problem.train_loss(params, batch, context(), real=False).loss
+    grads = torch.autograd.grad(loss, list(params.values()))
+    expected = torch.cat([g.flatten() for g in grads]).norm()
+    problem.real_step(batch, context())
+    assert float(problem.grad_norm) == pytest.approx(float(expected), rel=1e-12)
+    assert noted == [{"train/lr_scale": 0.5}]  # the factor the step took
+
+
+def test_a_resumed_controller_run_ends_exactly_like_an_uninterrupted_one(make_config) -> None:
+    from metateach.trainer import Trainer
+
+    from .conftest import without_measurements
+
+    common = ("train.epochs=2", "data.train_subset=400", "teacher.name=lr_controller",
+              "teacher.kwargs.hidden=4", "teacher.hypergrad.inner_steps=3",
+              "teacher.hypergrad.backprop_steps=3", "optim.momentum=0.9")  # fmt: skip
+    straight = Trainer(make_config(*common, "train.run_name=straight"))
+    expected = straight.fit()
+    first = Trainer(make_config(*common, "train.run_name=cut"))
+    first.fit(max_steps=9)  # inside epoch 2: the resumed step reads the saved gradient norm
+    assert first.state.step == 9 and first.teaching.strategy.problem.grad_norm is not None
+    resumed = Trainer(make_config(*common, f"train.resume={first.run_dir}"))
+    assert torch.equal(
+        resumed.teaching.strategy.problem.grad_norm, first.teaching.strategy.problem.grad_norm
+    )
+    final = resumed.fit()
+    assert without_measurements(final) == without_measurements(expected)
+    for a, c in zip(straight.teaching.teacher.parameters(), resumed.teaching.teacher.parameters(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, c)
+
+
 @pytest.mark.slow  # a whole training run: run by .ci/run
 def test_a_run_of_the_learned_schedule_trains_it_and_draws_its_curve(make_config) -> None:
     from metateach.trainer import Trainer
@@ -206,4 +269,5 @@ def test_a_run_of_the_learned_schedule_trains_it_and_draws_its_curve(make_config
     last = trainer.state.history[-1]
     knots = [last[f"teacher/lr_scale/knot_{i:02d}"] for i in range(3)]
     assert knots[0] != 1.0 and knots[1] != 1.0  # the knots the run passed have learned
+    assert last["train/lr_scale"] != 1.0  # the mean scale the last epoch's steps took
     assert (trainer.run_dir / "step_settings.png").stat().st_size > 10_000

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -120,6 +120,12 @@ class BilevelProblem:
     clean_targets: Tensor | None = None
     keep_weight_grad: bool = False
     refill: BatchStream | None = None
+    #: The norm of the gradient of the last real step (:meth:`step_on`), on the device;
+    #: what ``TeachingContext.grad_norm`` shows the teacher.
+    grad_norm: Tensor | None = field(default=None, init=False)
+    #: Where the real steps note their metrics (``train/lr_scale``, the factor a lesson put
+    #: on the rate): the teaching strategy's ``record``, which it sets.
+    record: Callable[..., None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.val_stream, tuple | list):  # one batch (a Batch is a tuple too)
@@ -515,11 +521,14 @@ class BilevelProblem:
         *grads, total = sum_gradients([*grads, None if loss is None else loss.detach()])
         if not _all_finite([*grads, total]):
             raise NonFiniteStep("the student's loss or gradient is not finite")
+        self.grad_norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
         params = self.params()
         for p, g in zip(params.values(), grads, strict=True):
             p.grad = g
         if settings is not None:
-            self._base_optimizer().next_step = self._next_step(params, settings)
+            step = self._base_optimizer().next_step = self._next_step(params, settings)
+            if self.record is not None and settings.lr_scale is not None:
+                self.record(**{"train/lr_scale": step.lr_scale})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

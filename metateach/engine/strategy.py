@@ -62,6 +62,7 @@ class TeachingStrategy(ABC):
 
     def __init__(self, problem: BilevelProblem) -> None:
         self.problem = problem
+        problem.record = self.record
         self._metrics: dict[str, list[float]] = defaultdict(list)  # since the last pop_metrics()
         self._epoch_metrics: dict[str, list[float]] = defaultdict(list)  # in this epoch
         self._totals: dict[str, int] = {}  # running counts since the run began

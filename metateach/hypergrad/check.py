@@ -242,10 +242,14 @@ def check_hypergradient(
         rates = list(lr) if isinstance(lr, Sequence) else [float(lr)]
         total = warmup_steps + (2 * k if kind is Differentiates.ROUNDS else k)
         steps = [batches[t % len(batches)] for t in range(total)]
+        # A gradient norm that differs by step: a replay must show each step its own context.
         contexts = [
-            TeachingContext(t, 0, total, torch.tensor(1.0, dtype=torch.float64), 0.5)
+            TeachingContext(
+                t, 0, total, torch.tensor(1.0, dtype=torch.float64), 0.5,
+                grad_norm=torch.tensor(1.0 + 0.25 * t, dtype=torch.float64),
+            )
             for t in range(total)
-        ]
+        ]  # fmt: skip
         rule = build_rule(
             optimizer,
             momentum=momentum,

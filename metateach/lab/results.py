@@ -47,6 +47,7 @@ COURSE = {
     "test/acc": ("test accuracy (%)", 100.0, "linear"),
     "teacher/noisy_weight_share": ("teacher's weight on mislabeled samples (%)", 100.0, "linear"),
     "teacher/hypergrad_norm": ("hypergradient norm (epoch mean)", 1.0, "log"),
+    "train/lr_scale": ("a teacher's factor on the learning rate (epoch mean)", 1.0, "log"),
 }
 #: Teaching speed, for runs with ``train.target_val_acc``: what reaching it took.
 SPEED = {

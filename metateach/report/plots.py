@@ -52,19 +52,20 @@ def plot_run(state: TrainState, target: float | None, title: str, folder: Path) 
 
 
 #: The epoch records a teacher of the optimizer's step reports (``lr_schedule``, ``weight_decay``).
-STEP_SETTING_KEYS = ("teacher/lr_scale/knot_", "teacher/weight_decay/")
+STEP_SETTING_KEYS = ("teacher/lr_scale/knot_", "teacher/weight_decay/", "train/lr_scale")
 
 
 def plot_step_settings(
     history: Sequence[Mapping[str, float]], title: str, path: str | Path
 ) -> Path:
-    """What a teacher of the optimizer's step learned: the learning-rate scale over the run as
-    it stood at the end of each epoch (the last drawn darkest), and each group's weight decay
-    against the epoch."""
+    """What a teacher of the optimizer's step learned: the learning-rate curve as it stood at the
+    end of each epoch (the last drawn darkest), the scale the steps took (each epoch's mean),
+    and each group's weight decay against the epoch."""
     last = history[-1]
     knots = sorted(k for k in last if k.startswith(STEP_SETTING_KEYS[0]))
     decays = sorted(k for k in last if k.startswith(STEP_SETTING_KEYS[1]))
-    panels = [p for p in (knots, decays) if p]
+    taken = [k for k in last if k == STEP_SETTING_KEYS[2]]
+    panels = [p for p in (knots, taken, decays) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False,
                              constrained_layout=True)  # fmt: skip
     axes = list(axes[0])
@@ -81,6 +82,14 @@ def plot_step_settings(
         ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="the configured schedule")
         ax.set(xlabel="progress of the run (step / total steps)", ylabel="learning-rate scale",
                title="learned learning-rate curve", yscale="log")  # fmt: skip
+        ax.legend()
+    if taken:
+        ax = axes.pop(0)
+        rows = [r for r in history if taken[0] in r]
+        ax.plot([r["trainer/epoch"] for r in rows], [r[taken[0]] for r in rows], "-o", ms=3)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="the configured schedule")
+        ax.set(xlabel="epoch", ylabel="learning-rate scale (the epoch's mean)",
+               title="the scale the steps took", yscale="log")  # fmt: skip
         ax.legend()
     if decays:
         ax = axes.pop(0)

@@ -16,6 +16,8 @@
                               known labels (MentorNet-DD)
 ``lr_schedule``               the optimizer's learning rate over the run, a       Maclaurin et al. 2015
                               learned piecewise-linear curve
+``lr_controller``             the learning rate's scale from the student's        (this library)
+                              state: loss history, gradient norm (a small MLP)
 ``weight_decay``              the optimizer's weight decay, learned per group     Maclaurin et al. 2015
                               of the student's parameters
 ``focal``                     the focal loss                                      Lin et al. 2017
@@ -48,7 +50,11 @@ from metateach.teachers.meta_weight_net import MetaWeightNet
 from metateach.teachers.random_filter import RandomFilter
 from metateach.teachers.robust_loss import AdaptiveRobustLoss
 from metateach.teachers.self_paced import SelfPacedLearning
-from metateach.teachers.step_settings import LearnedWeightDecay, LearningRateSchedule
+from metateach.teachers.step_settings import (
+    LearnedWeightDecay,
+    LearningRateController,
+    LearningRateSchedule,
+)
 
 __all__ = [
     "AdaptiveRobustLoss",
@@ -63,6 +69,7 @@ __all__ = [
     "LabelSmoothing",
     "LargeMarginSoftmax",
     "LearnedWeightDecay",
+    "LearningRateController",
     "LearningRateSchedule",
     "LearningToReweight",
     "MentorNetDD",

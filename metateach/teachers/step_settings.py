@@ -27,7 +27,7 @@ from metateach.registry import TEACHERS
 from metateach.student import Student
 from metateach.teacher import Hypergradient, StudentView, Teacher
 
-__all__ = ["LearningRateSchedule", "LearnedWeightDecay", "knot_curve"]
+__all__ = ["LearningRateSchedule", "LearningRateController", "LearnedWeightDecay", "knot_curve"]
 
 
 def knot_curve(values: Tensor, progress: float) -> Tensor:
@@ -76,6 +76,78 @@ class LearningRateSchedule(Teacher):
         """The scale at each knot (``lr_scale/knot_00`` at the start of the run, ... at its end)."""
         scales = self.log_scale.detach().exp()
         return {f"lr_scale/knot_{i:02d}": float(v) for i, v in enumerate(scales)}
+
+
+@TEACHERS.register("lr_controller")
+class LearningRateController(Teacher):
+    """A step size set from the student's state: the schedule's rate times exp(f(s)), f a small network.
+
+    s holds what the student's training shows so far (``StudentView`` and its
+    context):
+
+    - the run's progress, step / total steps;
+    - the average training loss so far (``teacher.loss_average``);
+    - the best validation accuracy so far;
+    - this batch's mean loss;
+    - the norm of the gradient the last real step took (0 before the first).
+
+    Losses and the norm enter as log(1 + x). f is a hidden layer of ``hidden``
+    tanh units and one output, the output's weights zero to start: the
+    configured schedule unchanged. The log-scale is bounded smoothly,
+    m tanh(f / m) with m = log(``max_scale``), so no state can set a rate
+    more than ``max_scale`` times the schedule's or less than its inverse.
+
+    The state is an input the teacher reads, not a function it
+    differentiates: the hypergradient holds the history and the gradient norm
+    fixed, as every teacher's context is (the batch losses are detached from
+    the student's parameters, the deep-interaction paper's dw/dtheta = 0).
+
+    Args:
+        hidden: units of the hidden layer.
+        max_scale: the largest factor on the schedule's rate (> 1).
+    """
+
+    learns = Hypergradient("reversible", inner_steps=20, backprop_steps=20)
+    teaches_step = True
+
+    #: The state's entries, in the order the network reads them.
+    inputs = ("progress", "avg_train_loss", "best_val_acc", "batch_loss", "grad_norm")
+
+    def __init__(self, hidden: int = 16, max_scale: float = 10.0) -> None:
+        super().__init__()
+        if hidden < 1:
+            raise ValueError(f"teacher.kwargs.hidden must be >= 1, got {hidden}")
+        if not max_scale > 1:
+            raise ValueError(f"teacher.kwargs.max_scale must be > 1, got {max_scale}")
+        self.bound = math.log(max_scale)
+        self.net = nn.Sequential(
+            nn.Linear(len(self.inputs), hidden), nn.Tanh(), nn.Linear(hidden, 1)
+        )
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def state(self, view: StudentView) -> Tensor:
+        """s for ``view``: :attr:`inputs` in order, in the teacher's dtype and device."""
+        weight = self.net[0].weight
+        context = view.context
+        progress, avg_loss, best_acc = context.history(weight.dtype, weight.device)
+        batch_loss = view.losses.detach().mean().to(device=weight.device, dtype=weight.dtype)
+        grad_norm = (
+            torch.zeros((), dtype=weight.dtype, device=weight.device)
+            if context.grad_norm is None
+            else context.grad_norm.detach().to(device=weight.device, dtype=weight.dtype)
+        )
+        return torch.stack(
+            [progress, avg_loss.log1p(), best_acc, batch_loss.log1p(), grad_norm.log1p()]
+        )
+
+    def forward(self, batch: Batch, view: StudentView) -> Lesson:
+        return Lesson(step=StepSettings(lr_scale=self.scale(self.state(view))))
+
+    def scale(self, state: Tensor) -> Tensor:
+        """The factor on the schedule's rate in ``state`` (:meth:`state`)."""
+        out = self.net(state).squeeze(-1)
+        return (self.bound * torch.tanh(out / self.bound)).exp()
 
 
 #: How :class:`LearnedWeightDecay` groups the student's parameters.
