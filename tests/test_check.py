@@ -116,6 +116,9 @@ def cells() -> Iterator[tuple[str, str]]:
 
 
 CELLS = list(cells())
+#: Cells that take about a minute each (implicit's converged solve through a learned loss and
+#: through the deep-interaction features): run by .ci/run with the slow tests.
+SLOW_CELLS = {("l2t_dlf", "implicit"), ("deep_interaction", "implicit")}
 
 
 def settings_for(method: str, student: Student) -> dict[str, Any]:
@@ -137,7 +140,10 @@ def settings_for(method: str, student: Student) -> dict[str, Any]:
     return settings
 
 
-@pytest.mark.parametrize(("teacher_name", "method"), CELLS)
+@pytest.mark.parametrize(
+    ("teacher_name", "method"),
+    [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW_CELLS else c for c in CELLS],
+)
 def test_every_registered_teacher_gets_its_exact_hypergradient_from_every_method(
     teacher_name: str, method: str
 ) -> None:
@@ -165,6 +171,7 @@ def test_the_sweep_reaches_every_teacher_that_learns_by_a_hypergradient() -> Non
             assert (name, "example_gradient") in CELLS
         else:
             assert name not in swept
+    assert SLOW_CELLS <= set(CELLS)  # the slow cells are swept too (by .ci/run)
     # Every method is swept, each with more than one teacher.
     for method in HYPERGRADS:
         assert [t for t, m in CELLS if m == method], method

@@ -51,7 +51,8 @@ def plot_run(state: TrainState, target: float | None, title: str, folder: Path) 
     return figures
 
 
-#: The epoch records a teacher of the optimizer's step reports (``lr_schedule``, ``weight_decay``).
+#: The epoch records of a teacher of the optimizer's step (``lr_schedule``, ``weight_decay``,
+#: and the factor the steps took, which ``lr_controller`` sets too).
 STEP_SETTING_KEYS = ("teacher/lr_scale/knot_", "teacher/weight_decay/", "train/lr_scale")
 
 
