@@ -308,9 +308,14 @@ def plot_course(
     A panel is drawn for each metric some run logged; a variant without the
     metric (no teacher) is absent from it.
     ``noise_rate`` marks the share of mislabeled samples, the weight they
-    get without a teacher.
+    get without a teacher; without any (None or 0) their panel is left out.
     """
-    drawn = [key for key in panels if any(key in c for runs in courses.values() for c in runs)]
+    drawn = [
+        key
+        for key in panels
+        if any(key in c for runs in courses.values() for c in runs)
+        and (key != "teacher/noisy_weight_share" or noise_rate)  # no mislabeled samples to weigh
+    ]
     fig, axes = plt.subplots(
         1, len(drawn), figsize=(5.2 * len(drawn), 4.2), constrained_layout=True, squeeze=False
     )
