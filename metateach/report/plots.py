@@ -65,7 +65,7 @@ def plot_step_settings(
     last = history[-1]
     knots = sorted(k for k in last if k.startswith(STEP_SETTING_KEYS[0]))
     decays = sorted(k for k in last if k.startswith(STEP_SETTING_KEYS[1]))
-    taken = [k for k in last if k == STEP_SETTING_KEYS[2]]
+    taken = [STEP_SETTING_KEYS[2]] if STEP_SETTING_KEYS[2] in last else []
     panels = [p for p in (knots, taken, decays) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False,
                              constrained_layout=True)  # fmt: skip
