@@ -77,6 +77,7 @@ def test_the_hypergradient_examples_run_as_shown(
     assert printed in done.stdout
 
 
+@pytest.mark.slow  # trains the quickstart in a subprocess: about 19 s
 def test_the_python_example_trains_and_names_its_run(tmp_path: Path) -> None:
     # As a reader runs it: from a checkout (here, its configs beside the script).
     (tmp_path / "configs").symlink_to(CONFIGS)
