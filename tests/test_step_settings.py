@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from metateach import TEACHERS, Lesson, Teacher, check_hypergradient
 from metateach.data import Batch
 from metateach.engine import BilevelProblem
+from metateach.errors import NonFiniteStep
 from metateach.lesson import StepSettings
 from metateach.optim import build_optimizer
 from metateach.teacher import Hypergradient, StudentView
@@ -230,6 +231,23 @@ def test_a_real_step_leaves_its_gradient_norm_for_the_next_context() -> None:
     problem.real_step(batch, context())
     assert float(problem.grad_norm) == pytest.approx(float(expected), rel=1e-12)
     assert noted == [{"train/lr_scale": 0.5}]  # the factor the step took
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e300])
+def test_a_step_on_a_non_finite_gradient_is_refused_and_changes_nothing(bad: float) -> None:
+    # 1e300 is finite, but its square overflows: the norm the check reads is inf.
+    problem = _problem(None)
+    problem.real_step(make_batch(8, 1), context())
+    before = {k: p.detach().clone() for k, p in problem.params().items()}
+    norm_before = problem.grad_norm
+    grads = [torch.zeros_like(p) for p in before.values()]
+    grads[-1].view(-1)[0] = bad
+    with pytest.raises(NonFiniteStep, match="not finite"):
+        problem.step_on(grads, torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(NonFiniteStep, match="not finite"):  # or the loss is not
+        problem.step_on([torch.zeros_like(g) for g in grads], torch.tensor(math.nan))
+    assert all(torch.equal(p, before[k]) for k, p in problem.params().items())
+    assert problem.grad_norm is norm_before
 
 
 def test_a_resumed_controller_run_ends_exactly_like_an_uninterrupted_one(make_config) -> None:

@@ -515,13 +515,16 @@ class BilevelProblem:
 
         Raises:
             NonFiniteStep: a gradient, or ``loss`` (the one they are of), holds inf
-                or nan (the loss diverged); the parameters and the optimizer are
-                left as they were.
+                or nan, or the gradient's norm overflows its dtype (the loss diverged);
+                the parameters and the optimizer are left as they were.
         """
         *grads, total = sum_gradients([*grads, None if loss is None else loss.detach()])
-        if not _all_finite([*grads, total]):
+        # One reduction over the gradients serves both the check and the teacher's
+        # context: an inf or nan anywhere makes the norm (and the sum) inf or nan.
+        norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        if not torch.isfinite(norm if total is None else norm + total):
             raise NonFiniteStep("the student's loss or gradient is not finite")
-        self.grad_norm = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
+        self.grad_norm = norm
         params = self.params()
         for p, g in zip(params.values(), grads, strict=True):
             p.grad = g
