@@ -10,6 +10,7 @@ to the exact one with the tolerances stated in each test.
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import higher
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from metateach.data import Batch, WholeSplit
 from metateach.engine.meter import UpdateMeter
+from metateach.engine.problem import BilevelProblem
+from metateach.engine.tangent import ForwardRecord
 from metateach.errors import ConfigError
 from metateach.hypergrad.example_gradient import example_gradient
 from metateach.hypergrad.finite_difference import FiniteDifference
@@ -177,6 +180,35 @@ def test_reversible_with_its_forward_mode_first_step_matches_higher(
     torch.manual_seed(1)
     ours = setup.hypergradient(lambda p: Reversible(p, 4, 3), 4)
     assert relative_error(ours, reference) < 1e-7
+
+
+@pytest.mark.parametrize("b", [2, 3])
+def test_reversible_replays_only_the_steps_between_the_windows_first_and_last(
+    b: int, monkeypatch
+) -> None:
+    # The last step keeps its real pass's graph and the first step's teacher term reuses its
+    # recorded forward pass (BatchNorm's too): B = 2 recomputes no training pass, B = 3 one.
+    setup = Setup("resnet8")
+    replays, tangent_passes = [], []
+    train_loss, replay = BilevelProblem.train_loss, ForwardRecord.replay
+
+    def counted_train_loss(self, *args, real: bool, **kwargs):
+        replays.append(real)
+        return train_loss(self, *args, real=real, **kwargs)
+
+    def counted_replay(self):
+        tangent_passes.append(self)
+        return replay(self)
+
+    monkeypatch.setattr(BilevelProblem, "train_loss", counted_train_loss)
+    monkeypatch.setattr(ForwardRecord, "replay", counted_replay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a record the pass cannot reuse warns
+        ours = setup.hypergradient(lambda p: Reversible(p, 4, b), 4)
+    assert replays.count(False) == b - 2
+    assert len(tangent_passes) == 1
+    monkeypatch.undo()
+    assert relative_error(ours, setup.hypergradient(lambda p: Unrolled(p, 4, b), 4)) < 1e-6
 
 
 def test_finite_difference_approximates_lookahead(mlp: Setup) -> None:

@@ -35,6 +35,8 @@ class UpdateMeter:
         self._peak_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._start = 0.0
+        #: Between :meth:`start` and :meth:`stop`.
+        self.running = False
 
     def _pack(self, t: Tensor) -> _Held | Tensor:
         if t._is_zerotensor():  # forward mode's symbolic zeros own no memory
@@ -66,9 +68,11 @@ class UpdateMeter:
             torch.cuda.reset_peak_memory_stats()
         self._start = time.perf_counter()
         self._hooks.__enter__()
+        self.running = True
 
     def stop(self) -> dict[str, float]:
         self._hooks.__exit__(None, None, None)
+        self.running = False
         metrics = {
             "teacher/graph_mb": sum(self._saved.values()) / 2**20,
             "teacher/graph_peak_mb": self._peak_bytes / 2**20,

@@ -86,7 +86,7 @@ class Unrolled(HypergradMethod):
     def end_of_run(self, history: Sequence[Mapping[str, float]], context: TeachingContext) -> None:
         # The last window is cut short: its steps stand, its teacher step is dropped,
         # and the final checkpoint holds the final state.
-        if self._params is not None:
+        if self._meter.running:
             self._meter.stop()
         self._params = self._state = self._first = None
         self.position = 0
