@@ -298,12 +298,16 @@ SUBJECTS: dict[str, tuple[list[str], int]] = {
     ),
     # The same by the paper's Algorithm 1: the window reversed exactly, in O(|theta|) memory.
     "deep_interaction_reversible_vs_plain": (
-        71 / 60,
-        "as deep_interaction_vs_plain: the window's last step keeps its real pass's graph and "
-        "its first the records of its forward, so at B = 2 nothing is replayed (from B = 3 on, "
-        "each step between is replayed at its reconstructed parameters, 3 units more): 71 units "
-        "a span (reversing the updates is elementwise)",
+        [
+            "teacher.name=deep_interaction",
+            "teacher.hypergrad.method=reversible",
+            "teacher.hypergrad.inner_steps=20",
+            "teacher.hypergrad.backprop_steps=2",
+        ],
+        20,
     ),
+    # L2T-DLN: rounds of K = B = 15 fully differentiated steps (its learned optimizer's own
+    # step, every 10 rounds, falls outside a measurement of whole rounds).
     "dln_vs_plain": (["teacher.name=l2t_dln"], 15),
     "co_teaching_vs_plain": (["teacher.name=co_teaching"], 1),  # two networks, each step
     "srit_vs_plain": (
