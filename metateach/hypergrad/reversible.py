@@ -92,7 +92,9 @@ class Reversible(HypergradMethod):
       (:mod:`metateach.engine.tangent`: about one forward pass's activations,
       held to the window's end).
 
-    Memory is that of two steps whatever B. A lesson's step settings
+    Memory is flat in B: the last step's graph, held through the validation
+    pass, then one replayed step's at a time, beside the first step's
+    record. A lesson's step settings
     (:class:`~metateach.lesson.StepSettings`) make the
     rate lr_t, the decay lambda_t and the momentum mu_t of each step its own, as in
     Maclaurin et al.'s learned schedules: each step is undone with the values it

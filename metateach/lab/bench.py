@@ -355,11 +355,11 @@ FLOORS: dict[str, tuple[float, str]] = {
         "71 units a span",
     ),
     "deep_interaction_reversible_vs_plain": (
-        75 / 60,
-        "20 plain steps 60, validation forward and backward 3, the last step replayed at the "
-        "reconstructed parameters with its graph 3 and the backward through it 6, the first "
-        "step's teacher term by a full forward-mode pass 3 (at reconstructed parameters: no "
-        "record to reuse): 75 units a span (reversing the updates is elementwise)",
+        71 / 60,
+        "as deep_interaction_vs_plain: the window's last step keeps its real pass's graph and "
+        "its first the records of its forward, so at B = 2 nothing is replayed (from B = 3 on, "
+        "each step between is replayed at its reconstructed parameters, 3 units more): 71 units "
+        "a span (reversing the updates is elementwise)",
     ),
     "dln_vs_plain": (
         134 / 45,
