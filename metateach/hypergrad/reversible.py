@@ -271,7 +271,6 @@ class Reversible(HypergradMethod):
                 settings = replay.step_settings
             else:
                 theta, grads, settings = kept
-                self._kept = None  # its graph is freed by the backward below
             _, decay, _ = problem.step_settings(theta, settings)
             per = [sgd.weight_decay if d is None else d for d in decay or [None] * len(theta)]
             decayed = decayed_gradients(
