@@ -216,3 +216,18 @@ def test_the_logging_overhead_times_quickstart_runs_with_wandb_and_without(
     runs = sorted(tmp_path.glob("quickstart-*"))
     with_wandb = [r for r in runs if (r / "wandb").is_dir()]
     assert len(runs) == 4 and len(with_wandb) == 2
+
+
+def test_phases_prints_a_teaching_steps_phases_in_plain_steps_beside_its_floor(capsys) -> None:
+    assert main([*TINY, "--phases", "deep_interaction_reversible_vs_plain"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:24].strip(): line[24:].split() for line in lines[2:-2]}
+    assert rows["plain step"][0] == "18" and rows["window step"][0] == "2"
+    assert {"validation", "tangent pass", "window backward", "the rest (in no phase)"} <= set(rows)
+    # Every row's units are three times its plain steps; the rows add up to the total.
+    for name, cells in rows.items():
+        steps, units = float(cells[-2]), float(cells[-1])
+        assert units == pytest.approx(3 * steps, abs=0.1), name
+    total = float(lines[-2].split()[2])  # in plain steps
+    assert sum(float(cells[-2]) for cells in rows.values()) == pytest.approx(total, abs=0.05)
+    assert lines[-1].startswith(f"floor {FLOORS['deep_interaction_reversible_vs_plain'][0]:.3f}")

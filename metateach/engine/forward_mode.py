@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, autograd
 
+from metateach.engine.phases import timed
 from metateach.engine.tangent import ForwardRecord, ReplayMismatch
 from metateach.student import StudentStates
 from metateach.types import Params, RNGState
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["mixed_gradient"]
 
 
+@timed("tangent pass")
 def mixed_gradient(
     problem: BilevelProblem,
     x: Tensor,

@@ -22,6 +22,7 @@ from torch import Tensor, autograd
 
 from metateach.data import Batch, BatchStream, RepeatedBatch, WholeSplit
 from metateach.distributed import sum_gradients
+from metateach.engine.phases import timed
 from metateach.engine.refill import refilled
 from metateach.errors import NonFiniteStep
 from metateach.functional import scratch_buffers, student_forward
@@ -396,6 +397,7 @@ class BilevelProblem:
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
 
+    @timed("validation")
     def val_gradient(
         self,
         params: Params,
@@ -437,6 +439,7 @@ class BilevelProblem:
     # Steps
     # ------------------------------------------------------------------ #
 
+    @timed("plain step")
     def real_step(self, batch: Batch, context: TeachingContext) -> Tensor:
         """One student step with the teacher's current lesson and the real optimizer.
 

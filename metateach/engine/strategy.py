@@ -23,6 +23,7 @@ from torch import Tensor
 from metateach.data import Batch, as_batch
 from metateach.distributed import sum_gradients
 from metateach.engine.meter import UpdateMeter
+from metateach.engine.phases import phase, timed
 from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.second_order import second_order
 from metateach.engine.tangent import ForwardRecord, recording
@@ -249,6 +250,7 @@ class HypergradMethod(TeachingStrategy):
         if self.problem.val_stream is not None:
             self.problem.val_stream.position = state["val_position"]
 
+    @timed("teacher update")
     def update_teacher(self, grads: Sequence[Tensor | None]) -> None:
         """Apply a hypergradient to the teacher, or count it as skipped when it is not finite.
 
@@ -420,6 +422,7 @@ class PerStepMethod(HypergradMethod):
         with self.measured():
             self.forward_rng = problem.rng_state()
             with (
+                phase("forward"),
                 recording(self.records_forward) as self.forward_record,
                 second_order(self.differentiates_twice),
             ):
@@ -429,7 +432,8 @@ class PerStepMethod(HypergradMethod):
             self.forward_record = None
         lesson = problem.lesson(batch, train.view, teacher_grad=False)
         settings = None if lesson is None else lesson.step
-        problem.apply_gradients(lesson_loss(lesson, train.states, batch.y), settings=settings)
+        with phase("step backward"):
+            problem.apply_gradients(lesson_loss(lesson, train.states, batch.y), settings=settings)
         return problem.statistics(train.view, batch, lesson)
 
 

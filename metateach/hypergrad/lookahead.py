@@ -36,6 +36,7 @@ from torch import Tensor, autograd
 from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.engine.forward_mode import mixed_gradient
+from metateach.engine.phases import phase
 from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.strategy import PerStepMethod
 from metateach.engine.tangent import ForwardRecord
@@ -120,7 +121,8 @@ class Lookahead(PerStepMethod):
         self, params: Params, batch: Batch, train: TrainPass
     ) -> Sequence[Tensor | None]:
         problem = self.problem
-        grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
+        with phase("training backward"):
+            grads = autograd.grad(train.loss, list(params.values()), retain_graph=True)
         found, val_loss = lookahead_gradient(
             problem,
             batch.x,

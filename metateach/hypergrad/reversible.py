@@ -18,6 +18,7 @@ from metateach.data import Batch
 from metateach.distributed import holds_constant_terms, sum_gradients
 from metateach.engine.forward_mode import mixed_gradient
 from metateach.engine.meter import UpdateMeter
+from metateach.engine.phases import phase, timed
 from metateach.engine.problem import BilevelProblem
 from metateach.engine.second_order import second_order
 from metateach.engine.strategy import HypergradMethod
@@ -157,6 +158,7 @@ class Reversible(HypergradMethod):
             self.position = 0
         return stats
 
+    @timed("window step")
     def _recorded_step(
         self, batch: Batch, context: TeachingContext, *, first: bool, last: bool
     ) -> Tensor:
@@ -265,9 +267,10 @@ class Reversible(HypergradMethod):
                 break
             if kept is None:
                 theta = {k: p.detach().requires_grad_() for k, p in params.items()}
-                with problem.own_rng(record.rng), second_order():
-                    replay = problem.train_loss(theta, record.batch, record.context, real=False)
-                grads = autograd.grad(replay.loss, list(theta.values()), create_graph=True)
+                with phase("replay"):
+                    with problem.own_rng(record.rng), second_order():
+                        replay = problem.train_loss(theta, record.batch, record.context, real=False)
+                    grads = autograd.grad(replay.loss, list(theta.values()), create_graph=True)
                 settings = replay.step_settings
             else:
                 theta, grads, settings = kept
@@ -290,7 +293,10 @@ class Reversible(HypergradMethod):
                 objective = objective + settings.dot(
                     StepSettings(scale_adjoint, None, momentum_adjoint)
                 )
-            vjp = autograd.grad(objective, [*teacher_params, *theta.values()], allow_unused=True)
+            with phase("window backward"):
+                vjp = autograd.grad(
+                    objective, [*teacher_params, *theta.values()], allow_unused=True
+                )
             for i, g in enumerate(vjp[: len(teacher_params)]):
                 if g is not None:
                     d_omega[i] += g

@@ -19,6 +19,7 @@ from metateach.data import Batch
 from metateach.distributed import sum_gradients
 from metateach.engine.forward_mode import mixed_gradient
 from metateach.engine.meter import UpdateMeter
+from metateach.engine.phases import phase, timed
 from metateach.engine.problem import BilevelProblem, TrainPass
 from metateach.engine.second_order import second_order
 from metateach.engine.strategy import HypergradMethod
@@ -96,24 +97,30 @@ class Unrolled(HypergradMethod):
         if self.position < self.inner_steps - self.backprop_steps:
             stats = problem.real_step(batch, context)
         else:
-            if self._params is None:
-                self._meter.start()
-                train = self._first_step(batch, context)
-            else:
-                with second_order():
-                    train = problem.train_loss(self._params, batch, context, real=True)
-                grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
-                grads = sum_gradients(grads, differentiable=True)
-                self._params, self._state = problem.inner_step(
-                    self._params, self._state, grads, train.step_settings
-                )
-            problem.write_back(self._params, self._state)
-            stats = problem.statistics(train.view, batch, train.lesson)
+            stats = self._window_step(batch, context)
         self.position += 1
         if self.position == self.inner_steps:
             self._update_teacher()
             self.position = 0
         return stats
+
+    @timed("window step")
+    def _window_step(self, batch: Batch, context: TeachingContext) -> Tensor:
+        """One of the window's B steps, taken functionally with its graph."""
+        problem = self.problem
+        if self._params is None:
+            self._meter.start()
+            train = self._first_step(batch, context)
+        else:
+            with second_order():
+                train = problem.train_loss(self._params, batch, context, real=True)
+            grads = autograd.grad(train.loss, list(self._params.values()), create_graph=True)
+            grads = sum_gradients(grads, differentiable=True)
+            self._params, self._state = problem.inner_step(
+                self._params, self._state, grads, train.step_settings
+            )
+        problem.write_back(self._params, self._state)
+        return problem.statistics(train.view, batch, train.lesson)
 
     def _first_step(self, batch: Batch, context: TeachingContext) -> TrainPass:
         """theta_{K-B} -> theta_{K-B+1}, with a graph from the step's gradient (a leaf) onwards."""
@@ -145,12 +152,13 @@ class Unrolled(HypergradMethod):
         assert self._params is not None and first is not None
         # This process's share of d L_val / d theta_K, carried back through the window.
         at_end, val_loss = problem.val_gradient(self._params, summed=False)
-        found = autograd.grad(
-            list(self._params.values()),
-            [*targets, *first.gradient.values()],
-            grad_outputs=list(at_end.values()),
-            allow_unused=True,
-        )
+        with phase("window backward"):
+            found = autograd.grad(
+                list(self._params.values()),
+                [*targets, *first.gradient.values()],
+                grad_outputs=list(at_end.values()),
+                allow_unused=True,
+            )
         # Under data parallelism each process holds a part of the leaf's adjoint (see
         # metateach.distributed); their sum is the direction.
         later, adjoint = found[: len(targets)], sum_gradients(found[len(targets) :])

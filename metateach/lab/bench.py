@@ -51,13 +51,14 @@ from metateach.data import Batch, DataBundle, Split
 from metateach.data.datasets import DatasetInfo
 from metateach.data.noise import apply_label_noise
 from metateach.data.transforms import Normalize
+from metateach.engine.phases import PhaseClock
 from metateach.lesson import lesson_loss
 from metateach.optim.rules import reference_copy, rule_of
 from metateach.trainer import Trainer
 
 __all__ = [
     "BenchSettings", "Figure", "FLOORS", "random_bundle", "paired_ratios", "summarize",
-    "python_overhead", "run_bench", "bare_sgd_steps", "trainer_for",
+    "python_overhead", "run_bench", "bare_sgd_steps", "trainer_for", "phase_table",
 ]  # fmt: skip
 
 
@@ -511,6 +512,34 @@ def logging_overhead(pairs: int = LOGGING_PAIRS, overrides: Sequence[str] = ()) 
     return ratios
 
 
+#: The bench's student optimizer in bare PyTorch: the reference loop's.
+_SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+
+
+def _bare_loop(make: Callable[..., torch.optim.Optimizer], subject: Trainer) -> Callable[[], None]:
+    """The reference: a bare loop on ``subject``'s student, with ``make``'s optimizer, on the
+    tensors its data path gives; one step a call."""
+    tensors = [(b.x, b.y) for b in subject.train_loader.epoch(1)]
+    optimizer = make(subject.model.parameters())
+    position = itertools.count()
+
+    def bare() -> None:
+        i = next(position) % len(tensors)
+        bare_sgd_steps(subject.model, optimizer, tensors[i : i + 1])
+
+    return bare
+
+
+def _endless(trainer: Trainer, step: Callable[[Batch], object]) -> Callable[[], None]:
+    """One step of ``step`` a call, on the trainer's batches, round and round."""
+    batches = itertools.cycle(list(trainer.train_loader.epoch(0)))
+
+    def one() -> None:
+        step(next(batches))
+
+    return one
+
+
 def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dict[str, Figure]:
     """Measure ``plain_step_ms``, ``framework_overhead``, ``python_overhead`` and the figures of
     :data:`SUBJECTS`, ``ours_vs_higher_lookahead`` and :data:`MEMORY` (all, or those in ``keys``)."""
@@ -519,54 +548,29 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
     data = bench_data(settings, longest.warmup + longest.repeats * longest.steps + 1)
     results: dict[str, Figure] = {}
 
-    def bare_loop(
-        make: Callable[..., torch.optim.Optimizer], subject: Trainer
-    ) -> Callable[[], None]:
-        """The reference: a bare loop on ``subject``'s student, with ``make``'s optimizer, on
-        the tensors its data path gives."""
-        tensors = [(b.x, b.y) for b in subject.train_loader.epoch(1)]
-        optimizer = make(subject.model.parameters())
-        position = itertools.count()
-
-        def bare() -> None:
-            i = next(position) % len(tensors)
-            bare_sgd_steps(subject.model, optimizer, tensors[i : i + 1])
-
-        return bare
-
-    def endless(trainer: Trainer, step: Callable[[Batch], object]) -> Callable[[], None]:
-        """One step of ``step`` a call, on the trainer's batches, round and round."""
-        batches = itertools.cycle(list(trainer.train_loader.epoch(0)))
-
-        def one() -> None:
-            step(next(batches))
-
-        return one
-
-    sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     # The plain step through the trainer and its data path, then each teaching step.
     plain = trainer_for(settings, ["teacher.name=none"], data)
-    subjects = {"framework_overhead": (plain, plain.train_step, 1, sgd)}
+    subjects = {"framework_overhead": (plain, plain.train_step, 1, _SGD)}
     for key, span in spans.items():
-        overrides, make = STUDENT_OPTIMIZERS.get(key, ([], sgd))
+        overrides, make = STUDENT_OPTIMIZERS.get(key, ([], _SGD))
         trainer = trainer_for(settings, [*SUBJECTS[key][0], *overrides], data)
         subjects[key] = (trainer, partial(_teaching_step, trainer), span, make)
     for key, (trainer, step, span, make) in subjects.items():
         # The reference steps the subject's own student: two instances of one network differ
         # by up to 6% in the speed of the same bare step (where their tensors lie in memory).
-        bare = bare_loop(make, trainer)
+        bare = _bare_loop(make, trainer)
         timing = _whole_spans(settings, span)
         overhead = key == "framework_overhead"
         if overhead:
             timing = replace(timing, repeats=OVERHEAD_PAIRS * settings.repeats)
-        ratios, reference = paired_ratios(endless(trainer, step), bare, timing)
+        ratios, reference = paired_ratios(_endless(trainer, step), bare, timing)
         if overhead:
             results["plain_step_ms"] = Figure(1000 * reference)
         results[key] = summarize(ratios, FLOORS.get(key, (None,))[0])
     if keys is None or "python_overhead" in keys:
         share = python_overhead(
-            endless(plain, plain.train_step),
-            bare_loop(sgd, plain),
+            _endless(plain, plain.train_step),
+            _bare_loop(_SGD, plain),
             settings.steps * settings.repeats,
         )
         results["python_overhead"] = Figure(share)
@@ -576,8 +580,8 @@ def run_bench(settings: BenchSettings, keys: Sequence[str] | None = None) -> dic
         theirs = trainer_for(settings, SUBJECTS["lookahead_vs_plain"][0], data)
         their_optimizer = torch_optimizer(theirs)
         ratios, _ = paired_ratios(
-            endless(ours, partial(_teaching_step, ours)),
-            endless(theirs, partial(higher_lookahead_step, theirs, optimizer=their_optimizer)),
+            _endless(ours, partial(_teaching_step, ours)),
+            _endless(theirs, partial(higher_lookahead_step, theirs, optimizer=their_optimizer)),
             settings,
         )
         results["ours_vs_higher_lookahead"] = summarize(ratios)
@@ -615,6 +619,57 @@ def profile_table(settings: BenchSettings, key: str, rows: int = 20) -> str:
         for _ in range(span):
             _teaching_step(trainer, next(stream))
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
+
+
+def phase_table(settings: BenchSettings, key: str, spans: int = 3) -> str:
+    """Where the teaching step ``key`` of :data:`SUBJECTS` spends its time, phase by phase
+    (:mod:`metateach.engine.phases`), in plain steps beside the floor's count (:data:`FLOORS`).
+
+    After a span of warm-up, ``spans`` whole teacher spans run under a
+    :class:`~metateach.engine.phases.PhaseClock`, each followed by as many bare plain
+    steps of the same student (the unit). A phase's time is its own (a phase
+    inside another counts for itself); what falls in none is the rest.
+    """
+    overrides, span = SUBJECTS[key]
+    extra, make = STUDENT_OPTIMIZERS.get(key, ([], _SGD))
+    trainer = trainer_for(settings, [*overrides, *extra], bench_data(settings, span + 1))
+    subject, bare = _endless(trainer, partial(_teaching_step, trainer)), _bare_loop(make, trainer)
+    for _ in range(span):
+        subject()
+        bare()
+    clock = _clock(settings.device)
+    cuda = settings.device.startswith("cuda")
+    totals, plain = [], []
+    with PhaseClock(torch.cuda.synchronize if cuda else None) as phases:
+        for _ in range(spans):
+            totals.append(clock(subject, span))
+            plain.append(clock(bare, span) / span)
+    unit = statistics.median(plain)
+    total = sum(totals) / spans
+    rows = [
+        (name, phases.calls[name] / spans, seconds / spans)
+        for name, seconds in sorted(phases.seconds.items(), key=lambda item: -item[1])
+    ]
+    rows.append(("the rest (in no phase)", None, total - sum(r[2] for r in rows)))
+    lines = [
+        f"{key}: a span of {span} student step(s), the mean of {spans}; a plain step "
+        f"(bare PyTorch) {1000 * unit:.1f} ms = 3 units",
+        f"{'phase':<24}{'calls':>7}{'ms':>10}{'plain steps':>13}{'units':>8}",
+    ]
+    for name, calls, seconds in rows:
+        count = "" if calls is None else f"{calls:g}"
+        lines.append(
+            f"{name:<24}{count:>7}{1000 * seconds:10.1f}{seconds / unit:13.2f}"
+            f"{3 * seconds / unit:8.1f}"
+        )
+    lines.append(
+        f"{'total':<24}{'':>7}{1000 * total:10.1f}{total / unit:13.2f}{3 * total / unit:8.1f}"
+        f"   ({total / unit / span:.3f} a student step)"
+    )
+    if key in FLOORS:
+        floor, count = FLOORS[key]
+        lines.append(f"floor {floor:.3f} a student step: {count}")
+    return "\n".join(lines)
 
 
 #: What each figure is, for the table.
@@ -674,6 +729,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "bench.py") -> int:
     parser.add_argument(
         "--profile", choices=list(SUBJECTS), help="instead, profile one teaching step's operators"
     )
+    parser.add_argument(
+        "--phases",
+        choices=list(SUBJECTS),
+        help="instead, time one teaching step's phases (validation pass, tangent pass, ...)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: CUDA is not available here; use --device cpu", file=sys.stderr)
@@ -685,6 +745,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "bench.py") -> int:
     )  # fmt: skip
     if args.profile:
         print(profile_table(settings, args.profile))
+        return 0
+    if args.phases:
+        print(phase_table(settings, args.phases))
         return 0
     where = "cuda" if args.device == "cuda" else f"cpu, {args.threads} threads"
     print(
