@@ -25,6 +25,37 @@ def test_weight_shares_on_clean_and_mislabeled_samples() -> None:
     assert summary["teacher/noisy_sample_share"] == 0.25
     assert summary["teacher/mean_weight_clean"] == pytest.approx(4 / 3)
     assert summary["teacher/mean_weight_noisy"] == 0.0
+    assert summary["teacher/effective_sample_share"] == pytest.approx(0.5)  # two of four
+    # The mislabeled sample weighs less than two clean ones and ties the third.
+    assert summary["teacher/clean_over_noisy_auc"] == pytest.approx(2.5 / 3)
+
+
+@pytest.mark.parametrize(
+    ("weights", "share", "auc"),
+    [
+        ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 1.0, 0.5),  # even weight tells nothing apart
+        ([0.0, 0.0, 0.0, 6.0, 0.0, 0.0], 1 / 6, 1 / 3),  # collapsed onto one mislabeled sample
+        ([0.5, 1.0, 1.5, 0.2, 0.4, 2.4], None, 6 / 9),  # clean over noisy in 6 of 9 pairs
+        ([3.0, 2.0, 1.0, 0.0, 0.0, 0.0], None, 1.0),
+        ([0.0, 0.0, 0.0, 1.0, 2.0, 3.0], None, 0.0),
+    ],
+)
+def test_the_spread_of_the_weight_and_how_it_parts_clean_from_mislabeled(
+    weights: list[float], share: float | None, auc: float
+) -> None:
+    w = np.array(weights)
+    summary = WeightSnapshot(
+        weights=w,
+        losses=np.zeros(6),
+        targets=np.zeros(6, dtype=int),
+        noisy=np.array([False, False, False, True, True, True]),
+        features=np.zeros((6, 2)),
+    ).summary()
+    expected = share if share is not None else w.sum() ** 2 / (6 * np.square(w).sum())
+    assert summary["teacher/effective_sample_share"] == pytest.approx(expected)
+    pairs = [(c > n) + 0.5 * (c == n) for c in w[:3] for n in w[3:]]
+    assert summary["teacher/clean_over_noisy_auc"] == pytest.approx(auc)
+    assert np.mean(pairs) == pytest.approx(auc)  # the reference: every pair counted
 
 
 @pytest.mark.parametrize(

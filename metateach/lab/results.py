@@ -46,6 +46,11 @@ METRICS = {"test/acc": "test accuracy (%)", "test/acc_at_best_val": "test accura
 COURSE = {
     "test/acc": ("test accuracy (%)", 100.0, "linear"),
     "teacher/noisy_weight_share": ("teacher's weight on mislabeled samples (%)", 100.0, "linear"),
+    "teacher/effective_sample_share": (
+        "samples the weight effectively falls on (%)",
+        100.0,
+        "linear",
+    ),
     "teacher/hypergrad_norm": ("hypergradient norm (epoch mean)", 1.0, "log"),
     "train/lr_scale": ("a teacher's factor on the learning rate (epoch mean)", 1.0, "log"),
 }

@@ -91,8 +91,19 @@ class WeightSnapshot:
             return cls(**{k: arrays[k] for k in arrays.files})
 
     def summary(self) -> dict[str, float]:
-        """Shares of the total weight and mean weights on clean and mislabeled samples."""
+        """Shares of the total weight and mean weights on clean and mislabeled samples; how
+        evenly the weight is spread, and how well it tells the two apart.
+
+        ``teacher/effective_sample_share`` is (sum w)^2 / (n sum w^2), Kish's effective
+        sample size over n: 1 when every sample weighs the same, k/n when the
+        weight falls evenly on k samples and none on the rest. The mean
+        weights can sit at one while the weight collapses onto a few samples.
+        ``teacher/clean_over_noisy_auc`` is the chance that a clean sample
+        outweighs a mislabeled one (ties count half): 0.5 when the weights
+        ignore the label noise, whatever their spread.
+        """
         total = max(float(self.weights.sum()), 1e-12)
+        square = max(float(np.square(self.weights).sum()), 1e-24)
         noisy, clean = self.weights[self.noisy], self.weights[~self.noisy]
         curve = (
             {}
@@ -104,6 +115,12 @@ class WeightSnapshot:
             "teacher/noisy_sample_share": float(self.noisy.mean()),
             "teacher/mean_weight_clean": float(clean.mean()) if len(clean) else 0.0,
             "teacher/mean_weight_noisy": float(noisy.mean()) if len(noisy) else 0.0,
+            "teacher/effective_sample_share": total**2 / (len(self.weights) * square),
+            **(
+                {"teacher/clean_over_noisy_auc": _auc(clean, noisy)}
+                if len(clean) and len(noisy)
+                else {}
+            ),
             **curve,
             **self.keep_by_loss_decile(),
             **self.selection_agreement(),
@@ -131,6 +148,16 @@ class WeightSnapshot:
             for i, part in enumerate(np.array_split(order, 10))
             if len(part)
         }
+
+
+def _auc(high: np.ndarray, low: np.ndarray) -> float:
+    """The chance that a value of ``high`` exceeds one of ``low``, ties counted half (the
+    Mann-Whitney statistic over the product of the counts, from average ranks)."""
+    values = np.concatenate([high, low])
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # from 1, ties averaged
+    n = len(high)
+    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * len(low)))
 
 
 @dataclass
