@@ -621,16 +621,18 @@ def profile_table(settings: BenchSettings, key: str, rows: int = 20) -> str:
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows)
 
 
-def phase_table(settings: BenchSettings, key: str, spans: int = 3) -> str:
+def phase_table(settings: BenchSettings, key: str, steps: int = 60) -> str:
     """Where the teaching step ``key`` of :data:`SUBJECTS` spends its time, phase by phase
     (:mod:`metateach.engine.phases`), in plain steps beside the floor's count (:data:`FLOORS`).
 
-    After a span of warm-up, ``spans`` whole teacher spans run under a
+    After a span of warm-up, whole teacher spans of at least ``steps`` student steps
+    in all (and at least three spans) run under a
     :class:`~metateach.engine.phases.PhaseClock`, each followed by as many bare plain
     steps of the same student (the unit). A phase's time is its own (a phase
     inside another counts for itself); what falls in none is the rest.
     """
     overrides, span = SUBJECTS[key]
+    spans = max(3, -(-steps // span))
     extra, make = STUDENT_OPTIMIZERS.get(key, ([], _SGD))
     trainer = trainer_for(settings, [*overrides, *extra], bench_data(settings, span + 1))
     subject, bare = _endless(trainer, partial(_teaching_step, trainer)), _bare_loop(make, trainer)
