@@ -15,7 +15,13 @@ from collections.abc import Sequence
 
 from metateach import data, hypergrad, models, optim, teachers  # noqa: F401 - registration
 from metateach.config import ExperimentConfig, load_config
-from metateach.errors import CheckpointError, ConfigError, DataError, MetateachError
+from metateach.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MetateachError,
+    RunInterrupted,
+)
 from metateach.hypergrad.check import HypergradientCheck, check_hypergradient
 from metateach.learning import (
     ExampleGradient,
@@ -50,6 +56,7 @@ __all__ = [
     "OPTIMIZERS",
     "PeerLearning",
     "PolicyGradient",
+    "RunInterrupted",
     "SCHEDULES",
     "Student",
     "StudentStates",
@@ -81,9 +88,14 @@ def train(
     print(metrics["test/acc"])
     ```
 
+    SIGINT (Ctrl-C) or SIGTERM stops the run at its next step boundary with
+    its state saved, and raises `RunInterrupted`; run it again to continue.
+    A second signal acts at once.
+
     For the run folder, the student or the teacher afterwards, build a
     `Trainer` and call its `fit()`.
     """
+    from metateach.runtime import stops_on_signals
     from metateach.trainer import Trainer
 
     if isinstance(config, ExperimentConfig):
@@ -92,7 +104,9 @@ def train(
         cfg = config
     else:
         cfg = load_config(config, overrides)
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    with stops_on_signals(trainer):
+        return trainer.fit()
 
 
 def __getattr__(name: str):

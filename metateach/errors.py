@@ -45,6 +45,10 @@ class RunInterrupted(Exception):
         super().__init__(message)
         self.signum = signum
 
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:
+        # Raised in a comparison's worker, it is pickled back to the parent.
+        return type(self), (self.signum, str(self))
+
 
 def check_folder_name(name: str, what: str) -> None:
     """Raise :class:`ConfigError` unless ``name`` is one folder's name: nothing that leads out

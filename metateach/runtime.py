@@ -127,12 +127,15 @@ def stops_on_signals(trainer: Any) -> Iterator[None]:
     interrupt lands where Python cannot raise it (a finalizer). A second
     signal acts at once, as it would without this block. Only in the main
     thread of a single process: under torchrun the ranks would stop at
-    different steps.
+    different steps. A signal the process ignores stays ignored (a
+    comparison's workers leave Ctrl-C to their parent, which sends each one
+    SIGTERM).
     """
     if threading.current_thread() is not threading.main_thread() or trainer.world.size > 1:
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: handler for s, handler in previous.items() if handler is not signal.SIG_IGN}
 
     def ask(signum: int, frame: Any) -> None:
         trainer.stop_signal = signum

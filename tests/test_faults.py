@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import struct
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from metateach.checkpoint import load_checkpoint
 from metateach.cli import train_main as main
 from metateach.config import load_config
 from metateach.logging import read_metrics
+from metateach.runtime import stops_on_signals
 from metateach.trainer import Trainer
 
 from .conftest import (
@@ -105,6 +108,55 @@ def test_a_signal_stops_a_run_at_a_step_saved_and_it_resumes_to_the_same_end(
     assert load_checkpoint(run)["progress"]["step"] == stopped  # saved at the step it names
     assert not (run / "summary.json").exists()
     assert_resumes_as_if_never_stopped(run, tmp_path)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_a_comparison_with_each_run_in_progress_saved(
+    tmp_path: Path, jobs: int
+) -> None:
+    # In one process the run's own handler stops it (an exit raised from the signal handler
+    # could land in a finalizer, which swallows it, and the run went on); with workers, the
+    # parent's pool sends each one SIGTERM and waits for it to save.
+    comparison = tmp_path / "cut.yaml"
+    comparison.write_text(
+        f"config: {CONFIGS / 'quickstart.yaml'}\nseeds: [0, 1]\nvariants:\n  a: []\n"
+    )
+    command = [sys.executable, "tools/compare.py", str(comparison),
+               *layered(KILLABLE, ["train.checkpoint_every_steps=null"]),
+               f"--out={tmp_path}", f"--jobs={jobs}"]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    runs = [tmp_path / "cut" / f"a-seed{seed}" for seed in range(jobs)]
+    for run in runs:  # each past its second epoch's checkpoint, the only kind it takes
+        wait_for_checkpoint(process, run, past_step=20)
+    before = [load_checkpoint(run)["progress"]["step"] for run in runs]
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    for run, step in zip(runs, before, strict=True):
+        saved = load_checkpoint(run)["progress"]
+        assert saved["step"] > step, err  # saved where it stopped, not at its last epoch's end
+        assert not (run / "summary.json").exists()
+    assert "stopped by SIGTERM" in err and "run the same command again to continue" in err, err
+
+
+def test_a_process_that_ignores_ctrl_c_goes_on_ignoring_it_and_stops_on_sigterm() -> None:
+    # A comparison's worker: Ctrl-C is its parent's, whose one SIGTERM must be the worker's first signal.
+    trainer = SimpleNamespace(world=SimpleNamespace(size=1), stop_signal=None)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stops_on_signals(trainer):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert trainer.stop_signal is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert trainer.stop_signal == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_wandb_in_an_unwritable_place_warns_once_and_training_goes_on(

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,11 @@ def _variants(content: Any, path: Path) -> tuple[dict[str, list[str]], dict[str,
     return variants, configs
 
 
+def _ignore_ctrl_c() -> None:
+    """A comparison's worker leaves SIGINT to its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_comparison(
     comparison: Comparison,
     out_dir: Path,
@@ -245,8 +251,9 @@ def run_comparison(
     seed and ``tags`` (a suite adds its name), with the paper's number for the
     variant, where the comparison gives one, in its config.
 
-    ``train(cfg)`` runs one experiment (the trainer's by default); finished
-    runs are read back, interrupted ones resumed. With ``jobs`` > 1 that
+    ``train(cfg)`` runs one experiment (:func:`metateach.train` by default,
+    which a signal stops at its next step boundary, saved); finished runs
+    are read back, interrupted ones resumed. With ``jobs`` > 1 that
     many runs train at once, each in a process of its own with an equal
     share of the CPU threads (unless ``train.threads`` is set); ``train``
     must then be picklable.
@@ -284,8 +291,12 @@ def run_comparison(
             cfg.train.threads = cfg.train.threads or threads
         # Spawned, not forked: a forked PyTorch may hang in its thread pools.
         # A fresh process per run; leaving the block for any reason, even an
-        # interrupt, terminates the workers, so none trains on unwatched.
-        with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+        # interrupt, sends each worker one SIGTERM and waits for it, so none
+        # trains on unwatched: the trainer's run saves at its next step
+        # boundary and stops. Ctrl-C, which reaches the workers too, is their
+        # parent's to answer, or that SIGTERM would be a second signal.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(jobs, _ignore_ctrl_c, maxtasksperchild=1) as pool:
             pool.map(train, pending, chunksize=1)
     else:
         for cfg in pending:

@@ -17,14 +17,38 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["main", "sigterm_exits"]
+__all__ = ["main", "report_interrupted", "sigterm_exits"]
+
+
+RESUME = "run the same command again to continue"
+
+
+def report_interrupted(signum: int) -> int:
+    """Say that a run of this process stopped on signal ``signum``, saved; the exit status."""
+    name = signal.Signals(signum).name
+    print(
+        f"stopped by {name}, the run in progress saved at a step boundary: {RESUME}",
+        file=sys.stderr,
+    )
+    return 128 + signum
 
 
 @contextlib.contextmanager
 def sigterm_exits() -> Iterator[None]:
-    """A polite kill (SIGTERM) ends the block as Ctrl-C does, so that worker processes stop too."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    """A polite kill (SIGTERM) ends the block as Ctrl-C does, so that worker processes stop too.
+
+    A run training in this process meanwhile takes the signal itself
+    (:func:`metateach.train`): it stops at a step boundary, saved, and raises
+    :class:`~metateach.errors.RunInterrupted`, which the command reports.
+    """
+
+    def leave(signum: int, frame: Any) -> None:
+        print(f"stopped by SIGTERM: {RESUME}", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
     try:
         yield
     finally:
@@ -57,7 +81,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "compare.py") -> int:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     from metateach.config import check_overrides
-    from metateach.errors import ConfigError, MetateachError, first_line
+    from metateach.errors import ConfigError, MetateachError, RunInterrupted, first_line
     from metateach.lab.compare import load_comparison, run_comparison
     from metateach.lab.results import write_results
 
@@ -76,6 +100,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "compare.py") -> int:
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:  # a run of this process stopped at a step boundary, saved
+        return report_interrupted(e.signum)
+    except KeyboardInterrupt:  # Ctrl-C to the command, its workers saved
+        return report_interrupted(signal.SIGINT)
     table = write_results(comparison, folder, results, args.overrides)
     print(table)
     print(f"\nresults: {folder}/results.md, results.json, results.png")

@@ -297,10 +297,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "reproduce.py") -> int:
     [--docs [PATH ...]]``."""
     import argparse
     import shlex
+    import signal
     import sys
 
-    from metateach.errors import MetateachError, first_line
-    from metateach.lab.compare_cli import sigterm_exits
+    from metateach.errors import MetateachError, RunInterrupted, first_line
+    from metateach.lab.compare_cli import report_interrupted, sigterm_exits
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -355,6 +356,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "reproduce.py") -> int:
     except MetateachError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:  # a run of this process stopped at a step boundary, saved
+        return report_interrupted(e.signum)
+    except KeyboardInterrupt:  # Ctrl-C to the command, its workers saved
+        return report_interrupted(signal.SIGINT)
     invoked = ["python", "tools/reproduce.py"] if prog == "reproduce.py" else prog.split()
     command = shlex.join([*invoked, *(argv if argv is not None else sys.argv[1:])])
     document = args.out / f"{suite.name}.md"
