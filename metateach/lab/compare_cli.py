@@ -22,14 +22,12 @@ from typing import Any
 __all__ = ["main", "report_interrupted", "sigterm_exits"]
 
 
-RESUME = "run the same command again to continue"
-
-
 def report_interrupted(signum: int) -> int:
-    """Say that a run of this process stopped on signal ``signum``, saved; the exit status."""
+    """Say that signal ``signum`` stopped the command and how to go on; the exit status."""
     name = signal.Signals(signum).name
     print(
-        f"stopped by {name}, the run in progress saved at a step boundary: {RESUME}",
+        f"stopped by {name}, any run in progress saved at a step boundary: "
+        "run the same command again to continue",
         file=sys.stderr,
     )
     return 128 + signum
@@ -45,8 +43,7 @@ def sigterm_exits() -> Iterator[None]:
     """
 
     def leave(signum: int, frame: Any) -> None:
-        print(f"stopped by SIGTERM: {RESUME}", file=sys.stderr)
-        sys.exit(128 + signum)
+        sys.exit(report_interrupted(signum))
 
     previous = signal.signal(signal.SIGTERM, leave)
     try:
