@@ -1,4 +1,4 @@
-"""The ``metateach`` command: ``metateach train | compare | reproduce | bench | fit-mentornet``.
+"""The ``metateach`` command: ``metateach train | compare | reproduce | bench | fit-mentornet | weight-drift``.
 
 Each subcommand is also a script in ``tools/`` (``python tools/train.py
 CONFIG [key=value ...]`` is ``metateach train CONFIG [key=value ...]``).
@@ -39,6 +39,11 @@ COMMANDS = {
         "metateach.teachers.mentornet",
         "main",
         "fit MentorNet-DD's network on a run's sample record",
+    ),
+    "weight-drift": (
+        "metateach.lab.drift",
+        "main",
+        "split a teacher's weight drift into its updates and the student's steps",
     ),
 }
 

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -155,7 +156,9 @@ class Trainer:
     # The loop
     # ------------------------------------------------------------------ #
 
-    def fit(self, max_steps: int | None = None) -> dict[str, float]:
+    def fit(
+        self, max_steps: int | None = None, on_step: Callable[[], None] | None = None
+    ) -> dict[str, float]:
         """Train until ``train.epochs`` are done; return the last epoch's metrics.
 
         With ``train.stop_at_target``, a student's training ends (its last
@@ -164,6 +167,8 @@ class Trainer:
         follows, taught by the same teacher, until all have trained. With
         ``max_steps``, stop (with a checkpoint) after that many steps in this
         call; a later ``train.resume`` continues exactly from there.
+        ``on_step`` is called after every student step (an analysis that
+        reads the run as it goes: :mod:`metateach.lab.drift`).
         """
         cfg = self.cfg
         stop_at = None if max_steps is None else self.state.global_step + max_steps
@@ -178,18 +183,22 @@ class Trainer:
                 self._save_due = True
                 self._save_if_due()
             while True:  # one student an episode
-                if self._train_student(stop_at):
+                if self._train_student(stop_at, on_step):
                     return self.state.latest()  # paused at max_steps, with a checkpoint
                 if self.state.episode + 1 >= cfg.train.episodes:
                     return self._finish()
                 self._next_episode()
         finally:
-            if not self.state.finished:  # stopped early or failed: release W&B and the file
-                self.logger.close()
-            if self._lock is not None:
-                self._lock.release()
+            self.close()
 
-    def _train_student(self, stop_at: int | None) -> bool:
+    def close(self) -> None:
+        """Release the run's W&B run and folder (fit does, however it ends): a trainer built only to be read."""
+        if not self.state.finished:  # stopped early or failed; a finished run closed its logger
+            self.logger.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _train_student(self, stop_at: int | None, on_step: Callable[[], None] | None) -> bool:
         """Train this episode's student through its epochs; True if paused at ``stop_at`` instead."""
         cfg, state = self.cfg, self.state
         steps_per_epoch = len(self.train_loader)
@@ -215,6 +224,8 @@ class Trainer:
                 state.totals.seen += self.train_loader.global_size(state.batch)
                 state.batch += 1
                 state.step += 1
+                if on_step is not None:
+                    on_step()
                 bar.update()
                 if state.step % cfg.logging.every_steps == 0:
                     self._log_running_loss(bar)

@@ -129,7 +129,7 @@ def test_the_metateach_command_lists_its_subcommands_and_runs_them(tmp_path: Pat
         [sys.executable, "-m", "metateach", "--help"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    for command in ("train", "compare", "reproduce", "bench", "fit-mentornet"):
+    for command in ("train", "compare", "reproduce", "bench", "fit-mentornet", "weight-drift"):
         assert re.search(rf"^  {command} +\w", done.stdout, re.M), done.stdout
     code = cli_main(
         ["train", str(CONFIGS / "quickstart.yaml"), *QUIET, f"train.out_dir={tmp_path}",

@@ -15,6 +15,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 if TYPE_CHECKING:
+    from metateach.lab.drift import DriftRecord
     from metateach.progress import TrainState
     from metateach.report.diagnostics import WeightSnapshot
 
@@ -31,6 +32,7 @@ __all__ = [
     "plot_mentor_curriculum",
     "plot_loss_curves",
     "plot_step_settings",
+    "plot_weight_drift",
 ]
 
 
@@ -431,6 +433,45 @@ def plot_mentor_curriculum(
     ax.set_xscale("symlog", linthresh=0.1)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_weight_drift(record: DriftRecord, title: str, path: str | Path) -> Path:
+    """A weight drift (:func:`metateach.lab.drift.weight_drift`). Left: the mean weights by arm.
+    Right: the learning arm's change in the clean images' mean weight, split into its two parts."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    steps = np.array(record.steps)
+    for column, color in ((0, "tab:blue"), (1, "tab:red")):
+        group = ("clean", "mislabeled")[column]
+        for values, style, what in (
+            (record.learning, "-", "learning teacher"),
+            (record.held, "--", "held teacher (its own student)"),
+            (record.start_teacher, ":", "starting teacher on the learning student"),
+        ):
+            left.plot(
+                steps, np.array(values)[:, column], style, color=color, label=f"{group}: {what}"
+            )
+    left.set(
+        xlabel="step", ylabel="mean weight (mean 1 over the probe)", title=f"mean weights - {title}"
+    )
+    left.legend(fontsize=7)
+    total = np.array(record.learning)[:, 0] - record.learning[0][0]
+    right.plot(steps, total, color="black", label="change (clean)")
+    right.plot(
+        steps, np.array(record.teacher_part)[:, 0], color="tab:green", label="teacher's updates"
+    )
+    right.plot(
+        steps, np.array(record.student_part)[:, 0], color="tab:orange", label="student's steps"
+    )
+    right.axhline(0.0, color="gray", linewidth=0.8)
+    right.set(
+        xlabel="step",
+        ylabel="change in the clean images' mean weight",
+        title="the learning arm, split",
+    )
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
 
