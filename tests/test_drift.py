@@ -71,6 +71,7 @@ def test_the_split_adds_up_and_the_arms_start_alike_and_part(tmp_path: Path) -> 
         (["teacher.name=none"], 4, r"teacher.name='none' .* a teacher that learns"),
         ([*TAUGHT, "teacher.learn=false"], 4, r"teacher.learn=False: .* a teacher that learns"),
         (["noise.rate=0.4"], 4, r"'learning_to_reweight' has no parameters"),  # the quickstart's
+        (["teacher.name=l2t_dln", "noise.rate=0.4"], 4, r"teacher \w+ gives no per-sample weights"),
         ([*TAUGHT, "noise.rate=0.0"], 4, r"probe's 300 training images are all clean"),
         (TAUGHT, 0, r"--start and --steps must be at least 1"),
     ],
@@ -80,6 +81,7 @@ def test_bad_input_is_refused_by_name(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         weight_drift(QUICKSTART, [*overrides, f"train.out_dir={tmp_path}"], start, 2, probe=300)
+    assert not list(tmp_path.glob("*/checkpoints/*.pt"))  # refused before any training
 
 
 def test_a_folder_past_the_start_is_refused(tmp_path: Path) -> None:

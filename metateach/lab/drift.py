@@ -189,12 +189,24 @@ def weight_drift(
         return Trainer(cfg)
 
     run = trainer(name)
-    if run.state.global_step > start:
+    try:  # refused before any training
+        reader = WeightProbe(run.data, probe, seed, base.train.eval_batch_size)
+        problem = run.teaching.strategy.problem
+        assert problem.teacher is not None
+        if not problem.teacher_params():
+            raise ConfigError(
+                f"teacher {base.teacher.name!r} has no parameters of its own: its weights come "
+                "from each step's hypergradient, not from a map that could drift"
+            )
+        reader.read(problem, _params(problem), problem.teacher, run.context())
+        if run.state.global_step > start:
+            raise ConfigError(
+                f"{folder} holds the run at step {run.state.global_step}, past --start {start}: "
+                "remove the folder to train it again"
+            )
+    except BaseException:
         run.close()
-        raise ConfigError(
-            f"{folder} holds the run at step {run.state.global_step}, past --start {start}: "
-            "remove the folder to train it again"
-        )
+        raise
     if run.state.global_step < start:
         with stops_on_signals(run):  # stopped, it is saved: the next call continues it
             run.fit(max_steps=start - run.state.global_step)
@@ -202,15 +214,6 @@ def weight_drift(
         run.close()
 
     learning = trainer(_arm(folder, "learning"))
-    problem = learning.teaching.strategy.problem
-    assert problem.teacher is not None
-    if not problem.teacher_params():
-        learning.close()
-        raise ConfigError(
-            f"teacher {base.teacher.name!r} has no parameters of its own: its weights come from "
-            "each step's hypergradient, not from a map that could drift"
-        )
-    reader = WeightProbe(learning.data, probe, seed, base.train.eval_batch_size)
     record = _learning_arm(learning, reader, steps)
     held = trainer(
         _arm(folder, "held"), ["teacher.learn=false", "train.resume_with_changes=[teacher.learn]"]
