@@ -239,7 +239,7 @@ def _learning_arm(run: Trainer, probe: WeightProbe, steps: int) -> DriftRecord:
     problem = run.teaching.strategy.problem
     assert problem.teacher is not None
     start_teacher = copy.deepcopy(problem.teacher)
-    params, teacher = _params(problem), copy.deepcopy(problem.teacher)
+    params, teacher = _params(problem), start_teacher  # neither changes in place
     first = probe.read(problem, params, teacher, run.context())
     zero = np.zeros(2)
     parts = {
